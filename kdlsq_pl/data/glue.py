@@ -1,0 +1,246 @@
+"""GLUE data: the standard TSV layout on disk, or the Hugging Face hub through ``datasets``.
+
+Source layout: the GLUE distribution as written by ``download_glue_data.py`` (one folder per
+task with ``train.tsv`` and ``dev*.tsv``), read with quoting off as BERT's ``run_classifier.py``
+does. Column positions, label strings and metrics come from ``conf/task/<task>.yaml``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import datasets
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, DataCollatorWithPadding
+
+from kdlsq_pl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+REPO_DIR = Path(__file__).resolve().parents[2]
+#: Searched when neither ``data.glue_dir`` nor ``GLUE_DIR`` is set.
+DEFAULT_GLUE_DIRS = (REPO_DIR.parent / "shared" / "data" / "glue",)
+
+csv.field_size_limit(1 << 24)
+
+
+def resolve_glue_dir(glue_dir: str | None) -> Path | None:
+    """Return the local GLUE root to read, or ``None`` to use the hub.
+
+    Order: ``glue_dir`` (``data.glue_dir``, which defaults to ``$GLUE_DIR``), then the sibling
+    ``../shared/data/glue`` of this repository. An explicitly given directory that does not exist
+    raises ``ConfigError`` rather than silently falling back to the hub.
+    """
+    if glue_dir not in (None, ""):
+        path = Path(os.path.expanduser(str(glue_dir)))
+        if not path.is_dir():
+            raise ConfigError(f"data.glue_dir={glue_dir} is not a directory; point it (or GLUE_DIR) at a GLUE root holding <TASK>/train.tsv and dev.tsv")
+        return path
+    for path in DEFAULT_GLUE_DIRS:
+        if path.is_dir():
+            return path
+    return None
+
+
+def task_files(task: Mapping[str, Any], glue_root: Path) -> dict[str, Path]:
+    """Map split keys (``train``, then each ``dev_files`` key) to the task's TSV paths.
+
+    Raises ``ConfigError`` naming the first missing file.
+    """
+    folder = glue_root / task["dir"]
+    if not folder.is_dir():
+        raise ConfigError(f"task={task['name']}: no folder {folder} in the GLUE directory {glue_root}; allowed: a GLUE root with {task['dir']}/{task['train_file']}")
+    files = {"train": folder / task["train_file"]}
+    files.update({key: folder / name for key, name in task["dev_files"].items()})
+    for path in files.values():
+        if not path.is_file():
+            raise ConfigError(f"task={task['name']}: missing file {path}; the GLUE layout needs {', '.join(p.name for p in files.values())}")
+    return files
+
+
+def read_glue_tsv(path: Path, task: Mapping[str, Any]) -> dict[str, list]:
+    """Read one labelled GLUE TSV into columns ``text_a``, ``text_b``, ``label``, ``idx``.
+
+    Args:
+        path: the TSV (UTF-8, an optional BOM as in MRPC, quoting off).
+        task: the task config (``header``, ``columns``, ``labels``).
+
+    Returns:
+        Lists of equal length: ``label`` holds class ids (int) or, for regression (empty
+        ``labels``), float scores; ``idx`` is the 0-based row number (the example id).
+
+    Raises:
+        ConfigError: a file that is not UTF-8, empty, has a row with too few columns, or a label
+        outside the task's label set; the message names the file and line.
+    """
+    cols = task["columns"]
+    labels = list(task["labels"])
+    label_ids = {name: i for i, name in enumerate(labels)}
+    need = max(c for c in cols.values() if c is not None and c >= 0) + 1
+    out: dict[str, list] = {"text_a": [], "text_b": [], "label": [], "idx": []}
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); GLUE TSVs are UTF-8") from None
+    if task["header"]:
+        rows = rows[1:]
+    if not rows:
+        raise ConfigError(f"{path}: no data rows; expected a GLUE {task['dir']} TSV")
+    first_line = 2 if task["header"] else 1
+    for n, row in enumerate(rows):
+        line = n + first_line
+        if len(row) < need:
+            raise ConfigError(f"{path}:{line}: {len(row)} columns, task={task['name']} needs at least {need} (columns {dict(cols)})")
+        raw = row[cols["label"]].strip()
+        if labels:
+            if raw not in label_ids:
+                raise ConfigError(f"{path}:{line}: label {raw!r} is not in task={task['name']} labels; allowed: {', '.join(labels)}")
+            label: int | float = label_ids[raw]
+        else:
+            try:
+                label = float(raw)
+            except ValueError:
+                raise ConfigError(f"{path}:{line}: label {raw!r} is not a number; task={task['name']} is a regression task") from None
+        out["text_a"].append(row[cols["text_a"]])
+        out["text_b"].append(row[cols["text_b"]] if cols.get("text_b") is not None else None)
+        out["label"].append(label)
+        out["idx"].append(n)
+    return out
+
+
+def load_hub_split(task: Mapping[str, Any], split: str) -> dict[str, list]:
+    """Load one split from the Hugging Face hub (``datasets.load_dataset``) in our column layout.
+
+    Raises ``ConfigError`` with instructions for local data when the hub cannot be reached.
+    """
+    hub = task["hub"]
+    try:
+        ds = datasets.load_dataset(hub["path"], hub["name"], split=split)
+    except Exception as e:  # offline, or no such dataset
+        raise ConfigError(
+            f"task={task['name']}: no local GLUE copy found and the hub dataset {hub['path']}/{hub['name']} could not be loaded "
+            f"({type(e).__name__}); set GLUE_DIR=/path/to/glue or data.glue_dir=/path/to/glue") from None
+    labels = list(task["labels"])
+    if labels:
+        ours = {name: i for i, name in enumerate(labels)}
+        mapped = [ours[hub["labels"][y]] for y in ds["label"]]
+    else:
+        mapped = [float(y) for y in ds["label"]]
+    return {"text_a": list(ds[hub["text_a"]]),
+            "text_b": list(ds[hub["text_b"]]) if hub.get("text_b") else [None] * len(ds),
+            "label": mapped, "idx": list(range(len(ds)))}
+
+
+def _fingerprint(*parts: Any) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        if isinstance(p, Path):
+            h.update(p.read_bytes())
+        else:
+            h.update(repr(p).encode())
+    return h.hexdigest()[:16]
+
+
+class GLUEDataModule(pl.LightningDataModule):
+    """Tokenised GLUE train and dev splits with dynamic padding per batch.
+
+    Rows come from local TSVs (``data.glue_dir`` / ``$GLUE_DIR`` / ``../shared/data/glue``) or,
+    with no local copy, from the hub. Tokenisation runs once through ``datasets.Dataset.map``
+    and is cached as Arrow files under ``cache_dir/tokenized`` keyed by file contents,
+    tokenizer and max length. Batches are dicts of ``input_ids``, ``attention_mask``,
+    ``token_type_ids`` (``[B, T]`` int64, T = longest in the batch), ``labels`` (``[B]``) and
+    ``idx`` (``[B]``, the example's row number).
+
+    Args:
+        task: the task config (``conf/task/*.yaml``).
+        tokenizer_path: a Hugging Face tokenizer directory or hub id.
+        glue_dir: the GLUE root, or ``None`` to search the defaults and then the hub.
+        cache_dir: where tokenised splits are cached.
+        batch_size, eval_batch_size: examples per training / evaluation batch.
+        max_length: truncation length in tokens.
+        limit_train_examples, limit_eval_examples: keep only the first N rows (smoke runs).
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(self, task: Mapping[str, Any], tokenizer_path: str, glue_dir: str | None, cache_dir: str,
+                 batch_size: int = 32, eval_batch_size: int = 64, max_length: int = 128,
+                 limit_train_examples: int | None = None, limit_eval_examples: int | None = None,
+                 num_workers: int = 0, seed: int = 42):
+        super().__init__()
+        self.task = task
+        self.tokenizer_path = tokenizer_path
+        self.glue_root = resolve_glue_dir(glue_dir)
+        self.cache_dir = Path(cache_dir)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.max_length = max_length
+        self.limits = {"train": limit_train_examples, "eval": limit_eval_examples}
+        self.num_workers = num_workers
+        self.seed = seed
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.collator = DataCollatorWithPadding(self.tokenizer)
+        self.splits: dict[str, datasets.Dataset] = {}
+
+    @property
+    def dev_keys(self) -> list[str]:
+        """The dev split keys in config order (``["dev"]``, or ``["m", "mm"]`` for MNLI)."""
+        return list(self.task["dev_files"])
+
+    def rows(self, split: str) -> tuple[dict[str, list], str]:
+        """Raw rows of ``split`` (``train`` or a dev key) and a fingerprint of their source."""
+        if self.glue_root is not None:
+            path = task_files(self.task, self.glue_root)[split]
+            return read_glue_tsv(path, self.task), _fingerprint(path)
+        hub_split = "train" if split == "train" else self.task["hub"]["dev_splits"][split]
+        return load_hub_split(self.task, hub_split), _fingerprint(self.task["hub"], hub_split)
+
+    def _tokenize(self, split: str) -> datasets.Dataset:
+        rows, source = self.rows(split)
+        limit = self.limits["train" if split == "train" else "eval"]
+        if limit:
+            rows = {k: v[:limit] for k, v in rows.items()}
+        key = _fingerprint(source, self.tokenizer_path, self.max_length, limit, len(rows["idx"]))
+        cache = self.cache_dir / "tokenized" / self.task["name"] / f"{split}-{key}.arrow"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        has_b = any(b is not None for b in rows["text_b"])
+        if not has_b:
+            rows = {k: v for k, v in rows.items() if k != "text_b"}
+        ds = datasets.Dataset.from_dict(rows)
+
+        def encode(batch):
+            args = (batch["text_a"], batch["text_b"]) if has_b else (batch["text_a"],)
+            return self.tokenizer(*args, truncation=True, max_length=self.max_length)
+
+        ds = ds.map(encode, batched=True, cache_file_name=str(cache), load_from_cache_file=True,
+                    remove_columns=[c for c in ("text_a", "text_b") if c in ds.column_names],
+                    desc=f"tokenise {self.task['name']}/{split}")
+        ds = ds.rename_column("label", "labels")
+        ds.set_format("torch")
+        return ds
+
+    def setup(self, stage: str | None = None) -> None:
+        """Tokenise (or load from cache) the train split and every dev split once."""
+        if self.splits:
+            return
+        datasets.disable_progress_bars()
+        for split in ["train", *self.dev_keys]:
+            self.splits[split] = self._tokenize(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.splits[split], batch_size=self.batch_size if shuffle else self.eval_batch_size,
+                          shuffle=shuffle, collate_fn=self.collator, num_workers=self.num_workers, generator=gen)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader] | DataLoader:
+        loaders = [self._loader(k, shuffle=False) for k in self.dev_keys]
+        return loaders[0] if len(loaders) == 1 else loaders

@@ -1,0 +1,339 @@
+"""Knowledge-distillation loss terms for KDLSQ-BERT.
+
+Source: Jin et al., "KDLSQ-BERT: A Quantized Bert Combining Knowledge Distillation with
+Learned Step Size Quantization" (arXiv:2101.05938), whose released code reuses the
+TinyBERT ``task_distill.py`` loss terms (Jiao et al., arXiv:1909.10351):
+
+* prediction layer: ``soft_cross_entropy`` = ``(-softmax(z_T/T) * log_softmax(z_S/T)).mean()``;
+* attention: MSE between *pre-softmax* attention scores, entries ``<= -100`` (masked
+  positions) zeroed, summed over the mapped layers;
+* hidden states: MSE between embedding output + every layer output, summed;
+* layer mapping for a shallower student: attention ``i <- i*k + k - 1``, hidden ``i <- i*k``;
+* regression tasks (STS-B): the prediction loss is MSE against the gold label.
+
+The total loss is ``sum_k weight_k * term_k`` over the enabled (nonzero-weight) terms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "KDLoss",
+    "attention_score_mse",
+    "hidden_state_mse",
+    "layer_map",
+    "regression_mse",
+    "soft_cross_entropy",
+]
+
+_REDUCTIONS = ("mean", "batchmean")
+_REGRESSION_TARGETS = ("label", "teacher")
+
+
+def soft_cross_entropy(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Soft cross-entropy of student logits against teacher soft targets.
+
+    ``l[b, c] = -softmax(z_T[b] / T)[c] * log_softmax(z_S[b] / T)[c]``.
+
+    Args:
+        student_logits: ``[B, C]``.
+        teacher_logits: ``[B, C]`` (used as fixed targets; pass detached / no-grad tensors).
+        temperature: ``T > 0``; no ``T**2`` rescaling (as in the released code).
+        reduction: ``"mean"`` averages ``l`` over all ``B x C`` entries (TinyBERT /
+            KDLSQ released code; equals ``1/C`` times the per-example CE averaged over the
+            batch); ``"batchmean"`` sums over classes and averages over the batch
+            (the textbook per-example soft CE).
+
+    Returns:
+        scalar tensor.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not supported; allowed: {list(_REDUCTIONS)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(
+            f"expected student/teacher logits of equal shape [B, C], got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    targets = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    per_entry = -targets * log_probs
+    if reduction == "mean":
+        return per_entry.mean()
+    return per_entry.sum(dim=-1).mean()
+
+
+def attention_score_mse(
+    student_scores: Sequence[torch.Tensor],
+    teacher_scores: Sequence[torch.Tensor],
+    threshold: float = -100.0,
+) -> torch.Tensor:
+    """Sum over layers of the MSE between pre-softmax attention scores.
+
+    For each pair (``[B, H, T, T]`` each) entries ``<= threshold`` are set to 0 in the
+    student and (independently) in the teacher tensor -- this removes the additive
+    padding mask (``torch.finfo(dtype).min`` in transformers 5, -10000 in old BERT) so the
+    loss stays finite -- then ``mean((s - t)**2)`` over ``B x H x T x T``; the layer terms
+    are summed (TinyBERT / KDLSQ released code: ``att_loss += loss_mse(s, t)``).
+
+    The lists must already be layer-aligned (see :func:`layer_map`). Computed in float32.
+    """
+    _check_pairs("attention_score_mse", student_scores, teacher_scores)
+    total = None
+    for s, t in zip(student_scores, teacher_scores):
+        s = s.float()
+        t = t.float()
+        s = torch.where(s <= threshold, torch.zeros_like(s), s)
+        t = torch.where(t <= threshold, torch.zeros_like(t), t)
+        term = F.mse_loss(s, t, reduction="mean")
+        total = term if total is None else total + term
+    return total
+
+
+def hidden_state_mse(
+    student_hidden: Sequence[torch.Tensor],
+    teacher_hidden: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """Sum over layers of ``mean((h_S - h_T)**2)`` over ``B x T x D``.
+
+    The lists hold ``L + 1`` tensors ``[B, T, D]`` (embedding output + every layer output,
+    as returned by ``output_hidden_states=True``), already layer-aligned. Student and
+    teacher hidden sizes must match (no TinyBERT ``fit_dense`` projection: the KDLSQ
+    student has the teacher's width). Computed in float32.
+    """
+    _check_pairs("hidden_state_mse", student_hidden, teacher_hidden)
+    total = None
+    for s, t in zip(student_hidden, teacher_hidden):
+        term = F.mse_loss(s.float(), t.float(), reduction="mean")
+        total = term if total is None else total + term
+    return total
+
+
+def layer_map(n_student: int, n_teacher: int) -> tuple[list[int], list[int]]:
+    """Teacher indices matched to each student layer (TinyBERT uniform mapping).
+
+    With ``k = n_teacher // n_student`` (``n_teacher % n_student`` must be 0):
+
+    * attention (list of ``L`` per-layer tensors): student layer ``i`` <- teacher layer
+      ``i*k + k - 1`` for ``i = 0..n_student-1``;
+    * hidden states (list of ``L + 1`` tensors, index 0 = embeddings): student ``i`` <-
+      teacher ``i*k`` for ``i = 0..n_student``.
+
+    Equal depth gives the identity. Returns ``(attn_indices, hidden_indices)``.
+    """
+    if n_student <= 0 or n_teacher <= 0:
+        raise ValueError(f"layer counts must be positive, got n_student={n_student}, n_teacher={n_teacher}")
+    if n_teacher % n_student != 0:
+        raise ValueError(
+            f"n_teacher={n_teacher} must be a multiple of n_student={n_student} for the uniform layer map"
+        )
+    k = n_teacher // n_student
+    attn = [i * k + k - 1 for i in range(n_student)]
+    hidden = [i * k for i in range(n_student + 1)]
+    return attn, hidden
+
+
+def regression_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE for regression heads: ``pred`` ``[B]`` or ``[B, 1]``, ``target`` ``[B]`` (or ``[B, 1]``).
+
+    Both are flattened to ``[B]`` (TinyBERT: ``loss_mse(logits.view(-1), labels.view(-1))``).
+    """
+    p = pred.reshape(-1).float()
+    t = target.reshape(-1).to(p.dtype)
+    if p.shape != t.shape:
+        raise ValueError(f"regression_mse: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in size")
+    return F.mse_loss(p, t, reduction="mean")
+
+
+def _check_pairs(name: str, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{name}: got {len(a)} student tensors but {len(b)} teacher tensors")
+    if len(a) == 0:
+        raise ValueError(f"{name}: empty tensor lists")
+    for i, (s, t) in enumerate(zip(a, b)):
+        if s.shape != t.shape:
+            raise ValueError(f"{name}: layer {i} shapes differ: {tuple(s.shape)} vs {tuple(t.shape)}")
+
+
+def _get(out: Any, key: str) -> Any:
+    if isinstance(out, Mapping):
+        return out.get(key)
+    return getattr(out, key, None)
+
+
+class KDLoss(nn.Module):
+    """Weighted KDLSQ distillation objective.
+
+    ``total = pred * L_pred + attn * L_attn + hidden * L_hidden + gt * L_gt``.
+
+    Args:
+        pred: weight of the prediction-layer term. Classification: :func:`soft_cross_entropy`
+            of student vs teacher logits. Regression: :func:`regression_mse` of the student
+            prediction vs the label (``regression_target="label"``, released code) or vs the
+            teacher prediction (``"teacher"``).
+        attn: weight of :func:`attention_score_mse` over layer-mapped pre-softmax scores.
+        hidden: weight of :func:`hidden_state_mse` over layer-mapped hidden states.
+        gt: weight of the ground-truth term: ``F.cross_entropy(logits, labels)`` for
+            classification, :func:`regression_mse` vs label for regression.
+        temperature: soft-CE temperature.
+        pred_reduction: ``"mean"`` or ``"batchmean"`` (see :func:`soft_cross_entropy`).
+        is_regression: regression head (``logits`` ``[B, 1]``).
+        regression_target: ``"label"`` or ``"teacher"``.
+        attn_threshold: masked-score threshold for the attention term (-100).
+
+    Calling ``loss(student_out, teacher_out, labels, n_student_layers, n_teacher_layers)``
+    where each ``*_out`` is a dict or object with ``logits`` ``[B, C]``, ``hidden_states``
+    (list of ``L + 1`` ``[B, T, D]``) and ``attention_scores`` (list of ``L``
+    ``[B, H, T, T]``, e.g. from ``capture_attention_scores``) returns ``(total, parts)``.
+    ``parts`` maps ``"pred" / "attn" / "hidden" / "gt"`` to the *unweighted* term, and only
+    holds terms whose weight is nonzero (zero-weight terms are never computed, so their
+    inputs may be missing). If a layer count is ``None`` it is inferred from the lists.
+    Teacher tensors are detached.
+    """
+
+    TERMS = ("pred", "attn", "hidden", "gt")
+
+    def __init__(
+        self,
+        pred: float = 1.0,
+        attn: float = 0.0,
+        hidden: float = 0.0,
+        gt: float = 0.0,
+        temperature: float = 1.0,
+        pred_reduction: str = "mean",
+        is_regression: bool = False,
+        regression_target: str = "label",
+        attn_threshold: float = -100.0,
+    ) -> None:
+        super().__init__()
+        weights = {"pred": pred, "attn": attn, "hidden": hidden, "gt": gt}
+        for name, value in weights.items():
+            try:
+                ok = float(value) >= 0 and math.isfinite(float(value))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"KDLoss weight {name!r} must be a finite number >= 0, got {value!r}")
+        if all(float(v) == 0.0 for v in weights.values()):
+            raise ValueError("KDLoss: all weights (pred, attn, hidden, gt) are zero; nothing to optimise")
+        if pred_reduction not in _REDUCTIONS:
+            raise ValueError(f"pred_reduction={pred_reduction!r} is not supported; allowed: {list(_REDUCTIONS)}")
+        if regression_target not in _REGRESSION_TARGETS:
+            raise ValueError(
+                f"regression_target={regression_target!r} is not supported; allowed: {list(_REGRESSION_TARGETS)}"
+            )
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.weights = {k: float(v) for k, v in weights.items()}
+        self.temperature = float(temperature)
+        self.pred_reduction = pred_reduction
+        self.is_regression = bool(is_regression)
+        self.regression_target = regression_target
+        self.attn_threshold = float(attn_threshold)
+
+    def extra_repr(self) -> str:
+        w = ", ".join(f"{k}={v}" for k, v in self.weights.items())
+        return (
+            f"{w}, temperature={self.temperature}, pred_reduction={self.pred_reduction!r}, "
+            f"is_regression={self.is_regression}, regression_target={self.regression_target!r}"
+        )
+
+    def forward(
+        self,
+        student_out: Any,
+        teacher_out: Any,
+        labels: torch.Tensor | None,
+        n_student_layers: int | None = None,
+        n_teacher_layers: int | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts: dict[str, torch.Tensor] = {}
+        w = self.weights
+
+        if w["pred"] > 0:
+            s_logits = _get(student_out, "logits")
+            if self.is_regression:
+                if self.regression_target == "label":
+                    parts["pred"] = regression_mse(s_logits, _require(labels, "labels"))
+                else:
+                    parts["pred"] = regression_mse(s_logits, _get(teacher_out, "logits").detach())
+            else:
+                parts["pred"] = soft_cross_entropy(
+                    s_logits,
+                    _get(teacher_out, "logits").detach(),
+                    temperature=self.temperature,
+                    reduction=self.pred_reduction,
+                )
+
+        if w["attn"] > 0 or w["hidden"] > 0:
+            n_s, n_t = self._layer_counts(student_out, teacher_out, n_student_layers, n_teacher_layers)
+            attn_idx, hidden_idx = layer_map(n_s, n_t)
+
+            if w["attn"] > 0:
+                s_att = list(_require(_get(student_out, "attention_scores"), "student attention_scores"))
+                t_att = list(_require(_get(teacher_out, "attention_scores"), "teacher attention_scores"))
+                if len(s_att) != n_s or len(t_att) != n_t:
+                    raise ValueError(
+                        f"expected {n_s} student / {n_t} teacher attention score tensors, "
+                        f"got {len(s_att)} / {len(t_att)}"
+                    )
+                parts["attn"] = attention_score_mse(
+                    s_att, [t_att[j].detach() for j in attn_idx], threshold=self.attn_threshold
+                )
+
+            if w["hidden"] > 0:
+                s_hid = list(_require(_get(student_out, "hidden_states"), "student hidden_states"))
+                t_hid = list(_require(_get(teacher_out, "hidden_states"), "teacher hidden_states"))
+                if len(s_hid) != n_s + 1 or len(t_hid) != n_t + 1:
+                    raise ValueError(
+                        f"expected {n_s + 1} student / {n_t + 1} teacher hidden states (L+1), "
+                        f"got {len(s_hid)} / {len(t_hid)}"
+                    )
+                parts["hidden"] = hidden_state_mse(s_hid, [t_hid[j].detach() for j in hidden_idx])
+
+        if w["gt"] > 0:
+            s_logits = _get(student_out, "logits")
+            y = _require(labels, "labels")
+            if self.is_regression:
+                parts["gt"] = regression_mse(s_logits, y)
+            else:
+                parts["gt"] = F.cross_entropy(s_logits.float(), y.long())
+
+        total = None
+        for name, value in parts.items():
+            term = w[name] * value
+            total = term if total is None else total + term
+        return total, parts
+
+    @staticmethod
+    def _layer_counts(student_out, teacher_out, n_s, n_t) -> tuple[int, int]:
+        def infer(out, n):
+            if n is not None:
+                return int(n)
+            att = _get(out, "attention_scores")
+            if att is not None:
+                return len(att)
+            hid = _get(out, "hidden_states")
+            if hid is not None:
+                return len(hid) - 1
+            raise ValueError("cannot infer the layer count: pass n_*_layers explicitly")
+
+        return infer(student_out, n_s), infer(teacher_out, n_t)
+
+
+def _require(x, what: str):
+    if x is None:
+        raise ValueError(f"KDLoss: {what} is required for an enabled term but was None")
+    return x

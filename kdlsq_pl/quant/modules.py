@@ -1,0 +1,166 @@
+"""Fake-quantized drop-ins for ``nn.Linear`` / ``nn.Embedding`` and the model surgery that places them.
+
+What is quantized follows the released KDLSQ code (METHODS.md section 1): word and position
+embeddings, every encoder Linear (Q, K, V, attention output, FFN in, FFN out) and the pooler, with
+activation quantizers at the input of each of those Linears and on Q, K, V and the attention
+probabilities before the two attention matmuls. Token-type embedding, biases, LayerNorm, softmax
+input, GELU, residuals and the classifier head stay full precision.
+
+The replacements keep the original parameters (same names: ``...query.weight``), so a student's
+state dict is the Hugging Face one plus ``*_quantizer.*`` entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdlsq_pl.quant.lsq import LSQQuantizer
+
+#: Linears inside each BERT layer that are quantized (attribute paths from ``BertLayer``).
+LAYER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
+                 "attention.output.dense", "intermediate.dense", "output.dense")
+#: Attention activations quantized inside the attention function (``kdlsq_pl.models.attention``).
+ATTENTION_ACTS = ("query", "key", "value", "probs")
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` whose input and weight pass through fake quantizers.
+
+    ``y = Q_a(x) @ Q_w(W)^T + b``; x ``[..., in_features]`` -> y ``[..., out_features]``; the bias
+    stays full precision. Built from an existing Linear, sharing its parameters.
+    """
+
+    def __init__(self, linear: nn.Linear, weight_quantizer: nn.Module, input_quantizer: nn.Module | None):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer if input_quantizer is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantEmbedding(nn.Embedding):
+    """``nn.Embedding`` whose table passes through a fake quantizer (ids ``[B, T]`` -> ``[B, T, D]``)."""
+
+    def __init__(self, emb: nn.Embedding, weight_quantizer: nn.Module):
+        super().__init__(emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx, device="meta")
+        self.weight = emb.weight
+        self.weight_quantizer = weight_quantizer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight_quantizer(self.weight), self.padding_idx)
+
+
+@dataclass
+class Inserted:
+    """The quantizers placed in a model, by role (``weight``: Linears and embeddings; ``act``: activations)."""
+
+    weight: dict[str, LSQQuantizer] = field(default_factory=dict)
+    act: dict[str, LSQQuantizer] = field(default_factory=dict)
+
+    def all(self) -> dict[str, LSQQuantizer]:
+        return {**self.weight, **self.act}
+
+
+def make_quantizer(bits: int, opts: Mapping[str, Any], kind: str, num_channels: int | None = None) -> LSQQuantizer:
+    """An ``LSQQuantizer`` from ``quant.weight`` / ``quant.act`` options (``conf/quant/_lsq.yaml``)."""
+    per_channel = bool(opts.get("per_channel", False)) and kind == "weight"
+    return LSQQuantizer(bits=bits, signed=True, grid=opts["grid"], param=opts["param"], per_channel=per_channel,
+                        channel_dim=0, num_channels=num_channels if per_channel else None,
+                        grad_scale=bool(opts["grad_scale"]), ste_clip=bool(opts["ste_clip"]),
+                        range_test=opts["range_test"], init=opts["init"], percentile=float(opts["percentile"]), kind=kind)
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def quantize_bert(model: nn.Module, quant: Mapping[str, Any]) -> Inserted:
+    """Replace a Hugging Face BERT classifier's modules with fake-quantized ones, in place.
+
+    Args:
+        model: ``BertForSequenceClassification`` (or any model with a ``.bert`` BertModel), loaded
+            with ``attn_implementation="kdlsq_eager"`` so the attention quantizers take effect.
+        quant: ``weight_bits``, ``embedding_bits``, ``act_bits`` (2..8, or 32 to leave that role in
+            full precision) and quantizer options ``weight`` / ``act``; ``quantize_attention``.
+
+    Returns:
+        ``Inserted`` with every quantizer by its dotted module path.
+
+    Raises:
+        ValueError: the model has no ``bert`` encoder, or is already quantized.
+    """
+    bert = getattr(model, "bert", None)
+    if bert is None:
+        raise ValueError(f"{type(model).__name__} has no .bert encoder; quantize_bert supports BERT classifiers")
+    if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
+        raise ValueError("model is already quantized")
+    wb, eb, ab = int(quant["weight_bits"]), int(quant["embedding_bits"]), int(quant["act_bits"])
+    inserted = Inserted()
+
+    def act(path: str) -> LSQQuantizer | None:
+        if ab >= 32:
+            return None
+        q = make_quantizer(ab, quant["act"], "activation")
+        inserted.act[path] = q
+        return q
+
+    def linear(path: str) -> None:
+        lin = model.get_submodule(path)
+        if wb >= 32 and ab >= 32:
+            return
+        wq = make_quantizer(wb, quant["weight"], "weight", lin.out_features) if wb < 32 else nn.Identity()
+        if wb < 32:
+            inserted.weight[f"{path}.weight_quantizer"] = wq
+        _set(model, path, QuantLinear(lin, wq, act(f"{path}.input_quantizer")))
+
+    if eb < 32:
+        for name in ("word_embeddings", "position_embeddings"):
+            path = f"bert.embeddings.{name}"
+            emb = model.get_submodule(path)
+            q = make_quantizer(eb, quant["weight"], "weight", emb.num_embeddings)
+            inserted.weight[f"{path}.weight_quantizer"] = q
+            _set(model, path, QuantEmbedding(emb, q))
+    for i, _ in enumerate(bert.encoder.layer):
+        for sub in LAYER_LINEARS:
+            linear(f"bert.encoder.layer.{i}.{sub}")
+        if quant.get("quantize_attention", True) and ab < 32:
+            attn = model.get_submodule(f"bert.encoder.layer.{i}.attention.self")
+            attn.kdlsq_act_quant = nn.ModuleDict({k: act(f"bert.encoder.layer.{i}.attention.self.kdlsq_act_quant.{k}") for k in ATTENTION_ACTS})
+    if getattr(bert, "pooler", None) is not None:
+        linear("bert.pooler.dense")
+    return inserted
+
+
+def quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
+    """Every ``LSQQuantizer`` in ``model`` by dotted path."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LSQQuantizer)}
+
+
+def model_size_bytes(model: nn.Module) -> dict[str, float]:
+    """Storage of ``model`` at its bit-widths, in bytes (int codes packed at ``bits`` per value).
+
+    Quantized tensors cost ``numel * bits / 8``, every step size 4 bytes; everything else (biases,
+    LayerNorm, token-type embedding, classifier) 4 bytes per value. Returns ``size_bytes``,
+    ``fp32_bytes`` and ``compression_ratio`` (FP32 / quantized).
+    """
+    quantized = {id(m.weight): m.weight_quantizer for m in model.modules()
+                 if isinstance(m, (QuantLinear, QuantEmbedding)) and isinstance(m.weight_quantizer, LSQQuantizer)}
+    scales = {id(q.scale) for q in quantizers(model).values()}
+    size = fp32 = 0.0
+    for p in model.parameters():
+        if id(p) in scales:  # step sizes: stored in FP32 beside the codes, absent from the FP32 model
+            size += 4 * p.numel()
+            continue
+        fp32 += 4 * p.numel()
+        q = quantized.get(id(p))
+        size += p.numel() * q.bits / 8 if q is not None else 4 * p.numel()
+    return {"size_bytes": size, "fp32_bytes": fp32, "compression_ratio": fp32 / size if size else float("nan")}

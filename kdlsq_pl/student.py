@@ -1,0 +1,85 @@
+"""The student stage: the fine-tuned teacher -> a fake-quantized student trained with KDLSQ."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from kdlsq_pl.callbacks.quantization import QuantizationCallback, StepSizeFreeze
+from kdlsq_pl.distill.losses import KDLoss
+from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
+from kdlsq_pl.models.loading import load_classifier
+from kdlsq_pl.module import KDLSQModule
+from kdlsq_pl.pipeline import build_datamodule, build_trainer, ensure_teacher, finish_loggers, fmt, print_summary, restore_best
+from kdlsq_pl.quant.modules import model_size_bytes
+
+import pytorch_lightning as pl
+
+log = logging.getLogger("kdlsq_pl")
+
+
+def is_full_precision(quant: DictConfig) -> bool:
+    return min(int(quant.weight_bits), int(quant.embedding_bits), int(quant.act_bits)) >= 32
+
+
+def build_student_module(cfg: DictConfig, teacher_dir: Path) -> KDLSQModule:
+    """Teacher and student (two loads of the same fine-tuned checkpoint) and the KD loss."""
+    teacher = load_classifier(str(teacher_dir), cfg.task, attn_implementation=ATTN_IMPLEMENTATION)
+    student = load_classifier(str(teacher_dir), cfg.task, attn_implementation=ATTN_IMPLEMENTATION)
+    loss = KDLoss(pred=cfg.loss.pred, attn=cfg.loss.attn, hidden=cfg.loss.hidden, gt=cfg.loss.gt,
+                  temperature=cfg.loss.temperature, pred_reduction=cfg.loss.pred_reduction,
+                  is_regression=not cfg.task.labels, regression_target=cfg.loss.regression_target)
+    return KDLSQModule(teacher, student, OmegaConf.to_container(cfg.task, resolve=True), loss,
+                       OmegaConf.to_container(cfg.optim, resolve=True))
+
+
+def quant_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """``QuantizationCallback`` (unless fp32) and ``StepSizeFreeze`` when a freeze point is set."""
+    if is_full_precision(cfg.quant):
+        return []
+    cbs: list[pl.Callback] = [QuantizationCallback(OmegaConf.to_container(cfg.quant, resolve=True))]
+    if cfg.quant.freeze_step_sizes_at_step is not None or cfg.quant.freeze_step_sizes_at_epoch is not None:
+        cbs.append(StepSizeFreeze(cfg.quant.freeze_step_sizes_at_step, cfg.quant.freeze_step_sizes_at_epoch))
+    return cbs
+
+
+def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
+    """Train the KDLSQ student of ``cfg.task`` at ``cfg.quant`` bits; return the record's fields.
+
+    The fields: teacher metric, student best and final metric (x100), bits, size in bytes at those
+    bits and the compression ratio against FP32, the teacher directory and the stage wall time (s).
+    """
+    teacher_dir, teacher = ensure_teacher(cfg, model_path, out_dir)
+    t0 = time.time()
+    pl.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg, str(teacher_dir), cfg.data.batch_size)
+    module = build_student_module(cfg, teacher_dir)
+    run_name = f"{cfg.quant.name}-{cfg.task.name}-s{cfg.seed}"
+    trainer = build_trainer(cfg, out_dir, run_name, extra_callbacks=quant_callbacks(cfg))
+    try:
+        trainer.fit(module, datamodule=dm)
+        final = dict(module.last)
+        best = dict(module.best)
+        size = model_size_bytes(module.student)
+        for lg in trainer.loggers:
+            lg.log_metrics({"model/size_bytes": size["size_bytes"], "model/compression_ratio": size["compression_ratio"],
+                            "teacher/" + cfg.task.metric: teacher.get("value") or 0.0})
+    finally:
+        finish_loggers(trainer)
+    metric = cfg.task.metric
+    fields = {
+        "quant": cfg.quant.name, "bits": {k: int(cfg.quant[k]) for k in ("weight_bits", "embedding_bits", "act_bits")},
+        "teacher_metric": teacher.get("value"), "teacher_metrics": teacher.get("metrics"), "teacher_dir": str(teacher_dir),
+        "metrics": final, "best_metrics": best, "best": best.get(metric), "final": final.get(metric),
+        "size_bytes": size["size_bytes"], "fp32_bytes": size["fp32_bytes"], "compression_ratio": size["compression_ratio"],
+        "checkpoint": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
+        "student_wall_time_s": round(time.time() - t0, 1),
+    }
+    print_summary(f"KDLSQ {cfg.quant.name} on {cfg.task.name} ({metric}, dev)", [
+        ("teacher (FP32)", fmt(teacher.get("value"))), (f"student best", fmt(fields["best"])),
+        ("student final", fmt(fields["final"])), ("size (MB)", f"{size['size_bytes'] / 1e6:.2f}"),
+        ("compression vs FP32", f"{size['compression_ratio']:.1f}x"), ("student wall time (s)", f"{fields['student_wall_time_s']:.0f}")])
+    return fields
