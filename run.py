@@ -38,9 +38,12 @@ def check_group_overrides(argv: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from kdlsq_pl.pipeline import run
+    from kdlsq_pl.config import validate
 
     try:
+        validate(cfg)  # before the heavy imports: a bad value costs a second, not a model load
+        from kdlsq_pl.pipeline import run
+
         record = run(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,11 +12,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kdlsq_pl.data.glue import read_glue_tsv, resolve_glue_dir, task_files
+from kdlsq_pl.data.tsv import read_glue_tsv, resolve_glue_dir, task_files
 from kdlsq_pl.errors import ConfigError
-from kdlsq_pl.metrics import METRICS
+from kdlsq_pl.models.loading import resolve_model_path
 
 STAGES = ("teacher", "student")
+#: GLUE metric names (``kdlsq_pl.metrics`` builds them).
+METRICS = ("acc", "f1", "mcc", "pearson", "spearman")
 BITS = tuple(range(2, 9))
 FULL_PRECISION_BITS = 32
 
@@ -95,6 +97,7 @@ def validate(cfg: DictConfig) -> None:
     number(cfg, "task.teacher.weight_decay", lo=0)
     if cfg.stage == "student":
         validate_student(cfg)
+    resolve_model_path(_get(cfg, "model.name_or_path"))
     validate_data(cfg)
 
 

@@ -13,7 +13,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryMatthewsCorrCoef, MulticlassAccuracy
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
-METRICS = ("acc", "f1", "mcc", "pearson", "spearman")
+from kdlsq_pl.config import METRICS  # noqa: E402  (names validated before any heavy import)
 
 
 def build_metrics(task: Mapping[str, Any]) -> MetricCollection:

@@ -6,6 +6,7 @@ Both share ``GLUEModule``: GLUE evaluation on every dev split with torchmetrics,
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Iterable, Mapping
 
@@ -17,6 +18,8 @@ from transformers import get_linear_schedule_with_warmup
 from kdlsq_pl.metrics import build_metrics, predictions
 from kdlsq_pl.models.attention import capture_attention_scores
 from kdlsq_pl.quant.modules import quantizers
+
+log = logging.getLogger("kdlsq_pl")
 
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")
 
@@ -77,6 +80,8 @@ class GLUEModule(pl.LightningModule):
             self.best[name] = max(self.best.get(name, -math.inf), value)
             self.log(f"val/{name}", value, prog_bar=name == self.task["metric"])
             self.log(f"val/{name}_best", self.best[name])
+        log.info("epoch %d step %d: %s", self.current_epoch, self.global_step,
+                 ", ".join(f"val/{k}={v:.2f} (best {self.best[k]:.2f})" for k, v in values.items()))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["glue_best"] = dict(self.best)

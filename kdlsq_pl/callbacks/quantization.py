@@ -42,7 +42,7 @@ class QuantizationCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         qs = quantizers(pl_module.student)
-        if not qs or all(bool(q.initialized) for q in qs.values()):
+        if not qs or all(q.is_initialized for q in qs.values()):
             return
         batches = list(islice(iter(trainer.datamodule.train_dataloader()), int(self.quant.get("calibration_batches", 1))))
         calibrate(pl_module.student, batches, pl_module.device)
@@ -61,7 +61,7 @@ def calibrate(student: torch.nn.Module, batches: list[Mapping[str, torch.Tensor]
     """
     if not batches:
         raise ValueError("calibrate: no calibration batch (the training set is empty)")
-    pending = {n: q for n, q in quantizers(student).items() if not bool(q.initialized)}
+    pending = {n: q for n, q in quantizers(student).items() if not q.is_initialized}
     acts = {n: q for n, q in pending.items() if q.kind == "activation"}
     sums = {n: torch.zeros_like(q.scale) for n in acts for q in [acts[n]]}
     was_training = student.training
@@ -69,7 +69,7 @@ def calibrate(student: torch.nn.Module, batches: list[Mapping[str, torch.Tensor]
     try:
         for batch in batches:
             for q in acts.values():
-                q.initialized.fill_(False)
+                q.reset()
             inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
             student(**inputs)
             for n, q in acts.items():

@@ -13,9 +13,10 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+if TYPE_CHECKING:  # transformers is imported lazily: config validation must stay fast
+    from transformers import PreTrainedModel
 
 from kdlsq_pl.errors import ConfigError
 
@@ -57,12 +58,14 @@ def num_labels(task: Mapping[str, Any]) -> int:
     return len(task["labels"]) or 1
 
 
-def load_classifier(path: str, task: Mapping[str, Any], attn_implementation: str = "eager") -> PreTrainedModel:
+def load_classifier(path: str, task: Mapping[str, Any], attn_implementation: str = "eager") -> "PreTrainedModel":
     """Load ``AutoModelForSequenceClassification`` for the task (new head if the checkpoint has none).
 
     Raises:
         ConfigError: the directory cannot be read as a Hugging Face model.
     """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
     n = num_labels(task)
     try:
         config = AutoConfig.from_pretrained(path, num_labels=n, problem_type="regression" if n == 1 else "single_label_classification")
@@ -96,7 +99,7 @@ class TeacherStore:
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"teacher store: {p} is unreadable or corrupt ({e}); delete that directory to retrain") from None
 
-    def save(self, model: PreTrainedModel, tokenizer: Any, record: dict, name_or_path: str, task: str, seed: int) -> Path:
+    def save(self, model: "PreTrainedModel", tokenizer: Any, record: dict, name_or_path: str, task: str, seed: int) -> Path:
         """Write model, tokenizer and record to a temporary directory, then rename it into place."""
         final = self.path(name_or_path, task, seed)
         tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")

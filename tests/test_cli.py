@@ -1,0 +1,69 @@
+"""Bad input on the command line: one clear line on stderr, exit status 2, nothing claimed as done."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import GLUE, REPO
+
+
+def run_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "run.py"), f"paths.root_dir={tmp_path}", "logger=csv", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def bad_glue(tmp_path_factory):
+    """A GLUE root whose RTE train.tsv has a truncated row and whose SST-2 dev has a foreign label."""
+    root = tmp_path_factory.mktemp("glue")
+    shutil.copytree(GLUE / "RTE", root / "RTE")
+    lines = (root / "RTE" / "train.tsv").read_text().splitlines()
+    lines[5] = "\t".join(lines[5].split("\t")[:2])
+    (root / "RTE" / "train.tsv").write_text("\n".join(lines) + "\n")
+    (root / "SST-2").mkdir()
+    (root / "SST-2" / "train.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    (root / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nbad\t7\n")
+    return root
+
+
+CASES = [
+    (["task=foo"], r"task=foo is not a known option; allowed: cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb, wnli"),
+    (["quant=w1a8"], r"quant=w1a8 is not a known option; allowed: fp32, w2a8, w4a8, w8a8"),
+    (["quant.weight_bits=9"], r"quant.weight_bits=9 is out of range; allowed: 2..8 or 32"),
+    (["quant.act_bits=1"], r"quant.act_bits=1 is out of range; allowed: 2..8 or 32"),
+    (["loss.attn=-0.5"], r"loss.attn=-0.5 is out of range; allowed: >= 0"),
+    (["optim.lr=abc"], r"optim.lr='abc' is not a number"),
+    (["optim.act_step_lr=0"], r"optim.act_step_lr=0 is out of range; allowed: > 0"),
+    (["stage=distil"], r"stage='distil' is not allowed; allowed: teacher, student"),
+    (["data.batch_size=0"], r"data.batch_size=0 is out of range; allowed: >= 1"),
+    (["task.max_length=4096"], r"task.max_length=4096 is out of range; allowed: 8..512"),
+    (["data.glue_dir=/nonexistent/glue"], r"data.glue_dir=/nonexistent/glue is not a directory"),
+    (["task=qnli"], r"task=qnli: missing file .*QNLI/train.tsv"),
+    (["model.name_or_path=/nonexistent/bert"], r"model.name_or_path=/nonexistent/bert: not a Hugging Face model directory"),
+    (["quant.weight.init=magic"], r"quant.weight.init='magic' is not allowed; allowed: lsq, percentile, kl, minmax"),
+]
+
+
+@pytest.mark.parametrize("args, message", CASES, ids=[c[0][0] for c in CASES])
+def test_bad_input_one_line_exit_2(tmp_path, args, message):
+    proc = run_cli(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert not list(tmp_path.rglob("result.json"))
+
+
+@pytest.mark.parametrize("task, message", [
+    ("rte", r"RTE/train.tsv:6: 2 columns, task=rte needs at least 4"),
+    ("sst2", r"SST-2/dev.tsv:2: label '7' is not in task=sst2 labels; allowed: 0, 1"),
+])
+def test_bad_tsv_on_the_command_line(tmp_path, bad_glue, task, message):
+    proc = run_cli(tmp_path, f"task={task}", f"data.glue_dir={bad_glue}")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert re.search(message, proc.stderr), proc.stderr

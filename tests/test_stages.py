@@ -1,0 +1,84 @@
+"""Teacher and student stages on the real MiniLM and real RTE rows (fast_dev_run-sized)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from conftest import compose_cfg
+from kdlsq_pl.models.loading import TeacherStore
+from kdlsq_pl.pipeline import build_datamodule, run
+from kdlsq_pl.student import build_student_module, quant_callbacks
+
+SMALL = ("task=rte", "data.limit_train_examples=32", "data.limit_eval_examples=32", "data.batch_size=16")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A teacher fine-tuned for one step on 32 real RTE rows and published to a temporary store."""
+    root = tmp_path_factory.mktemp("teacher")
+    cfg = compose_cfg(root, "stage=teacher", *SMALL, "task.teacher.epochs=1")
+    record = run(cfg)
+    return root, cfg, record
+
+
+def test_teacher_stage_publishes_to_store(store):
+    root, cfg, record = store
+    st = TeacherStore(cfg.teacher.store)
+    path = st.path(cfg.model.name_or_path, "rte", cfg.seed)
+    assert st.has(cfg.model.name_or_path, "rte", cfg.seed) and (path / "model.safetensors").is_file()
+    assert (path / "tokenizer.json").is_file() or (path / "vocab.txt").is_file()
+    saved = json.loads((root / "out" / "result.json").read_text())
+    assert saved["stage"] == "teacher" and saved["task"] == "rte" and saved["status"] == "finished"
+    assert 0.0 <= saved["best"] <= 100.0 and set(saved["metrics"]) == {"acc"}
+    assert saved["git_commit"] and saved["versions"]["torch"].startswith("2.13") and saved["config"]["task"]["name"] == "rte"
+    assert not list(path.parent.glob("*.tmp-*"))  # no half-written directory left behind
+
+
+def test_teacher_fast_dev_run_does_not_publish(tmp_path):
+    cfg = compose_cfg(tmp_path, "stage=teacher", *SMALL, "trainer.fast_dev_run=true")
+    record = run(cfg)
+    assert record["stage"] == "teacher" and not (tmp_path / "teachers").exists()
+
+
+def test_student_stage_fast_dev_run_reuses_teacher(store, tmp_path, caplog):
+    root, _, teacher = store
+    cfg = compose_cfg(tmp_path, *SMALL, "quant=w2a8", "trainer.fast_dev_run=true", f"teacher.store={root}/teachers")
+    with caplog.at_level("INFO", logger="kdlsq_pl"):
+        record = run(cfg)
+    assert "teacher: reusing" in caplog.text
+    assert record["teacher_metric"] == teacher["best"]
+    assert record["bits"] == {"weight_bits": 2, "embedding_bits": 2, "act_bits": 8}
+    assert 14 < record["compression_ratio"] < 17 and record["size_bytes"] < record["fp32_bytes"] / 14
+    assert 0.0 <= record["best"] <= 100.0
+
+
+def test_student_checkpoint_round_trip_same_logits(store, tmp_path):
+    """A student restored from a Lightning checkpoint (quantizers re-inserted by the callback) gives the same logits."""
+    root, _, _ = store
+    cfg = compose_cfg(tmp_path, *SMALL, "quant=w2a8", "trainer.max_epochs=1", "trainer.val_check_interval=1.0",
+                      f"teacher.store={root}/teachers", "callbacks.progress_bar=null")
+    teacher_dir = TeacherStore(cfg.teacher.store).path(cfg.model.name_or_path, "rte", cfg.seed)
+    dm = build_datamodule(cfg, str(teacher_dir), 16)
+    module = build_student_module(cfg, teacher_dir)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[ckpt, *quant_callbacks(cfg)], enable_progress_bar=False)
+    trainer.fit(module, datamodule=dm)
+    batch = next(iter(dm.val_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        before = module.eval_logits(batch)
+
+    restored = build_student_module(cfg, teacher_dir)
+    trainer2 = pl.Trainer(logger=False, callbacks=quant_callbacks(cfg), enable_progress_bar=False)
+    trainer2.validate(restored, datamodule=dm, ckpt_path=ckpt.last_model_path, verbose=False)
+    restored.eval()
+    with torch.no_grad():
+        after = restored.eval_logits(batch)
+    assert torch.equal(before, after)
+    state = torch.load(ckpt.last_model_path, weights_only=True)["state_dict"]
+    assert not any(k.startswith("teacher.") for k in state)  # the teacher is not duplicated into checkpoints
+    assert any(k.endswith("weight_quantizer.scale") for k in state)
