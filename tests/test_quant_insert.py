@@ -140,3 +140,25 @@ def test_step_size_freeze(minilm_path):
     cb.on_train_batch_start(T, M, None, 0)
     assert all(not q.scale.requires_grad for q in quantizers(model).values())
     assert all(p.requires_grad for n, p in model.named_parameters() if "quantizer" not in n and "kdlsq_act_quant" not in n)
+
+
+@pytest.mark.parametrize("grad_scale", [False, True])
+def test_embedding_row_quantization_equals_table_quantization(grad_scale):
+    """QuantEmbedding quantizes only looked-up rows; values and gradients equal quantizing the whole table."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 8, padding_idx=0)
+    ids = torch.tensor([[3, 7, 7, 0], [49, 3, 1, 0]])
+    opts = {"grid": "symmetric", "param": "clip", "grad_scale": grad_scale, "ste_clip": False,
+            "range_test": "unrounded", "init": "lsq", "percentile": 97.5}
+    from kdlsq_pl.quant.modules import make_quantizer
+    fast = QuantEmbedding(emb, make_quantizer(2, opts, "weight"))
+    ref_q = make_quantizer(2, opts, "weight")
+    ref_w = emb.weight.detach().clone().requires_grad_(True)
+    upstream = torch.randn(2, 4, 8)
+    out = fast(ids)
+    (out * upstream).sum().backward()
+    ref = torch.nn.functional.embedding(ids, ref_q(ref_w), 0)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(fast.weight.grad, ref_w.grad)
+    torch.testing.assert_close(fast.weight_quantizer.scale.grad, ref_q.scale.grad)

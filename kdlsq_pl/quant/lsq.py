@@ -118,9 +118,7 @@ class _LSQFakeQuantFunction(torch.autograd.Function):
         eps: float,
     ) -> Tensor:
         s_eff = s.clamp_min(eps)
-        ratio = v / s_eff
-        rounded = torch.round(ratio)  # round-half-to-even
-        out = rounded.clamp(-q_n, q_p) * s_eff
+        out = torch.div(v, s_eff).round_().clamp_(-q_n, q_p).mul_(s_eff)  # round-half-to-even; in place
         ctx.save_for_backward(v, s_eff)
         ctx.q_n, ctx.q_p = q_n, q_p
         ctx.grad_scale, ctx.ste_clip, ctx.range_test = grad_scale, ste_clip, range_test
@@ -139,16 +137,15 @@ class _LSQFakeQuantFunction(torch.autograd.Function):
         else:  # "rounded", as PyTorch's _fake_quantize_learnable_per_tensor_affine
             below = rounded < -q_n
             above = rounded > q_p
-        inside = ~(below | above)
+        outside = below | above
 
         grad_v = grad_s = None
         if ctx.needs_input_grad[0]:
-            grad_v = grad_out if not ctx.ste_clip else grad_out * inside.to(grad_out.dtype)
+            grad_v = grad_out if not ctx.ste_clip else grad_out.masked_fill(outside, 0.0)
         if ctx.needs_input_grad[1]:
-            ds = torch.where(inside, rounded - ratio, torch.zeros_like(ratio))
-            ds = torch.where(below, torch.full_like(ratio, -float(q_n)), ds)
-            ds = torch.where(above, torch.full_like(ratio, float(q_p)), ds)
-            g = grad_out * ds
+            ds = rounded.sub_(ratio)  # inside: round(v/s) - v/s (in place: `rounded` is not used again)
+            ds.masked_fill_(below, -float(q_n)).masked_fill_(above, float(q_p))
+            g = ds.mul_(grad_out)
             if ctx.grad_scale != 1.0:
                 g = g * ctx.grad_scale
             grad_s = g.sum_to_size(s_eff.shape).reshape(ctx.s_shape).to(s_eff.dtype)
@@ -560,18 +557,20 @@ class LSQQuantizer(nn.Module):
         return torch.maximum(lo.abs(), hi.abs())
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, numel: int | None = None) -> Tensor:
         """Fake-quantize ``x`` (any shape) -> same shape and dtype.
 
         Initialises ``scale`` from ``x`` (under no_grad) on the first call if no
-        initialised state exists.
+        initialised state exists. ``numel`` overrides the element count N of the gradient
+        scale ``g = 1/sqrt(N * Q_P)`` (used when ``x`` holds only the looked-up rows of an
+        embedding table whose full size is N).
         """
         if not self.is_initialized:
             self.initialize(x)
         s = self._step_from_scale().reshape(self._broadcast_shape(x))
         g = 1.0
         if self.grad_scale:
-            n = x.numel() // (self.num_channels if self.per_channel else 1)
+            n = (numel or x.numel()) // (self.num_channels if self.per_channel else 1)
             g = 1.0 / math.sqrt(max(n, 1) * self.Q_P)
         return fake_quantize(x, s, self.Q_N, self.Q_P, g, self.ste_clip, self.range_test, self.eps)
 

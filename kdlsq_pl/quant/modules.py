@@ -55,7 +55,15 @@ class QuantEmbedding(nn.Embedding):
         self.weight_quantizer = weight_quantizer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight_quantizer(self.weight), self.padding_idx)
+        q = self.weight_quantizer
+        if isinstance(q, LSQQuantizer) and not q.per_channel:
+            # Quantizing is elementwise with one s, so quantizing the looked-up rows equals looking up
+            # the quantized table; rows not looked up get no gradient either way. Saves quantizing
+            # (and back-propagating through) the whole 30522 x D table every step.
+            if not q.is_initialized:
+                q.initialize(self.weight)  # the step size still comes from the full table
+            return q(F.embedding(ids, self.weight, self.padding_idx), numel=self.weight.numel())
+        return F.embedding(ids, q(self.weight), self.padding_idx)
 
 
 @dataclass
