@@ -57,7 +57,7 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg, str(teacher_dir), cfg.data.batch_size)
     module = build_student_module(cfg, teacher_dir)
-    run_name = f"{cfg.quant.name}-{cfg.task.name}-s{cfg.seed}"
+    run_name = f"{cfg.quant.name}-{cfg.task.name}-s{cfg.seed}"  # the W&B run name
     trainer = build_trainer(cfg, out_dir, run_name, extra_callbacks=quant_callbacks(cfg))
     try:
         trainer.fit(module, datamodule=dm)
