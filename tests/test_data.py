@@ -106,3 +106,19 @@ def test_datamodule_dynamic_padding_and_cache(tmp_path, minilm_path):
     dm2.setup("fit")  # same files, tokenizer and length: reads the cache, writes nothing new
     assert sorted((tmp_path / "tokenized" / "rte").glob("*.arrow")) == cached
     assert torch.equal(dm2.splits["dev"][:]["input_ids"][0], dm.splits["dev"][:]["input_ids"][0])
+
+
+def test_no_local_copy_offline_says_how_to_point_at_data(tmp_path, monkeypatch, minilm_path):
+    """With no local GLUE copy the hub is tried; offline that ends in one line naming GLUE_DIR."""
+    import kdlsq_pl.data.tsv as tsv
+    monkeypatch.setattr(tsv, "DEFAULT_GLUE_DIRS", (tmp_path / "absent",))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import time
+    assert resolve_glue_dir(None) is None
+    dm = GLUEDataModule(task("rte"), minilm_path, glue_dir=None, cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"task=rte: no local GLUE copy found .* set GLUE_DIR=/path/to/glue or data.glue_dir") as err:
+        dm.setup("fit")
+    assert "\n" not in str(err.value)
