@@ -90,6 +90,7 @@ def validate(cfg: DictConfig) -> None:
         number(cfg, f"data.{key}", lo=1, integer=True)
     for key in ("limit_train_examples", "limit_eval_examples"):
         number(cfg, f"data.{key}", lo=1, integer=True, optional=True)
+    choice(cfg, "data.group_by_length", (True, False))
     number(cfg, "trainer.max_epochs", lo=1, integer=True)
     for key, integer in (("lr", False), ("epochs", True), ("batch_size", True)):
         number(cfg, f"task.teacher.{key}", lo=0, lo_open=True, integer=integer)

@@ -29,7 +29,7 @@ def build_datamodule(cfg: DictConfig, tokenizer_path: str, batch_size: int) -> G
         OmegaConf.to_container(cfg.task, resolve=True), tokenizer_path, cfg.data.glue_dir, cfg.paths.cache_dir,
         batch_size=batch_size, eval_batch_size=cfg.data.eval_batch_size, max_length=cfg.task.max_length,
         limit_train_examples=cfg.data.limit_train_examples, limit_eval_examples=cfg.data.limit_eval_examples,
-        num_workers=cfg.data.num_workers, seed=cfg.seed)
+        num_workers=cfg.data.num_workers, seed=cfg.seed, group_by_length=cfg.data.group_by_length)
 
 
 def build_trainer(cfg: DictConfig, out_dir: Path, run_name: str, extra_callbacks: list | None = None, **overrides: Any) -> pl.Trainer:

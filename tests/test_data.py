@@ -98,6 +98,9 @@ def test_datamodule_dynamic_padding_and_cache(tmp_path, minilm_path):
     batch = next(iter(dm.train_dataloader()))
     lengths = batch["attention_mask"].sum(1)
     assert batch["input_ids"].shape[1] == int(lengths.max()) <= 128  # padded to the longest in the batch
+    # group_by_length: every training example once per epoch, in batches of similar length
+    ids = torch.cat([b["idx"] for b in dm.train_dataloader()])
+    assert sorted(ids.tolist()) == list(range(40))
     assert set(batch) >= {"input_ids", "attention_mask", "token_type_ids", "labels", "idx"}
     assert batch["labels"].dtype == torch.int64 and len(dm.splits["dev"]) == 32
     cached = sorted((tmp_path / "tokenized" / "rte").glob("*.arrow"))
@@ -122,3 +125,17 @@ def test_no_local_copy_offline_says_how_to_point_at_data(tmp_path, monkeypatch, 
     with pytest.raises(ConfigError, match=r"task=rte: no local GLUE copy found .* set GLUE_DIR=/path/to/glue or data.glue_dir") as err:
         dm.setup("fit")
     assert "\n" not in str(err.value)
+
+
+def test_group_by_length_cuts_padding_on_real_mrpc(tmp_path, minilm_path):
+    """Length-grouped batches of real MRPC carry far fewer padded tokens than shuffled ones."""
+    padded = {}
+    for grouped in (False, True):
+        dm = GLUEDataModule(task("mrpc"), minilm_path, glue_dir=None, cache_dir=str(tmp_path), batch_size=16,
+                            group_by_length=grouped)
+        dm.setup("fit")
+        batches = list(dm.train_dataloader())
+        assert sum(len(b["idx"]) for b in batches) == 3668
+        padded[grouped] = sum(b["input_ids"].numel() for b in batches)
+    real = sum(len(x) for x in dm.splits["train"].with_format(None)["input_ids"])
+    assert padded[True] < 0.85 * padded[False] and padded[True] >= real

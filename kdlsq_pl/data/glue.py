@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from kdlsq_pl.data.tsv import DEFAULT_GLUE_DIRS, read_glue_tsv, resolve_glue_dir, task_files  # noqa: F401
 from kdlsq_pl.errors import ConfigError
@@ -74,12 +75,15 @@ class GLUEDataModule(pl.LightningDataModule):
         max_length: truncation length in tokens.
         limit_train_examples, limit_eval_examples: keep only the first N rows (smoke runs).
         num_workers: DataLoader workers.
+        group_by_length: draw training batches of similar length (Hugging Face's
+            ``LengthGroupedSampler``: shuffled mega-batches of 50 batches sorted by length), which
+            removes most padding (MRPC at batch 16: 30% of tokens) at the same number of steps.
     """
 
     def __init__(self, task: Mapping[str, Any], tokenizer_path: str, glue_dir: str | None, cache_dir: str,
                  batch_size: int = 32, eval_batch_size: int = 64, max_length: int = 128,
                  limit_train_examples: int | None = None, limit_eval_examples: int | None = None,
-                 num_workers: int = 0, seed: int = 42):
+                 num_workers: int = 0, seed: int = 42, group_by_length: bool = True):
         super().__init__()
         self.task = task
         self.tokenizer_path = tokenizer_path
@@ -90,6 +94,7 @@ class GLUEDataModule(pl.LightningDataModule):
         self.limits = {"train": limit_train_examples, "eval": limit_eval_examples}
         self.num_workers = num_workers
         self.seed = seed
+        self.group_by_length = group_by_length
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.collator = DataCollatorWithPadding(self.tokenizer)
         self.splits: dict[str, datasets.Dataset] = {}
@@ -140,9 +145,14 @@ class GLUEDataModule(pl.LightningDataModule):
             self.splits[split] = self._tokenize(split)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.splits[split]
         gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.splits[split], batch_size=self.batch_size if shuffle else self.eval_batch_size,
-                          shuffle=shuffle, collate_fn=self.collator, num_workers=self.num_workers, generator=gen)
+        sampler = None
+        if shuffle and self.group_by_length:
+            lengths = [len(ids) for ids in ds.with_format(None)["input_ids"]]
+            sampler, shuffle = LengthGroupedSampler(self.batch_size, lengths=lengths, generator=gen), False
+        return DataLoader(ds, batch_size=self.batch_size if split == "train" else self.eval_batch_size, shuffle=shuffle,
+                          sampler=sampler, collate_fn=self.collator, num_workers=self.num_workers, generator=gen)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
