@@ -65,7 +65,8 @@ def test_student_checkpoint_round_trip_same_logits(store, tmp_path):
     dm = build_datamodule(cfg, str(teacher_dir), 16)
     module = build_student_module(cfg, teacher_dir)
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[ckpt, *quant_callbacks(cfg)], enable_progress_bar=False)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False,
+                         callbacks=[ckpt, *quant_callbacks(cfg)], enable_progress_bar=False)
     trainer.fit(module, datamodule=dm)
     batch = next(iter(dm.val_dataloader()))
     module.eval()
