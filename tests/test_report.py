@@ -1,0 +1,48 @@
+"""The results table copies values from the records: seeds averaged, failed and missing cells marked."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+from kdlsq_pl.report import report
+
+FP32 = 90_856_000.0
+
+
+def write(root, name, **rec):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps(rec))
+
+
+def student(task, quant, wbits, seed, best, teacher, status="finished"):
+    return dict(stage="student", method="kdlsq", task=task, quant=quant, seed=seed, status=status, best=best,
+                metric={"mrpc": "f1", "stsb": "pearson"}[task], teacher_metric=teacher,
+                bits={"weight_bits": wbits, "embedding_bits": wbits, "act_bits": 8},
+                size_bytes=FP32 * wbits / 32, fp32_bytes=FP32, compression_ratio=32 / wbits)
+
+
+def test_table_shape_values_and_failures(tmp_path):
+    root = tmp_path / "outputs"
+    write(root, "a", **student("mrpc", "w2a8", 2, 1, 80.0, 87.0))
+    write(root, "b", **student("mrpc", "w2a8", 2, 2, 82.0, 86.0))
+    write(root, "c", **student("stsb", "w2a8", 2, 1, 85.5, 88.0))
+    write(root, "d", **student("mrpc", "w8a8", 8, 1, 86.5, 87.0))
+    write(root, "e", **student("stsb", "w8a8", 8, 1, None, 88.0, status="failed"))
+    (root / "f").mkdir()
+    (root / "f" / "result.json").write_text("{truncated")  # a corrupt record counts as failed, not as a crash
+    text = report(root, tmp_path / "rep")
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    header, rows = lines[0], {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[1:]}
+    assert header == "| model | W-E-A bits | size (MB) | vs FP32 | MRPC (f1) | STS-B (pearson) | avg |"
+    assert list(rows) == ["teacher (FP32)", "kdlsq w8a8", "kdlsq w2a8"]
+    t = rows["teacher (FP32)"]
+    assert t[4] == f"{statistics.mean([87.0, 86.0]):.2f} +- {statistics.stdev([87.0, 86.0]):.2f}" and t[5] == "88.00"
+    w2 = rows["kdlsq w2a8"]
+    assert w2[1:4] == ["2-2-8", f"{FP32 / 16 / 1e6:.1f}", "16.0x"]
+    assert w2[4] == "81.00 +- 1.41" and w2[5] == "85.50" and w2[6].rstrip(" |") == f"{(81.0 + 85.5) / 2:.2f}"
+    w8 = rows["kdlsq w8a8"]
+    assert w8[4] == "86.50" and w8[5] == "FAILED (1)" and w8[6].rstrip(" |") == "-"
+    csv_rows = (tmp_path / "rep" / "results.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 6 and (tmp_path / "rep" / "results.png").stat().st_size > 1000
