@@ -111,6 +111,13 @@ def validate_student(cfg: DictConfig) -> None:
         choice(cfg, f"quant.{side}.grid", ("symmetric", "lsq"))
         choice(cfg, f"quant.{side}.param", ("clip", "step"))
         choice(cfg, f"quant.{side}.range_test", ("unrounded", "rounded"))
+        number(cfg, f"quant.{side}.percentile", lo=50, lo_open=True, hi=100)
+        for flag in ("grad_scale", "ste_clip"):
+            choice(cfg, f"quant.{side}.{flag}", (True, False))
+    choice(cfg, "quant.weight.per_channel", (True, False))
+    choice(cfg, "quant.act.per_channel", (False,))  # one step size per activation tensor
+    choice(cfg, "quant.quantize_attention", (True, False))
+    number(cfg, "quant.calibration_batches", lo=1, integer=True)
     for key in ("pred", "attn", "hidden", "gt"):
         number(cfg, f"loss.{key}", lo=0)
     number(cfg, "loss.temperature", lo=0, lo_open=True)

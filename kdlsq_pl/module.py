@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
+from kdlsq_pl.data.glue import model_inputs
 from kdlsq_pl.metrics import build_metrics, predictions
 from kdlsq_pl.models.attention import capture_attention_scores
 from kdlsq_pl.quant.modules import quantizers
@@ -116,16 +117,13 @@ class TeacherModule(GLUEModule):
         self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps module modes
         self.lr, self.weight_decay = lr, weight_decay
 
-    def _inputs(self, batch: Mapping[str, torch.Tensor]) -> dict:
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**self._inputs(batch), labels=batch["labels"]).loss
+        loss = self.model(**model_inputs(batch), labels=batch["labels"]).loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def eval_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**self._inputs(batch)).logits
+        return self.model(**model_inputs(batch)).logits
 
     def parameter_groups(self) -> list[dict]:
         return decay_groups(self.model.named_parameters(), self.lr, self.weight_decay)
@@ -165,10 +163,9 @@ class KDLSQModule(GLUEModule):
         return self
 
     def _outputs(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         need_scores, need_hidden = self.loss.weights["attn"] > 0, self.loss.weights["hidden"] > 0
         with capture_attention_scores() as scores:
-            out = model(**inputs, output_hidden_states=need_hidden)
+            out = model(**model_inputs(batch), output_hidden_states=need_hidden)
         return {"logits": out.logits, "hidden_states": out.hidden_states if need_hidden else None,
                 "attention_scores": scores if need_scores else None}
 
@@ -183,8 +180,7 @@ class KDLSQModule(GLUEModule):
         return total
 
     def eval_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        return self.student(**inputs).logits
+        return self.student(**model_inputs(batch)).logits
 
     def parameter_groups(self) -> list[dict]:
         """Model weights (decay except bias/LayerNorm), weight step sizes, activation step sizes."""

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
+import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from kdlsq_pl.callbacks.quantization import QuantizationCallback, StepSizeFreeze
@@ -13,12 +13,8 @@ from kdlsq_pl.distill.losses import KDLoss
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
 from kdlsq_pl.module import KDLSQModule
-from kdlsq_pl.pipeline import build_datamodule, build_trainer, ensure_teacher, finish_loggers, fmt, print_summary, restore_best
+from kdlsq_pl.pipeline import build_datamodule, build_trainer, ensure_teacher, finish_loggers, fmt, print_summary
 from kdlsq_pl.quant.modules import model_size_bytes
-
-import pytorch_lightning as pl
-
-log = logging.getLogger("kdlsq_pl")
 
 
 def is_full_precision(quant: DictConfig) -> bool:

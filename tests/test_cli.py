@@ -45,6 +45,9 @@ CASES = [
     (["data.glue_dir=/nonexistent/glue"], r"data.glue_dir=/nonexistent/glue is not a directory"),
     (["task=qnli"], r"task=qnli: missing file .*QNLI/train.tsv"),
     (["model.name_or_path=/nonexistent/bert"], r"model.name_or_path=/nonexistent/bert: not a Hugging Face model directory"),
+    (["quant.act.per_channel=true"], r"quant.act.per_channel=True is not allowed; allowed: False"),
+    (["quant.calibration_batches=0"], r"quant.calibration_batches=0 is out of range; allowed: >= 1"),
+    (["quant.weight.percentile=30"], r"quant.weight.percentile=30 is out of range; allowed: > 50 and <= 100"),
     (["quant.weight.init=magic"], r"quant.weight.init='magic' is not allowed; allowed: lsq, percentile, kl, minmax"),
 ]
 

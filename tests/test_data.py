@@ -101,6 +101,11 @@ def test_datamodule_dynamic_padding_and_cache(tmp_path, minilm_path):
     # group_by_length: every training example once per epoch, in batches of similar length
     ids = torch.cat([b["idx"] for b in dm.train_dataloader()])
     assert sorted(ids.tolist()) == list(range(40))
+    # HF's length sampler puts the longest example first; calibration must not see only that batch
+    longest = max(len(ids) for ids in dm.splits["train"].with_format(None)["input_ids"])
+    assert next(iter(dm.train_dataloader()))["input_ids"].shape[1] == longest
+    calib = next(iter(dm.calibration_dataloader()))["idx"].tolist()
+    assert len(calib) == 8 and calib != next(iter(dm.train_dataloader()))["idx"].tolist()
     assert set(batch) >= {"input_ids", "attention_mask", "token_type_ids", "labels", "idx"}
     assert batch["labels"].dtype == torch.int64 and len(dm.splits["dev"]) == 32
     cached = sorted((tmp_path / "tokenized" / "rte").glob("*.arrow"))

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import pytorch_lightning as pl
 import torch
 
+from kdlsq_pl.data.glue import model_inputs
 from kdlsq_pl.quant.modules import quantize_bert, quantizers
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ class QuantizationCallback(pl.Callback):
     """Insert LSQ fake quantizers into ``pl_module.student`` and initialise their step sizes.
 
     Weight step sizes are initialised from the weights; activation step sizes from
-    ``calibration_batches`` training batches (the student in eval mode, no grad): each
+    ``calibration_batches`` random training batches (the student in eval mode, no grad): each
     activation quantizer initialises from its input on each batch and the step sizes are averaged.
 
     Args:
@@ -44,7 +45,8 @@ class QuantizationCallback(pl.Callback):
         qs = quantizers(pl_module.student)
         if not qs or all(q.is_initialized for q in qs.values()):
             return
-        batches = list(islice(iter(trainer.datamodule.train_dataloader()), int(self.quant.get("calibration_batches", 1))))
+        loader = trainer.datamodule.calibration_dataloader()
+        batches = list(islice(iter(loader), int(self.quant.get("calibration_batches", 1))))
         calibrate(pl_module.student, batches, pl_module.device)
         log.info("quantization: step sizes initialised from %d calibration batch(es)", len(batches))
 
@@ -63,15 +65,14 @@ def calibrate(student: torch.nn.Module, batches: list[Mapping[str, torch.Tensor]
         raise ValueError("calibrate: no calibration batch (the training set is empty)")
     pending = {n: q for n, q in quantizers(student).items() if not q.is_initialized}
     acts = {n: q for n, q in pending.items() if q.kind == "activation"}
-    sums = {n: torch.zeros_like(q.scale) for n in acts for q in [acts[n]]}
+    sums = {n: torch.zeros_like(q.scale) for n, q in acts.items()}
     was_training = student.training
     student.eval()
     try:
         for batch in batches:
             for q in acts.values():
                 q.reset()
-            inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            student(**inputs)
+            student(**{k: v.to(device) for k, v in model_inputs(batch).items()})
             for n, q in acts.items():
                 sums[n] += q.scale
         for n, q in acts.items():

@@ -23,6 +23,14 @@ from kdlsq_pl.data.tsv import DEFAULT_GLUE_DIRS, read_glue_tsv, resolve_glue_dir
 from kdlsq_pl.errors import ConfigError
 
 log = logging.getLogger(__name__)
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a batch that a BERT forward takes (``[B, T]`` each); drops ``labels`` and ``idx``."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
 def load_hub_split(task: Mapping[str, Any], split: str) -> dict[str, list]:
     """Load one split from the Hugging Face hub (``datasets.load_dataset``) in our column layout.
 
@@ -117,7 +125,8 @@ class GLUEDataModule(pl.LightningDataModule):
         limit = self.limits["train" if split == "train" else "eval"]
         if limit:
             rows = {k: v[:limit] for k, v in rows.items()}
-        key = _fingerprint(source, self.tokenizer_path, self.max_length, limit, len(rows["idx"]))
+        key = _fingerprint(source, self.tokenizer_path, self.max_length, limit, len(rows["idx"]),
+                           self.task["columns"], self.task["labels"], self.task["header"])
         cache = self.cache_dir / "tokenized" / self.task["name"] / f"{split}-{key}.arrow"
         cache.parent.mkdir(parents=True, exist_ok=True)
         has_b = any(b is not None for b in rows["text_b"])
@@ -153,6 +162,12 @@ class GLUEDataModule(pl.LightningDataModule):
             sampler, shuffle = LengthGroupedSampler(self.batch_size, lengths=lengths, generator=gen), False
         return DataLoader(ds, batch_size=self.batch_size if split == "train" else self.eval_batch_size, shuffle=shuffle,
                           sampler=sampler, collate_fn=self.collator, num_workers=self.num_workers, generator=gen)
+
+    def calibration_dataloader(self) -> DataLoader:
+        """Shuffled training batches without length grouping (whose first batch is the longest)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True, collate_fn=self.collator,
+                          num_workers=self.num_workers, generator=gen)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
