@@ -1,0 +1,66 @@
+"""KDLSQModule: frozen teacher, optimizer parameter groups as released, loss terms wired to real outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdlsq_pl.distill.losses import KDLoss
+from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
+from kdlsq_pl.models.loading import load_classifier
+from kdlsq_pl.module import KDLSQModule
+from kdlsq_pl.quant.modules import quantize_bert, quantizers
+from test_quant_insert import quant_cfg
+
+TASK = {"labels": ["0", "1"], "metrics": ["f1", "acc"], "metric": "f1", "dev_files": {"dev": "dev.tsv"}}
+OPTIM = {"lr": 5e-5, "weight_decay": 0.01, "weight_step_lr": 1e-3, "weight_step_weight_decay": 2e-5,
+         "act_step_lr": 3e-2, "act_step_weight_decay": 1e-4, "warmup_ratio": 0.0}
+
+
+@pytest.fixture(scope="module")
+def module(minilm_path):
+    teacher = load_classifier(minilm_path, TASK, ATTN_IMPLEMENTATION)
+    student = load_classifier(minilm_path, TASK, ATTN_IMPLEMENTATION)
+    student.load_state_dict(teacher.state_dict())
+    quantize_bert(student, quant_cfg("w2a8"))
+    return KDLSQModule(teacher, student, TASK, KDLoss(pred=1, attn=1, hidden=1), OPTIM)
+
+
+def test_parameter_groups_as_released(module):
+    groups = module.parameter_groups()
+    settings = sorted((g["lr"], g["weight_decay"], len(g["params"])) for g in groups)
+    qs = quantizers(module.student)
+    n_weight_q = sum(q.kind == "weight" for q in qs.values())
+    n_act_q = sum(q.kind == "activation" for q in qs.values())
+    no_decay = [n for n, p in module.student.named_parameters() if ("bias" in n or "LayerNorm" in n) and "quantizer" not in n]
+    assert (1e-3, 2e-5, n_weight_q) in settings and (3e-2, 1e-4, n_act_q) in settings
+    assert (5e-5, 0.0, len(no_decay)) in settings
+    # every trainable student parameter exactly once, no teacher parameter
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(1 for p in module.student.parameters())
+    assert not set(ids) & {id(p) for p in module.teacher.parameters()}
+
+
+def test_teacher_frozen_and_eval(module):
+    module.train()
+    assert not module.teacher.training and module.student.training
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+
+
+def test_training_step_loss_parts_match_kdloss(module, minilm_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    batch = dict(tok(["The cat sat on the mat.", "A much longer sentence about a dog in the park today."],
+                     ["A cat sits.", "A dog."], padding=True, return_tensors="pt"))
+    batch["labels"] = torch.tensor([1, 0])
+    module.eval()
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    total = module.training_step(batch, 0)
+    t = module._outputs(module.teacher, batch)
+    s = module._outputs(module.student, batch)
+    assert len(s["attention_scores"]) == 6 and len(s["hidden_states"]) == 7
+    ref_total, parts = module.loss(s, t, batch["labels"])
+    assert total.item() == pytest.approx(ref_total.item(), rel=1e-5)
+    assert logged["train/loss_attn"] == pytest.approx(parts["attn"].item(), rel=1e-5) and parts["attn"] > 0
+    assert total.requires_grad
