@@ -1,0 +1,42 @@
+"""Every task, model and quant file composes into a config whose values resolve and pass validation."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from kdlsq_pl.config import conf_options, validate, validate_student
+from kdlsq_pl.errors import ConfigError
+
+LOCAL = {"cola", "sst2", "mrpc", "stsb", "rte", "wnli"}  # tasks with train+dev in ../shared/data/glue
+
+
+def test_groups_list_the_expected_options():
+    assert conf_options("task") == ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli"]
+    assert conf_options("model") == ["bert_base", "minilm_l6"]
+    assert {"fp32", "w8a8", "w4a8", "w2a8"} <= set(conf_options("quant"))
+
+
+@pytest.mark.parametrize("task", conf_options("task"))
+@pytest.mark.parametrize("model", conf_options("model"))
+def test_every_task_and_model_composes(make_cfg, task, model):
+    cfg = make_cfg(f"task={task}", f"model={model}")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    t = resolved["task"]
+    assert t["name"] == task and t["max_length"] == (64 if task in ("cola", "sst2") else 128)
+    assert t["metric"].split("_")[0] in t["metrics"] and t["columns"]["label"] is not None
+    assert (t["labels"] == []) == (task == "stsb")
+    assert resolved["callbacks"]["model_checkpoint"]["monitor"] == f"val/{t['metric']}"
+    validate_student(cfg)
+    if task in LOCAL and model == "minilm_l6":
+        validate(cfg)  # reads the real TSVs
+    elif task not in LOCAL:
+        with pytest.raises(ConfigError, match=f"task={task}: "):
+            validate(cfg)  # QNLI lacks train.tsv here; QQP/MNLI folders are absent
+
+
+@pytest.mark.parametrize("quant", conf_options("quant"))
+def test_every_quant_composes(make_cfg, quant):
+    cfg = make_cfg(f"quant={quant}")
+    validate_student(cfg)
+    assert cfg.quant.name == quant and cfg.quant.embedding_bits == cfg.quant.weight_bits
