@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1
 # The main job: the KDLSQ W2A8 student of the bundled MiniLM on real MRPC (trains the teacher first if needed).
 RUN_ARGS ?= task=mrpc quant=w2a8
 
-.PHONY: install run teacher report test test-slow clean
+.PHONY: install run teacher report reproduce test test-slow clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ run: install
 
 teacher: install
 	$(PY) run.py stage=teacher $(ARGS)
+
+# The results grid (conf/experiment/$(EXPERIMENT).yaml) then its table, CSV and plot. Finished cells are skipped
+# on a rerun, failed ones redone.
+EXPERIMENT ?= cpu
+reproduce: install
+	$(PY) run.py experiment=$(EXPERIMENT) $(ARGS)
+	$(PY) -m kdlsq_pl.report --root outputs/grid/$(EXPERIMENT) --wandb
 
 report: install
 	$(PY) -m kdlsq_pl.report --root outputs

@@ -6,6 +6,7 @@ line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -43,8 +44,17 @@ def check_group_overrides(argv: list[str]) -> None:
                 raise ConfigError(f"{key}={option} is not a known option; allowed: {', '.join(allowed)}")
 
 
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    """One run, or one grid cell of a multirun. In a multirun a failing cell is recorded as
+    ``failed`` in its ``result.json`` and the sweep goes on; a single run exits non-zero."""
     from kdlsq_pl.config import validate
 
     try:
@@ -52,9 +62,21 @@ def main(cfg: DictConfig) -> float | None:
         from kdlsq_pl.pipeline import run
 
         record = run(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:
+        multirun = is_multirun()
+        if multirun:
+            from kdlsq_pl.pipeline import record_failure
+
+            record_failure(cfg, e)
+        if isinstance(e, ConfigError):
+            print(f"error: {e}", file=sys.stderr)
+            if not multirun:
+                sys.exit(2)
+        elif not multirun:
+            raise
+        else:
+            logging.getLogger("kdlsq_pl").exception("cell failed; the sweep goes on")
+        return None
     return record.get("best")
 
 

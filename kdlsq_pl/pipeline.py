@@ -9,6 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -18,7 +19,7 @@ from kdlsq_pl.config import validate
 from kdlsq_pl.data.glue import GLUEDataModule
 from kdlsq_pl.models.loading import TeacherStore, load_classifier, resolve_model_path
 from kdlsq_pl.module import TeacherModule
-from kdlsq_pl.results import RESULT_FILE, atomic_write_json, git_commit, versions
+from kdlsq_pl.results import RESULT_FILE, atomic_write_json, git_commit, read_result, versions
 
 log = logging.getLogger("kdlsq_pl")
 
@@ -42,14 +43,27 @@ def build_trainer(cfg: DictConfig, out_dir: Path, run_name: str, extra_callbacks
             callbacks.append(instantiate(cb_cfg))
     loggers = []
     for name, lg_cfg in (cfg.get("logger") or {}).items():
-        kwargs = {"save_dir": str(out_dir)}
+        kwargs: dict[str, Any] = {"save_dir": str(out_dir)}
         if name == "wandb":
-            kwargs["name"] = run_name
-        loggers.append(instantiate(lg_cfg, **kwargs))
+            kwargs.update(name=run_name, group=lg_cfg.get("group") or sweep_group(),
+                          config=OmegaConf.to_container(cfg, resolve=True))
+        loggers.append(instantiate(lg_cfg, _partial_=True)(**kwargs))  # partial: `config` is instantiate's own argument
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.update(default_root_dir=str(out_dir), **overrides)
     return instantiate(trainer_cfg, callbacks=callbacks + (extra_callbacks or []), logger=loggers or False,
                        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks))
+
+
+def sweep_group() -> str | None:
+    """In a Hydra multirun, the sweep directory's name (W&B group of all its jobs); else ``None``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    except (ImportError, ValueError):  # not running under Hydra (tests, notebooks)
+        return None
 
 
 def finish_loggers(trainer: pl.Trainer) -> None:
@@ -95,25 +109,33 @@ def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path) -> tuple[Path
               "metric": cfg.task.metric, "value": module.last.get(cfg.task.metric), "metrics": dict(module.last),
               "hparams": OmegaConf.to_container(tcfg, resolve=True), "wall_time_s": round(time.time() - t0, 1),
               "checkpoint": best_ckpt, "git_commit": git_commit()}
-    if not cfg.trainer.get("fast_dev_run"):
-        path = TeacherStore(cfg.teacher.store).save(module.model, dm.tokenizer, record, cfg.model.name_or_path, cfg.task.name, cfg.seed)
-    else:  # a smoke run never publishes a teacher
-        path = out_dir / "teacher_model"
-        module.model.save_pretrained(path)
-        dm.tokenizer.save_pretrained(path)
+    path = teacher_store(cfg).save(module.model, dm.tokenizer, record, cfg.model.name_or_path, cfg.task.name, cfg.seed)
     return path, record
 
 
+def teacher_store(cfg: DictConfig) -> TeacherStore:
+    """The teacher store; smoke runs (``trainer.fast_dev_run``) use ``<store>/fast_dev_run`` so they never mix with real teachers."""
+    root = Path(cfg.teacher.store)
+    return TeacherStore(root / "fast_dev_run" if cfg.trainer.get("fast_dev_run") else root)
+
+
 def ensure_teacher(cfg: DictConfig, model_path: str, out_dir: Path) -> tuple[Path, dict]:
-    """The stored teacher for (model, task, seed), training it first if the store has none."""
-    store = TeacherStore(cfg.teacher.store)
+    """The stored teacher for (model, task, seed), training it first if the store has none.
+
+    A file lock per (model, task, seed) makes parallel grid cells wait for one training
+    instead of racing to train the same teacher.
+    """
+    store = teacher_store(cfg)
     key = (cfg.model.name_or_path, cfg.task.name, cfg.seed)
-    if store.has(*key) and not cfg.teacher.retrain:
-        path = store.path(*key)
-        log.info("teacher: reusing %s", path)
-        return path, store.record(*key)
-    log.info("teacher: none in the store for (model=%s, task=%s, seed=%s); training it first", *key)
-    return train_teacher(cfg, model_path, out_dir / "teacher")
+    lock = store.path(*key).with_name(store.path(*key).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock)):
+        if store.has(*key) and not cfg.teacher.retrain:
+            path = store.path(*key)
+            log.info("teacher: reusing %s", path)
+            return path, store.record(*key)
+        log.info("teacher: none in the store for (model=%s, task=%s, seed=%s); training it first", *key)
+        return train_teacher(cfg, model_path, out_dir / "teacher")
 
 
 def print_summary(title: str, rows: list[tuple[str, str]]) -> None:
@@ -129,15 +151,45 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def provenance(cfg: DictConfig) -> dict:
+    """Git commit, library versions and the resolved config, as every result record carries."""
+    return {"git_commit": git_commit(), "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+def cell_fields(cfg: DictConfig) -> dict:
+    """The fields that identify a grid cell in its result record."""
+    return {"task": cfg.task.name, "model": str(cfg.model.name_or_path), "stage": cfg.stage, "seed": cfg.seed,
+            "metric": cfg.task.metric, "quant": cfg.quant.name if cfg.stage == "student" else None,
+            "method": "kdlsq" if cfg.stage == "student" else "teacher"}
+
+
+def record_failure(cfg: DictConfig, error: BaseException) -> dict:
+    """Write a ``failed`` result record for this cell (never over a finished one); return it."""
+    out_dir = Path(cfg.paths.output_dir)
+    previous = read_result(out_dir)
+    if previous and previous.get("status") == "finished":
+        return previous
+    record = {**cell_fields(cfg), "status": "failed", "error": f"{type(error).__name__}: {error}"}
+    try:
+        record.update(provenance(cfg))
+    except Exception:  # an unresolvable config is itself the failure
+        pass
+    atomic_write_json(out_dir / RESULT_FILE, record)
+    return record
+
+
 def run(cfg: DictConfig) -> dict:
     """Validate ``cfg`` and run its stage; write and return the result record (``result.json``)."""
     validate(cfg)
     t0 = time.time()
     out_dir = Path(cfg.paths.output_dir)
+    previous = read_result(out_dir)
+    if previous and previous.get("status") == "finished":
+        log.info("%s already holds a finished result; skipping this cell (delete result.json to redo it)", out_dir)
+        return previous
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model_path(cfg.model.name_or_path)
-    record: dict[str, Any] = {"task": cfg.task.name, "model": str(cfg.model.name_or_path), "stage": cfg.stage,
-                              "seed": cfg.seed, "metric": cfg.task.metric}
+    record: dict[str, Any] = cell_fields(cfg)
     if cfg.stage == "teacher":
         path, teacher = train_teacher(cfg, model_path, out_dir)
         record.update(metrics=teacher["metrics"], best=teacher["value"], teacher_dir=str(path))
@@ -146,8 +198,7 @@ def run(cfg: DictConfig) -> dict:
     else:
         from kdlsq_pl.student import train_student
         record.update(train_student(cfg, model_path, out_dir))
-    record.update(wall_time_s=round(time.time() - t0, 1), git_commit=git_commit(), versions=versions(),
-                  config=OmegaConf.to_container(cfg, resolve=True), status="finished")
+    record.update(wall_time_s=round(time.time() - t0, 1), status="finished", **provenance(cfg))
     atomic_write_json(out_dir / RESULT_FILE, record)
     log.info("result record: %s", out_dir / RESULT_FILE)
     return record

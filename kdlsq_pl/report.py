@@ -173,12 +173,32 @@ def report(root: str | Path, out: str | Path) -> str:
     return text
 
 
+def log_to_wandb(root: str | Path, out: str | Path, group: str | None, offline: bool = True) -> None:
+    """Log the table (a W&B Table) and the plot to a W&B run of job type ``report`` in ``group``."""
+    import wandb
+
+    header, rows, _ = build_table(load_records(root))
+    run = wandb.init(project="kdlsq-pl", job_type="report", group=group, name=f"report-{group or Path(root).name}",
+                     dir=str(out), mode="offline" if offline else "online")
+    payload = {"results": wandb.Table(columns=header, data=rows)}
+    if (Path(out) / "results.png").is_file():
+        payload["results_plot"] = wandb.Image(str(Path(out) / "results.png"))
+    run.log(payload)
+    run.finish()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Gather result records into RESULTS.md, results.csv and results.png.")
     ap.add_argument("--root", default="outputs", help="folder searched for result.json files")
     ap.add_argument("--out", default=None, help="where to write (default: <root>/report)")
+    ap.add_argument("--wandb", action="store_true", help="also log the table and plot to W&B (offline unless --online)")
+    ap.add_argument("--online", action="store_true")
+    ap.add_argument("--group", default=None, help="W&B group (default: the root folder's name)")
     args = ap.parse_args(argv)
-    print(report(args.root, args.out or Path(args.root) / "report"))
+    out = args.out or Path(args.root) / "report"
+    print(report(args.root, out))
+    if args.wandb:
+        log_to_wandb(args.root, out, args.group or Path(args.root).name, offline=not args.online)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -52,3 +53,15 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_result(out_dir: str | Path) -> dict | None:
+    """The ``result.json`` in ``out_dir``, ``None`` if absent; a corrupt one is reported by path and ignored."""
+    path = Path(out_dir) / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        logging.getLogger("kdlsq_pl").warning("ignoring corrupt result record %s (%s)", path, e)
+        return None

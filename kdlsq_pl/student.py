@@ -67,7 +67,7 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
         finish_loggers(trainer)
     metric = cfg.task.metric
     fields = {
-        "method": "kdlsq", "quant": cfg.quant.name, "bits": {k: int(cfg.quant[k]) for k in ("weight_bits", "embedding_bits", "act_bits")},
+        "bits": {k: int(cfg.quant[k]) for k in ("weight_bits", "embedding_bits", "act_bits")},
         "teacher_metric": teacher.get("value"), "teacher_metrics": teacher.get("metrics"), "teacher_dir": str(teacher_dir),
         "metrics": final, "best_metrics": best, "best": best.get(metric), "final": final.get(metric),
         "size_bytes": size["size_bytes"], "fp32_bytes": size["fp32_bytes"], "compression_ratio": size["compression_ratio"],
