@@ -1,0 +1,157 @@
+"""Packed low-bit export of a trained student: integer codes in safetensors, and the loader.
+
+Usage: ``python -m kdlsq_pl.export <run dir> [--out DIR]``
+
+Each fake-quantized weight ``W`` (word and position embeddings, encoder Linears, pooler) is stored
+as its integer codes ``c = clamp(round(W / s), -Q_N, Q_P)`` shifted to ``c + Q_N >= 0`` and packed
+``8 // bits`` to a byte (2 bits: 4 codes per byte, 4 bits: 2; 8 bits: 1), plus its step size ``s``.
+Everything else (biases, LayerNorm, token-type embedding, classifier, activation step sizes) is
+stored as it is. ``load_packed`` rebuilds the Hugging Face model with ``W = c * s``, whose
+fake-quantized forward gives exactly the trained student's logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdlsq_pl.quant.lsq import LSQQuantizer
+from kdlsq_pl.quant.modules import QuantEmbedding, QuantLinear, quantize_bert
+
+PACKED_FILE = "model.packed.safetensors"
+META_FILE = "packed.json"
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integer codes (any shape, values < 2**bits) into a flat ``uint8`` tensor.
+
+    ``bits`` in {2, 4, 8} packs ``8 // bits`` codes per byte, little end first; 3, 5, 6, 7 bits are
+    stored one code per byte. Output length: ``ceil(numel / (8 // bits))`` bytes.
+
+    Raises:
+        ValueError: a code outside ``[0, 2**bits)`` or ``bits`` outside 2..8.
+    """
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits} is out of range; allowed: 2..8")
+    flat = codes.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits} bits; got [{int(flat.min())}, {int(flat.max())}]")
+    per = 8 // bits if bits in (2, 4) else 1
+    width = bits if per > 1 else 8
+    pad = (-flat.numel()) % per
+    flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, per)
+    shifts = torch.arange(per, dtype=torch.int64) * width
+    return (flat << shifts).sum(1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes as ``int64`` (flat)."""
+    per = 8 // bits if bits in (2, 4) else 1
+    width = bits if per > 1 else 8
+    shifts = torch.arange(per, dtype=torch.int64) * width
+    codes = (packed.to(torch.int64).unsqueeze(1) >> shifts) & ((1 << width) - 1)
+    return codes.reshape(-1)[:numel]
+
+
+def _quantized_weights(model: nn.Module) -> dict[str, LSQQuantizer]:
+    """``<param name> -> quantizer`` for every weight stored as codes."""
+    return {f"{name}.weight": m.weight_quantizer for name, m in model.named_modules()
+            if isinstance(m, (QuantLinear, QuantEmbedding)) and isinstance(m.weight_quantizer, LSQQuantizer)}
+
+
+def export_packed(student: nn.Module, quant: Mapping[str, Any], out_dir: str | Path) -> dict:
+    """Write ``student`` (a quantized BERT classifier) as packed codes + FP remainder to ``out_dir``.
+
+    Files: ``model.packed.safetensors``, ``packed.json`` (quant config and bits per tensor) and the
+    Hugging Face ``config.json``; written into a temporary folder and renamed into place.
+
+    Returns:
+        ``{"packed_bytes": size of the safetensors file, "params": ..., "out_dir": ...}``.
+    """
+    out_dir = Path(out_dir)
+    qweights = _quantized_weights(student)
+    tensors: dict[str, torch.Tensor] = {}
+    bits: dict[str, dict] = {}
+    for name, tensor in student.state_dict().items():
+        q = qweights.get(name)
+        if q is None:
+            tensors[name] = tensor.detach().contiguous()
+            continue
+        s = q.step_size
+        shape = [-1] + [1] * (tensor.dim() - 1) if q.per_channel else []
+        codes = torch.clamp(torch.round(tensor.detach() / s.reshape(shape)), -q.Q_N, q.Q_P).to(torch.int64) + q.Q_N
+        tensors[f"{name}.codes"] = pack_codes(codes, q.bits)
+        bits[name] = {"bits": q.bits, "Q_N": q.Q_N, "shape": list(tensor.shape)}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    save_file(tensors, str(tmp / PACKED_FILE))
+    (tmp / META_FILE).write_text(json.dumps({"quant": dict(quant), "packed": bits}, indent=2))
+    student.config.to_json_file(str(tmp / "config.json"))
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists; export to a new folder (nothing is overwritten)")
+    os.replace(tmp, out_dir)
+    return {"packed_bytes": (out_dir / PACKED_FILE).stat().st_size, "out_dir": str(out_dir)}
+
+
+def load_packed(path: str | Path) -> nn.Module:
+    """Rebuild the quantized student from :func:`export_packed` output (weights ``W = c * s``)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
+
+    path = Path(path)
+    meta = json.loads((path / META_FILE).read_text())
+    config = AutoConfig.from_pretrained(path)
+    config._attn_implementation = ATTN_IMPLEMENTATION
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
+    quantize_bert(model, meta["quant"])
+    tensors = load_file(str(path / PACKED_FILE))
+    state = {k: v for k, v in tensors.items() if not k.endswith(".codes")}
+    qweights = _quantized_weights(model)
+    for name, info in meta["packed"].items():
+        q = qweights[name]
+        q.scale.data.copy_(state[name.removesuffix("weight") + "weight_quantizer.scale"])
+        numel = int(torch.tensor(info["shape"]).prod())
+        codes = unpack_codes(tensors[f"{name}.codes"], info["bits"], numel) - info["Q_N"]
+        s = q.step_size
+        shape = [-1] + [1] * (len(info["shape"]) - 1) if q.per_channel else []
+        state[name] = codes.to(torch.float32).reshape(info["shape"]) * s.reshape(shape)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Export a trained KDLSQ student as packed integer codes.")
+    ap.add_argument("run", help="a student run folder (holds result.json and checkpoints/)")
+    ap.add_argument("--out", default=None, help="output folder (default: <run>/packed)")
+    args = ap.parse_args(argv)
+    from omegaconf import OmegaConf
+
+    from kdlsq_pl.module import KDLSQModule  # noqa: F401  (documents the checkpoint's origin)
+    from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
+    from kdlsq_pl.models.loading import load_classifier
+
+    run = Path(args.run)
+    record = json.loads((run / "result.json").read_text())
+    cfg = OmegaConf.create(record["config"])
+    student = load_classifier(record["teacher_dir"], cfg.task, attn_implementation=ATTN_IMPLEMENTATION)
+    quant = OmegaConf.to_container(cfg.quant, resolve=True)
+    quantize_bert(student, quant)
+    ckpt = torch.load(record["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    student.load_state_dict({k.removeprefix("student."): v for k, v in ckpt.items() if k.startswith("student.")})
+    info = export_packed(student, quant, args.out or run / "packed")
+    fp32 = record.get("fp32_bytes")
+    ratio = f", {fp32 / info['packed_bytes']:.1f}x smaller than FP32 ({fp32 / 1e6:.1f} MB)" if fp32 else ""
+    print(f"wrote {info['out_dir']}: {info['packed_bytes'] / 1e6:.2f} MB{ratio}")
+
+
+if __name__ == "__main__":
+    main()
