@@ -25,6 +25,9 @@ def bad_glue(tmp_path_factory):
     lines = (root / "RTE" / "train.tsv").read_text().splitlines()
     lines[5] = "\t".join(lines[5].split("\t")[:2])
     (root / "RTE" / "train.tsv").write_text("\n".join(lines) + "\n")
+    (root / "WNLI").mkdir()
+    (root / "WNLI" / "train.tsv").write_bytes(b"index\tsentence1\tsentence2\tlabel\n0\ta \xff\tb\t1\n")
+    (root / "WNLI" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n")
     (root / "SST-2").mkdir()
     (root / "SST-2" / "train.tsv").write_text("sentence\tlabel\ngood\t1\n")
     (root / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nbad\t7\n")
@@ -48,6 +51,20 @@ CASES = [
     (["quant.act.per_channel=true"], r"quant.act.per_channel=True is not allowed; allowed: False"),
     (["quant.calibration_batches=0"], r"quant.calibration_batches=0 is out of range; allowed: >= 1"),
     (["quant.weight.percentile=30"], r"quant.weight.percentile=30 is out of range; allowed: > 50 and <= 100"),
+    (["optim.lr=-1e-5"], r"optim.lr=-1e-05 is out of range; allowed: > 0"),
+    (["loss.temperature=0"], r"loss.temperature=0 is out of range; allowed: > 0"),
+    (["loss.pred_reduction=sum"], r"loss.pred_reduction='sum' is not allowed; allowed: mean, batchmean"),
+    (["trainer.max_epochs=0"], r"trainer.max_epochs=0 is out of range; allowed: >= 1"),
+    (["seed=-1"], r"seed=-1 is out of range; allowed: >= 0"),
+    (["quant.embedding_bits=33"], r"quant.embedding_bits=33 is out of range; allowed: 2..8 or 32"),
+    (["quant.act_bits=4.5"], r"quant.act_bits=4.5 is out of range; allowed: 2..8 or 32"),
+    (["data.limit_train_examples=0"], r"data.limit_train_examples=0 is out of range; allowed: >= 1"),
+    (["task.teacher.lr=0"], r"task.teacher.lr=0 is out of range; allowed: > 0"),
+    (["quant.weight.grid=asym"], r"quant.weight.grid='asym' is not allowed; allowed: symmetric, lsq"),
+    (["model=roberta"], r"model=roberta is not a known option; allowed: bert_base, minilm_l6"),
+    (["loss=mse"], r"loss=mse is not a known option; allowed: kdlsq, pred_only"),
+    (["data.group_by_length=maybe"], r"data.group_by_length='maybe' is not allowed; allowed: True, False"),
+    (["model.name_or_path=/tmp"], r"model.name_or_path=/tmp: not a Hugging Face model directory"),
     (["quant.weight.init=magic"], r"quant.weight.init='magic' is not allowed; allowed: lsq, percentile, kl, minmax"),
 ]
 
@@ -65,6 +82,8 @@ def test_bad_input_one_line_exit_2(tmp_path, args, message):
 @pytest.mark.parametrize("task, message", [
     ("rte", r"RTE/train.tsv:6: 2 columns, task=rte needs at least 4"),
     ("sst2", r"SST-2/dev.tsv:2: label '7' is not in task=sst2 labels; allowed: 0, 1"),
+    ("wnli", r"WNLI/train.tsv: not UTF-8 text"),
+    ("mrpc", r"task=mrpc: no folder .*/MRPC in the GLUE directory"),
 ])
 def test_bad_tsv_on_the_command_line(tmp_path, bad_glue, task, message):
     proc = run_cli(tmp_path, f"task={task}", f"data.glue_dir={bad_glue}")
