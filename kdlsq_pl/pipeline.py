@@ -37,6 +37,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, run_name: str, extra_callbacks
     """A ``Trainer`` from ``cfg.trainer`` with the configured callbacks and loggers, writing under ``out_dir``."""
     callbacks = []
     for name, cb_cfg in (cfg.get("callbacks") or {}).items():
+        if cb_cfg is None:  # callbacks.<name>=null switches one off
+            continue
         if name == "model_checkpoint":
             callbacks.append(instantiate(cb_cfg, dirpath=str(out_dir / "checkpoints")))
         else:
