@@ -59,6 +59,7 @@ def build_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], di
     """The results table as (header, rows, cells) where ``cells[(row_key, task)]`` lists the values."""
     records = list(records)
     teacher: dict[tuple[str, int], float] = {}
+    teacher_runs: dict[tuple[str, int], float] = {}  # teacher-stage records, used where no student names its teacher
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
     failed: dict[tuple[str, str], int] = defaultdict(int)
     meta: dict[str, dict] = {}
@@ -70,10 +71,10 @@ def build_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], di
         tasks.add(task)
         if rec.get("stage") == "teacher":
             if rec.get("status") == "finished" and rec.get("best") is not None:
-                teacher[(task, rec.get("seed"))] = rec["best"]
+                teacher_runs[(task, rec.get("seed"))] = rec["best"]
             continue
-        if rec.get("teacher_metric") is not None:
-            teacher.setdefault((task, rec.get("seed")), rec["teacher_metric"])
+        if rec.get("teacher_metric") is not None:  # the teacher this student was distilled from
+            teacher[(task, rec.get("seed"))] = rec["teacher_metric"]
         key = f"{rec.get('method', 'kdlsq')} {rec.get('quant', '?')}"
         meta.setdefault(key, {"bits": bits_label(rec), "size": rec.get("size_bytes"), "ratio": rec.get("compression_ratio"),
                               "wbits": (rec.get("bits") or {}).get("weight_bits", 32)})
@@ -81,6 +82,8 @@ def build_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], di
             cells[(key, task)].append(rec["best"])
         else:
             failed[(key, task)] += 1
+    for key, value in teacher_runs.items():
+        teacher.setdefault(key, value)
     for (task, _), value in teacher.items():
         cells[("teacher (FP32)", task)].append(value)
     task_list = [t for t in TASK_ORDER if t in tasks] + sorted(tasks - set(TASK_ORDER))

@@ -30,6 +30,8 @@ def test_table_shape_values_and_failures(tmp_path):
     write(root, "c", **student("stsb", "w2a8", 2, 1, 85.5, 88.0))
     write(root, "d", **student("mrpc", "w8a8", 8, 1, 86.5, 87.0))
     write(root, "e", **student("stsb", "w8a8", 8, 1, None, 88.0, status="failed"))
+    # a teacher-stage record of another (e.g. retrained) teacher does not replace the one the students used
+    write(root, "g", stage="teacher", task="mrpc", seed=1, status="finished", best=50.0, metric="f1")
     (root / "f").mkdir()
     (root / "f" / "result.json").write_text("{truncated")  # a corrupt record counts as failed, not as a crash
     text = report(root, tmp_path / "rep")
@@ -45,4 +47,4 @@ def test_table_shape_values_and_failures(tmp_path):
     w8 = rows["kdlsq w8a8"]
     assert w8[4] == "86.50" and w8[5] == "FAILED (1)" and w8[6].rstrip(" |") == "-"
     csv_rows = (tmp_path / "rep" / "results.csv").read_text().splitlines()
-    assert len(csv_rows) == 1 + 6 and (tmp_path / "rep" / "results.png").stat().st_size > 1000
+    assert len(csv_rows) == 1 + 7 and (tmp_path / "rep" / "results.png").stat().st_size > 1000
