@@ -38,22 +38,29 @@ def test_teacher_stage_publishes_to_store(store):
     assert not list(path.parent.glob("*.tmp-*"))  # no half-written directory left behind
 
 
-def test_teacher_fast_dev_run_does_not_publish(tmp_path):
+def test_teacher_fast_dev_run_publishes_only_to_the_smoke_store(tmp_path):
     cfg = compose_cfg(tmp_path, "stage=teacher", *SMALL, "trainer.fast_dev_run=true")
     record = run(cfg)
-    assert record["stage"] == "teacher" and not (tmp_path / "teachers").exists()
+    real, smoke = TeacherStore(tmp_path / "teachers"), TeacherStore(tmp_path / "teachers" / "fast_dev_run")
+    assert record["stage"] == "teacher" and smoke.has(cfg.model.name_or_path, "rte", cfg.seed)
+    assert not real.has(cfg.model.name_or_path, "rte", cfg.seed)  # a smoke teacher never stands in for a real one
+    # the student stage's fast_dev_run on real RTE rows finds that smoke teacher
+    student = run(compose_cfg(tmp_path, *SMALL, "quant=w2a8", "trainer.fast_dev_run=true", "paths.output_dir=" + str(tmp_path / "s")))
+    assert student["stage"] == "student" and student["teacher_dir"].startswith(str(tmp_path / "teachers" / "fast_dev_run"))
+    assert student["quant"] == "w2a8" and 0.0 <= student["best"] <= 100.0
 
 
-def test_student_stage_fast_dev_run_reuses_teacher(store, tmp_path, caplog):
+def test_student_stage_reuses_teacher(store, tmp_path, caplog):
     root, _, teacher = store
-    cfg = compose_cfg(tmp_path, *SMALL, "quant=w2a8", "trainer.fast_dev_run=true", f"teacher.store={root}/teachers")
+    cfg = compose_cfg(tmp_path, *SMALL, "quant=w2a8", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+                      "trainer.limit_val_batches=1", "callbacks.model_checkpoint=null", f"teacher.store={root}/teachers")
     with caplog.at_level("INFO", logger="kdlsq_pl"):
         record = run(cfg)
     assert "teacher: reusing" in caplog.text
     assert record["teacher_metric"] == teacher["best"]
     assert record["bits"] == {"weight_bits": 2, "embedding_bits": 2, "act_bits": 8}
     assert 14 < record["compression_ratio"] < 17 and record["size_bytes"] < record["fp32_bytes"] / 14
-    assert 0.0 <= record["best"] <= 100.0
+    assert 0.0 <= record["best"] <= 100.0 and record["status"] == "finished" and record["method"] == "kdlsq"
 
 
 def test_student_checkpoint_round_trip_same_logits(store, tmp_path):
