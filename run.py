@@ -61,7 +61,7 @@ def main(cfg: DictConfig) -> float | None:
         validate(cfg)  # before the heavy imports: a bad value costs a second, not a model load
         from kdlsq_pl.pipeline import run
 
-        record = run(cfg)
+        record = run(cfg, validated=True)
     except Exception as e:
         multirun = is_multirun()
         if multirun:

@@ -135,7 +135,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from omegaconf import OmegaConf
 
-    from kdlsq_pl.module import KDLSQModule  # noqa: F401  (documents the checkpoint's origin)
     from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
     from kdlsq_pl.models.loading import load_classifier
 

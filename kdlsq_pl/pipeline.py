@@ -180,9 +180,10 @@ def record_failure(cfg: DictConfig, error: BaseException) -> dict:
     return record
 
 
-def run(cfg: DictConfig) -> dict:
-    """Validate ``cfg`` and run its stage; write and return the result record (``result.json``)."""
-    validate(cfg)
+def run(cfg: DictConfig, validated: bool = False) -> dict:
+    """Validate ``cfg`` (unless the caller already did) and run its stage; write and return the result record."""
+    if not validated:
+        validate(cfg)
     t0 = time.time()
     out_dir = Path(cfg.paths.output_dir)
     previous = read_result(out_dir)
