@@ -19,14 +19,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from kdlsq_pl.config import conf_options  # noqa: E402
 from kdlsq_pl.errors import ConfigError  # noqa: E402
 
-def cell_name(stage: str, task: str, quant: str, seed: int) -> str:
-    """Run-directory name of one grid cell: ``w2a8_mrpc_s42``, or ``teacher_mrpc_s42``."""
-    return f"{'teacher' if stage == 'teacher' else quant}_{task}_s{seed}"
-
-
-OmegaConf.register_new_resolver("cell", cell_name, replace=True)
-
-GROUPS = ("task", "model", "quant", "loss", "optim", "trainer", "logger", "callbacks", "paths", "experiment")
+GROUPS = ("task", "model", "quant", "method", "loss", "optim", "trainer", "logger", "callbacks", "paths", "experiment")
 
 
 def check_group_overrides(argv: list[str]) -> None:

@@ -102,10 +102,23 @@ def validate(cfg: DictConfig) -> None:
     validate_data(cfg)
 
 
+#: Quantizer families allowed per role (``kdlsq_pl.quant.modules.make_quantizer``).
+WEIGHT_QUANTIZERS = ("lsq", "twn", "dynamic_max")
+ACT_QUANTIZERS = ("lsq", "dynamic_max", "ema_max")
+
+
 def validate_student(cfg: DictConfig) -> None:
-    """Bits, quantizer options, loss weights and learning rates of the student stage."""
+    """Method, bits, quantizer options, loss weights and learning rates of the student stage."""
+    choice(cfg, "method.name", conf_options("method"))
+    choice(cfg, "method.train", (True, False))
     for key in ("weight_bits", "embedding_bits", "act_bits"):
         validate_bits(cfg, f"quant.{key}")
+    choice(cfg, "quant.weight.quantizer", WEIGHT_QUANTIZERS)
+    choice(cfg, "quant.act.quantizer", ACT_QUANTIZERS)
+    choice(cfg, "quant.weight.embedding_per_row", (True, False))
+    for side in ("weight", "act"):
+        number(cfg, f"quant.{side}.clip", lo=0, lo_open=True, optional=True)
+    number(cfg, "quant.act.ema_decay", lo=0, hi=0.999999)
     for side in ("weight", "act"):
         choice(cfg, f"quant.{side}.init", ("lsq", "percentile", "kl", "minmax"))
         choice(cfg, f"quant.{side}.grid", ("symmetric", "lsq"))

@@ -137,8 +137,12 @@ class KDLSQModule(GLUEModule):
     pre-softmax attention scores of every layer and on the hidden states, optional ground truth.
     Quantizers are inserted into ``student`` by ``QuantizationCallback`` before training.
 
+    The same module trains the baselines (``conf/method``): TernaryBERT is this loop with other
+    quantizers and weights; LSQ and Q8BERT pass ``teacher=None`` with a task-loss-only ``KDLoss``.
+
     Args:
-        teacher: fine-tuned classifier (kept in eval mode, no grad).
+        teacher: fine-tuned classifier (kept in eval mode, no grad), or ``None`` when the loss uses
+            no teacher term (``loss.uses_teacher`` is False).
         student: a copy of the same checkpoint, trained.
         task: the task config.
         loss: the distillation loss.
@@ -149,8 +153,10 @@ class KDLSQModule(GLUEModule):
 
     def __init__(self, teacher: nn.Module, student: nn.Module, task: Mapping[str, Any], loss: nn.Module, optim: Mapping[str, Any]):
         super().__init__(task, float(optim.get("warmup_ratio", 0.0)))
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
+        if teacher is None and loss.uses_teacher:
+            raise ValueError(f"the loss ({loss.extra_repr()}) distils from a teacher, but teacher=None")
+        self.teacher = teacher.eval() if teacher is not None else None
+        for p in self.teacher.parameters() if teacher is not None else ():
             p.requires_grad_(False)
         self.student = student.train()
         self.loss = loss
@@ -159,7 +165,8 @@ class KDLSQModule(GLUEModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
     def _outputs(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict:
@@ -170,8 +177,10 @@ class KDLSQModule(GLUEModule):
                 "attention_scores": scores if need_scores else None}
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_out = self._outputs(self.teacher, batch)
+        teacher_out = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_out = self._outputs(self.teacher, batch)
         student_out = self._outputs(self.student, batch)
         total, parts = self.loss(student_out, teacher_out, batch["labels"])
         self.log("train/loss", total, prog_bar=True)

@@ -162,7 +162,7 @@ def cell_fields(cfg: DictConfig) -> dict:
     """The fields that identify a grid cell in its result record."""
     return {"task": cfg.task.name, "model": str(cfg.model.name_or_path), "stage": cfg.stage, "seed": cfg.seed,
             "metric": cfg.task.metric, "quant": cfg.quant.name if cfg.stage == "student" else None,
-            "method": "kdlsq" if cfg.stage == "student" else "teacher"}
+            "method": cfg.method.name if cfg.stage == "student" else "teacher"}
 
 
 def record_failure(cfg: DictConfig, error: BaseException) -> dict:

@@ -1,20 +1,26 @@
-"""The student stage: the fine-tuned teacher -> a fake-quantized student trained with KDLSQ."""
+"""The student stage: the fine-tuned teacher -> a fake-quantized student, by ``cfg.method``.
+
+``kdlsq`` and ``ternarybert`` distil from the teacher; ``lsq`` and ``q8bert`` train on the task loss
+alone (no teacher is loaded); ``ptq`` quantizes the teacher with calibrated ranges and only evaluates.
+All start from the same teacher checkpoint and share data, insertion and evaluation.
+"""
 
 from __future__ import annotations
 
 import time
+from itertools import islice
 from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from kdlsq_pl.callbacks.quantization import QuantizationCallback, StepSizeFreeze
+from kdlsq_pl.callbacks.quantization import QuantizationCallback, StepSizeFreeze, calibrate
 from kdlsq_pl.distill.losses import KDLoss
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
 from kdlsq_pl.module import KDLSQModule
 from kdlsq_pl.pipeline import build_datamodule, build_trainer, ensure_teacher, finish_loggers, fmt, print_summary
-from kdlsq_pl.quant.modules import model_size_bytes
+from kdlsq_pl.quant.modules import model_size_bytes, quantize_bert
 
 
 def is_full_precision(quant: DictConfig) -> bool:
@@ -22,12 +28,13 @@ def is_full_precision(quant: DictConfig) -> bool:
 
 
 def build_student_module(cfg: DictConfig, teacher_dir: Path) -> KDLSQModule:
-    """Teacher and student (two loads of the same fine-tuned checkpoint) and the KD loss."""
-    teacher = load_classifier(str(teacher_dir), cfg.task, attn_implementation=ATTN_IMPLEMENTATION)
-    student = load_classifier(str(teacher_dir), cfg.task, attn_implementation=ATTN_IMPLEMENTATION)
+    """Student (a load of the fine-tuned teacher checkpoint), the loss, and the teacher if the loss needs it."""
     loss = KDLoss(pred=cfg.loss.pred, attn=cfg.loss.attn, hidden=cfg.loss.hidden, gt=cfg.loss.gt,
                   temperature=cfg.loss.temperature, pred_reduction=cfg.loss.pred_reduction,
                   is_regression=not cfg.task.labels, regression_target=cfg.loss.regression_target)
+    needs_teacher = loss.uses_teacher and cfg.method.train
+    teacher = load_classifier(str(teacher_dir), cfg.task, attn_implementation=ATTN_IMPLEMENTATION) if needs_teacher else None
+    student = load_classifier(str(teacher_dir), cfg.task, attn_implementation=ATTN_IMPLEMENTATION)
     return KDLSQModule(teacher, student, OmegaConf.to_container(cfg.task, resolve=True), loss,
                        OmegaConf.to_container(cfg.optim, resolve=True))
 
@@ -42,8 +49,16 @@ def quant_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     return cbs
 
 
+def post_training_quantize(cfg: DictConfig, module: KDLSQModule, dm) -> None:
+    """PTQ: insert quantizers into the (teacher-initialised) student and calibrate every step size on
+    ``cfg.quant.calibration_batches`` random training batches; no training (METHODS.md section 2)."""
+    quantize_bert(module.student, OmegaConf.to_container(cfg.quant, resolve=True))
+    dm.setup("fit")
+    calibrate(module.student, list(islice(iter(dm.calibration_dataloader()), int(cfg.quant.calibration_batches))))
+
+
 def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
-    """Train the KDLSQ student of ``cfg.task`` at ``cfg.quant`` bits; return the record's fields.
+    """Train the ``cfg.method`` student of ``cfg.task`` at ``cfg.quant`` bits; return the record's fields.
 
     The fields: teacher metric, student best and final metric (x100), bits, size in bytes at those
     bits and the compression ratio against FP32, the teacher directory and the stage wall time (s).
@@ -53,10 +68,15 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg, str(teacher_dir), cfg.data.batch_size)
     module = build_student_module(cfg, teacher_dir)
-    run_name = f"{cfg.quant.name}-{cfg.task.name}-s{cfg.seed}"  # the W&B run name
-    trainer = build_trainer(cfg, out_dir, run_name, extra_callbacks=quant_callbacks(cfg))
+    method = cfg.method.name
+    run_name = f"{'' if method == 'kdlsq' else method + '-'}{cfg.quant.name}-{cfg.task.name}-s{cfg.seed}"  # W&B run name
+    trainer = build_trainer(cfg, out_dir, run_name, extra_callbacks=quant_callbacks(cfg) if cfg.method.train else None)
     try:
-        trainer.fit(module, datamodule=dm)
+        if cfg.method.train:
+            trainer.fit(module, datamodule=dm)
+        else:
+            post_training_quantize(cfg, module, dm)
+            trainer.validate(module, datamodule=dm, verbose=False)
         final = dict(module.last)
         best = dict(module.best)
         size = model_size_bytes(module.student)
@@ -74,7 +94,7 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
         "checkpoint": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
         "student_wall_time_s": round(time.time() - t0, 1),
     }
-    print_summary(f"KDLSQ {cfg.quant.name} on {cfg.task.name} ({metric}, dev)", [
+    print_summary(f"{method} {cfg.quant.name} on {cfg.task.name} ({metric}, dev)", [
         ("teacher (FP32)", fmt(teacher.get("value"))), (f"student best", fmt(fields["best"])),
         ("student final", fmt(fields["final"])), ("size (MB)", f"{size['size_bytes'] / 1e6:.2f}"),
         ("compression vs FP32", f"{size['compression_ratio']:.1f}x"), ("student wall time (s)", f"{fields['student_wall_time_s']:.0f}")])

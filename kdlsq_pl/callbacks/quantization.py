@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 
 from kdlsq_pl.data.glue import model_inputs
-from kdlsq_pl.quant.modules import quantize_bert, quantizers
+from kdlsq_pl.quant.modules import is_quantized, quantize_bert, quantizers
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class QuantizationCallback(pl.Callback):
         self.inserted = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.inserted is None and not quantizers(pl_module.student):
+        if self.inserted is None and not is_quantized(pl_module.student):
             self.inserted = quantize_bert(pl_module.student, self.quant)
             log.info("quantization: %d weight and %d activation quantizers inserted (%s)",
                      len(self.inserted.weight), len(self.inserted.act), self.quant.get("name"))
@@ -56,7 +56,9 @@ def calibrate(student: torch.nn.Module, batches: list[Mapping[str, torch.Tensor]
     """Initialise every uninitialised quantizer of ``student`` from forwards on ``batches``.
 
     Weight quantizers initialise from their weight on the first forward. Activation quantizers
-    are re-initialised on each batch and their step sizes averaged over the batches.
+    are re-initialised on each batch, and their clip values combined over the batches: the
+    maximum for ``init="minmax"`` (so the range is exactly the min-max of all calibration
+    tensors), the mean otherwise (percentile, KL, LSQ rules: the mean of per-batch values).
 
     Raises:
         ValueError: ``batches`` is empty.
@@ -74,9 +76,12 @@ def calibrate(student: torch.nn.Module, batches: list[Mapping[str, torch.Tensor]
                 q.reset()
             student(**{k: v.to(device) for k, v in model_inputs(batch).items()})
             for n, q in acts.items():
-                sums[n] += q.scale
+                if q.init == "minmax":
+                    torch.maximum(sums[n], q.scale, out=sums[n])
+                else:
+                    sums[n] += q.scale
         for n, q in acts.items():
-            q.scale.copy_(sums[n] / len(batches))
+            q.scale.copy_(sums[n] if q.init == "minmax" else sums[n] / len(batches))
     finally:
         student.train(was_training)
 

@@ -244,6 +244,13 @@ class KDLoss(nn.Module):
         self.regression_target = regression_target
         self.attn_threshold = float(attn_threshold)
 
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether any weighted term reads the teacher's outputs (STS-B's pred term to the label does not)."""
+        w = self.weights
+        pred_teacher = w["pred"] > 0 and not (self.is_regression and self.regression_target == "label")
+        return pred_teacher or w["attn"] > 0 or w["hidden"] > 0
+
     def extra_repr(self) -> str:
         w = ", ".join(f"{k}={v}" for k, v in self.weights.items())
         return (

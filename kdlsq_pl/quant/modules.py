@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdlsq_pl.quant.baselines import DynamicMaxQuantizer, EMAMaxQuantizer, TWNQuantizer
 from kdlsq_pl.quant.lsq import LSQQuantizer
 
 #: Linears inside each BERT layer that are quantized (attribute paths from ``BertLayer``).
@@ -63,6 +64,8 @@ class QuantEmbedding(nn.Embedding):
             if not q.is_initialized:
                 q.initialize(self.weight)  # the step size still comes from the full table
             return q(F.embedding(ids, self.weight, self.padding_idx), numel=self.weight.numel())
+        if getattr(q, "rowwise", False):  # rows quantized independently: the looked-up rows suffice
+            return q(F.embedding(ids, self.weight, self.padding_idx))
         return F.embedding(ids, q(self.weight), self.padding_idx)
 
 
@@ -70,15 +73,38 @@ class QuantEmbedding(nn.Embedding):
 class Inserted:
     """The quantizers placed in a model, by role (``weight``: Linears and embeddings; ``act``: activations)."""
 
-    weight: dict[str, LSQQuantizer] = field(default_factory=dict)
-    act: dict[str, LSQQuantizer] = field(default_factory=dict)
+    weight: dict[str, nn.Module] = field(default_factory=dict)
+    act: dict[str, nn.Module] = field(default_factory=dict)
 
-    def all(self) -> dict[str, LSQQuantizer]:
+    def all(self) -> dict[str, nn.Module]:
         return {**self.weight, **self.act}
 
 
-def make_quantizer(bits: int, opts: Mapping[str, Any], kind: str, num_channels: int | None = None) -> LSQQuantizer:
-    """An ``LSQQuantizer`` from ``quant.weight`` / ``quant.act`` options (``conf/quant/_lsq.yaml``)."""
+#: ``quant.weight.quantizer`` / ``quant.act.quantizer`` values: LSQ (KDLSQ, LSQ, PTQ) and the baselines'.
+QUANTIZERS = ("lsq", "twn", "dynamic_max", "ema_max")
+
+
+def make_quantizer(bits: int, opts: Mapping[str, Any], kind: str, num_channels: int | None = None,
+                   per_row: bool = False) -> nn.Module:
+    """A fake quantizer from ``quant.weight`` / ``quant.act`` options (``conf/quant/_lsq.yaml``).
+
+    ``opts["quantizer"]`` picks the family (default ``lsq``): ``lsq`` -> ``LSQQuantizer``; ``twn`` ->
+    ``TWNQuantizer`` at 2 bits (``per_row`` for the word embedding) and TernaryBERT's
+    ``DynamicMaxQuantizer`` at other widths; ``dynamic_max`` -> ``DynamicMaxQuantizer`` (``clip``);
+    ``ema_max`` -> ``EMAMaxQuantizer`` (``ema_decay``).
+
+    Raises:
+        ValueError: an unknown ``quantizer``.
+    """
+    family = opts.get("quantizer", "lsq")
+    if family == "twn":
+        return TWNQuantizer(per_row=per_row) if bits == 2 else DynamicMaxQuantizer(bits, opts.get("clip"), kind)
+    if family == "dynamic_max":
+        return DynamicMaxQuantizer(bits, opts.get("clip"), kind)
+    if family == "ema_max":
+        return EMAMaxQuantizer(bits, float(opts.get("ema_decay", 0.9999)))
+    if family != "lsq":
+        raise ValueError(f"quantizer={family!r} is not supported; allowed: {', '.join(QUANTIZERS)}")
     per_channel = bool(opts.get("per_channel", False)) and kind == "weight"
     return LSQQuantizer(bits=bits, signed=True, grid=opts["grid"], param=opts["param"], per_channel=per_channel,
                         channel_dim=0, num_channels=num_channels if per_channel else None,
@@ -109,12 +135,12 @@ def quantize_bert(model: nn.Module, quant: Mapping[str, Any]) -> Inserted:
     bert = getattr(model, "bert", None)
     if bert is None:
         raise ValueError(f"{type(model).__name__} has no .bert encoder; quantize_bert supports BERT classifiers")
-    if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
+    if is_quantized(model):
         raise ValueError("model is already quantized")
     wb, eb, ab = int(quant["weight_bits"]), int(quant["embedding_bits"]), int(quant["act_bits"])
     inserted = Inserted()
 
-    def act(path: str) -> LSQQuantizer | None:
+    def act(path: str) -> nn.Module | None:
         if ab >= 32:
             return None
         q = make_quantizer(ab, quant["act"], "activation")
@@ -134,7 +160,8 @@ def quantize_bert(model: nn.Module, quant: Mapping[str, Any]) -> Inserted:
         for name in ("word_embeddings", "position_embeddings"):
             path = f"bert.embeddings.{name}"
             emb = model.get_submodule(path)
-            q = make_quantizer(eb, quant["weight"], "weight", emb.num_embeddings)
+            per_row = name == "word_embeddings" and bool(quant["weight"].get("embedding_per_row", False))
+            q = make_quantizer(eb, quant["weight"], "weight", emb.num_embeddings, per_row=per_row)
             inserted.weight[f"{path}.weight_quantizer"] = q
             _set(model, path, QuantEmbedding(emb, q))
     for i, _ in enumerate(bert.encoder.layer):
@@ -148,20 +175,25 @@ def quantize_bert(model: nn.Module, quant: Mapping[str, Any]) -> Inserted:
     return inserted
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``quantize_bert`` has already run on ``model`` (any quantizer family)."""
+    return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+
+
 def quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
-    """Every ``LSQQuantizer`` in ``model`` by dotted path."""
+    """Every ``LSQQuantizer`` (the learned-step-size ones) in ``model`` by dotted path."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LSQQuantizer)}
 
 
 def model_size_bytes(model: nn.Module) -> dict[str, float]:
     """Storage of ``model`` at its bit-widths, in bytes (int codes packed at ``bits`` per value).
 
-    Quantized tensors cost ``numel * bits / 8``, every step size 4 bytes; everything else (biases,
+    Quantized tensors cost ``numel * bits / 8``, every step size (or TWN/max scale) 4 bytes; everything else (biases,
     LayerNorm, token-type embedding, classifier) 4 bytes per value. Returns ``size_bytes``,
     ``fp32_bytes`` and ``compression_ratio`` (FP32 / quantized).
     """
     quantized = {id(m.weight): m.weight_quantizer for m in model.modules()
-                 if isinstance(m, (QuantLinear, QuantEmbedding)) and isinstance(m.weight_quantizer, LSQQuantizer)}
+                 if isinstance(m, (QuantLinear, QuantEmbedding)) and hasattr(m.weight_quantizer, "bits")}
     scales = {id(q.scale) for q in quantizers(model).values()}
     size = fp32 = 0.0
     for p in model.parameters():
@@ -171,4 +203,6 @@ def model_size_bytes(model: nn.Module) -> dict[str, float]:
         fp32 += 4 * p.numel()
         q = quantized.get(id(p))
         size += p.numel() * q.bits / 8 if q is not None else 4 * p.numel()
+        if q is not None and not isinstance(q, LSQQuantizer):  # the baselines' scales: one per row or tensor
+            size += 4 * (p.shape[0] if getattr(q, "rowwise", False) else 1)
     return {"size_bytes": size, "fp32_bytes": fp32, "compression_ratio": fp32 / size if size else float("nan")}
