@@ -14,10 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from kdlsq_pl.config import conf_options  # noqa: E402
-from kdlsq_pl.errors import ConfigError  # noqa: E402
+from kdlsq_pl.errors import ConfigError, NumericalError  # noqa: E402
 
 GROUPS = ("task", "model", "quant", "method", "loss", "optim", "trainer", "logger", "callbacks", "paths", "experiment")
 
@@ -61,10 +61,10 @@ def main(cfg: DictConfig) -> float | None:
             from kdlsq_pl.pipeline import record_failure
 
             record_failure(cfg, e)
-        if isinstance(e, ConfigError):
+        if isinstance(e, (ConfigError, NumericalError)):
             print(f"error: {e}", file=sys.stderr)
             if not multirun:
-                sys.exit(2)
+                sys.exit(2 if isinstance(e, ConfigError) else 3)
         elif not multirun:
             raise
         else:

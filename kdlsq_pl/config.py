@@ -91,6 +91,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("limit_train_examples", "limit_eval_examples"):
         number(cfg, f"data.{key}", lo=1, integer=True, optional=True)
     choice(cfg, "data.group_by_length", (True, False))
+    choice(cfg, "data.padding", ("dynamic", "max_length"))
     number(cfg, "trainer.max_epochs", lo=1, integer=True)
     for key, integer in (("lr", False), ("epochs", True), ("batch_size", True)):
         number(cfg, f"task.teacher.{key}", lo=0, lo_open=True, integer=integer)
@@ -110,6 +111,7 @@ ACT_QUANTIZERS = ("lsq", "dynamic_max", "ema_max")
 def validate_student(cfg: DictConfig) -> None:
     """Method, bits, quantizer options, loss weights and learning rates of the student stage."""
     choice(cfg, "method.name", conf_options("method"))
+    choice(cfg, "export_packed", (True, False))
     choice(cfg, "method.train", (True, False))
     for key in ("weight_bits", "embedding_bits", "act_bits"):
         validate_bits(cfg, f"quant.{key}")

@@ -55,6 +55,22 @@ class GLUEModule(pl.LightningModule):
         self.best: dict[str, float] = {}
         self.last: dict[str, float] = {}
 
+    def setup(self, stage: str) -> None:
+        """Re-register transformers' output recorders in this process.
+
+        transformers 5 records ``hidden_states`` through a per-process registry filled in
+        ``PreTrainedModel.__init__``; a model unpickled in a spawned DDP worker skips ``__init__``
+        and would return ``hidden_states=None``.
+        """
+        try:
+            from transformers import PreTrainedModel
+            from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+        except ImportError:  # other transformers versions keep no such registry
+            return
+        for m in self.modules():
+            if isinstance(m, PreTrainedModel):
+                _CAN_RECORD_REGISTRY[m] = m._can_record_outputs
+
     # ----- evaluation -------------------------------------------------------------------------
     def eval_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -84,11 +100,32 @@ class GLUEModule(pl.LightningModule):
         log.info("epoch %d step %d: %s", self.current_epoch, self.global_step,
                  ", ".join(f"val/{k}={v:.2f} (best {self.best[k]:.2f})" for k, v in values.items()))
 
+    def metrics_from_trainer(self) -> None:
+        """Fill ``last``/``best`` from ``trainer.callback_metrics`` when validation ran in other processes
+        (``ddp_spawn`` returns the logged metrics to the main process, not module attributes)."""
+        if self.last or self.trainer is None:
+            return
+        for key, value in self.trainer.callback_metrics.items():
+            name = key.removeprefix("val/")
+            if key.startswith("val/") and not name.endswith("_best"):
+                self.last[name] = float(value)
+                self.best[name] = float(self.trainer.callback_metrics.get(f"{key}_best", value))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["glue_best"] = dict(self.best)
+        checkpoint["glue_best"], checkpoint["glue_last"] = dict(self.best), dict(self.last)
+        checkpoint["torch_rng_state"] = torch.get_rng_state()  # dropout masks continue as if never stopped
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.best = dict(checkpoint.get("glue_best", {}))
+        self.last = dict(checkpoint.get("glue_last", {}))
+        self._rng_to_restore = checkpoint.get("torch_rng_state")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The RNG goes back at the first step after a resume, not at load time: between the two, new
+        # data-loader iterators draw from it, which the interrupted run had drawn long before.
+        if getattr(self, "_rng_to_restore", None) is not None:
+            torch.set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
 
     # ----- optimisation -----------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:

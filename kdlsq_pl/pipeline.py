@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from kdlsq_pl.config import validate
 from kdlsq_pl.data.glue import GLUEDataModule
+from kdlsq_pl.errors import ConfigError
 from kdlsq_pl.models.loading import TeacherStore, load_classifier, resolve_model_path
 from kdlsq_pl.module import TeacherModule
 from kdlsq_pl.results import RESULT_FILE, atomic_write_json, git_commit, read_result, versions
@@ -30,7 +32,8 @@ def build_datamodule(cfg: DictConfig, tokenizer_path: str, batch_size: int) -> G
         OmegaConf.to_container(cfg.task, resolve=True), tokenizer_path, cfg.data.glue_dir, cfg.paths.cache_dir,
         batch_size=batch_size, eval_batch_size=cfg.data.eval_batch_size, max_length=cfg.task.max_length,
         limit_train_examples=cfg.data.limit_train_examples, limit_eval_examples=cfg.data.limit_eval_examples,
-        num_workers=cfg.data.num_workers, seed=cfg.seed, group_by_length=cfg.data.group_by_length)
+        num_workers=cfg.data.num_workers, seed=cfg.seed, group_by_length=cfg.data.group_by_length,
+        padding=cfg.data.padding)
 
 
 def build_trainer(cfg: DictConfig, out_dir: Path, run_name: str, extra_callbacks: list | None = None, **overrides: Any) -> pl.Trainer:
@@ -39,7 +42,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, run_name: str, extra_callbacks
     for name, cb_cfg in (cfg.get("callbacks") or {}).items():
         if cb_cfg is None:  # callbacks.<name>=null switches one off
             continue
-        if name == "model_checkpoint":
+        if name in ("model_checkpoint", "resume_checkpoint"):
             callbacks.append(instantiate(cb_cfg, dirpath=str(out_dir / "checkpoints")))
         else:
             callbacks.append(instantiate(cb_cfg))
@@ -54,6 +57,18 @@ def build_trainer(cfg: DictConfig, out_dir: Path, run_name: str, extra_callbacks
     trainer_cfg.update(default_root_dir=str(out_dir), **overrides)
     return instantiate(trainer_cfg, callbacks=callbacks + (extra_callbacks or []), logger=loggers or False,
                        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks))
+
+
+def fit(trainer: pl.Trainer, module: pl.LightningModule, dm: pl.LightningDataModule) -> None:
+    """``trainer.fit``, resuming from the run's ``resume.ckpt`` if a killed run left one (loaded ``weights_only``)."""
+    from kdlsq_pl.callbacks.robustness import ResumeCheckpoint
+
+    ckpt = next((cb.resume_path() for cb in trainer.callbacks if isinstance(cb, ResumeCheckpoint)), None)
+    if ckpt:
+        if not zipfile.is_zipfile(ckpt):  # torch.save writes a zip archive; a truncated one is not
+            raise ConfigError(f"resume checkpoint {ckpt} is corrupt (not a complete torch archive); delete it to start this run over")
+        log.info("resuming from %s", ckpt)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True if ckpt else None)
 
 
 def sweep_group() -> str | None:
@@ -101,7 +116,7 @@ def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path) -> tuple[Path
     module = TeacherModule(model, cfg.task, lr=tcfg.lr, weight_decay=tcfg.weight_decay, warmup_ratio=tcfg.warmup_ratio)
     trainer = build_trainer(cfg, out_dir, f"teacher-{cfg.task.name}-s{cfg.seed}", max_epochs=tcfg.epochs, val_check_interval=1.0)
     try:
-        trainer.fit(module, datamodule=dm)
+        fit(trainer, module, dm)
         best_ckpt = restore_best(trainer, module)
         module.best, module.last = {}, {}
         trainer.validate(module, datamodule=dm, verbose=False)

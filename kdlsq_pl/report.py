@@ -17,7 +17,7 @@ import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 from kdlsq_pl.results import RESULT_FILE
 

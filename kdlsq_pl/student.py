@@ -19,8 +19,9 @@ from kdlsq_pl.distill.losses import KDLoss
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
 from kdlsq_pl.module import KDLSQModule
-from kdlsq_pl.pipeline import build_datamodule, build_trainer, ensure_teacher, finish_loggers, fmt, print_summary
-from kdlsq_pl.quant.modules import model_size_bytes, quantize_bert
+from kdlsq_pl.pipeline import build_datamodule, build_trainer, ensure_teacher, finish_loggers, fit, fmt, print_summary
+from kdlsq_pl.quant.lsq import LSQQuantizer
+from kdlsq_pl.quant.modules import QuantEmbedding, QuantLinear, model_size_bytes, quantize_bert
 
 
 def is_full_precision(quant: DictConfig) -> bool:
@@ -57,6 +58,32 @@ def post_training_quantize(cfg: DictConfig, module: KDLSQModule, dm) -> None:
     calibrate(module.student, list(islice(iter(dm.calibration_dataloader()), int(cfg.quant.calibration_batches))))
 
 
+def packable(student) -> bool:
+    """Whether every quantized weight of ``student`` has an LSQ step size (codes + ``s`` export exactly)."""
+    qs = [m.weight_quantizer for m in student.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    return bool(qs) and all(isinstance(q, LSQQuantizer) for q in qs)
+
+
+def export_best(cfg: DictConfig, student, ckpt: str | None, teacher_dir: Path, out_dir: Path) -> dict:
+    """Write the best student as packed codes to ``<run>/packed``; return its real size on disk (bytes)
+    and the ratio to the FP32 ``model.safetensors`` of the teacher it started from."""
+    import shutil
+
+    import torch
+
+    from kdlsq_pl.export import export_packed
+
+    if ckpt:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        student.load_state_dict({k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")})
+    target = out_dir / "packed"
+    shutil.rmtree(target, ignore_errors=True)  # left by an attempt that never finished: no record claims it
+    info = export_packed(student, OmegaConf.to_container(cfg.quant, resolve=True), target)
+    fp32_file = (teacher_dir / "model.safetensors").stat().st_size
+    return {"packed_dir": str(target), "packed_bytes": info["packed_bytes"], "fp32_file_bytes": fp32_file,
+            "packed_compression_ratio": fp32_file / info["packed_bytes"]}
+
+
 def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     """Train the ``cfg.method`` student of ``cfg.task`` at ``cfg.quant`` bits; return the record's fields.
 
@@ -73,7 +100,8 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     trainer = build_trainer(cfg, out_dir, run_name, extra_callbacks=quant_callbacks(cfg) if cfg.method.train else None)
     try:
         if cfg.method.train:
-            trainer.fit(module, datamodule=dm)
+            fit(trainer, module, dm)
+            module.metrics_from_trainer()
         else:
             post_training_quantize(cfg, module, dm)
             trainer.validate(module, datamodule=dm, verbose=False)
@@ -86,16 +114,21 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     finally:
         finish_loggers(trainer)
     metric = cfg.task.metric
+    ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
     fields = {
         "bits": {k: int(cfg.quant[k]) for k in ("weight_bits", "embedding_bits", "act_bits")},
         "teacher_metric": teacher.get("value"), "teacher_metrics": teacher.get("metrics"), "teacher_dir": str(teacher_dir),
         "metrics": final, "best_metrics": best, "best": best.get(metric), "final": final.get(metric),
         "size_bytes": size["size_bytes"], "fp32_bytes": size["fp32_bytes"], "compression_ratio": size["compression_ratio"],
-        "checkpoint": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
+        "checkpoint": ckpt or None,
         "student_wall_time_s": round(time.time() - t0, 1),
     }
+    if cfg.export_packed and packable(module.student):
+        fields.update(export_best(cfg, module.student, ckpt, teacher_dir, out_dir))
     print_summary(f"{method} {cfg.quant.name} on {cfg.task.name} ({metric}, dev)", [
-        ("teacher (FP32)", fmt(teacher.get("value"))), (f"student best", fmt(fields["best"])),
+        ("teacher (FP32)", fmt(teacher.get("value"))), ("student best", fmt(fields["best"])),
         ("student final", fmt(fields["final"])), ("size (MB)", f"{size['size_bytes'] / 1e6:.2f}"),
-        ("compression vs FP32", f"{size['compression_ratio']:.1f}x"), ("student wall time (s)", f"{fields['student_wall_time_s']:.0f}")])
+        ("compression vs FP32", f"{size['compression_ratio']:.1f}x"),
+        *([("packed file (MB)", f"{fields['packed_bytes'] / 1e6:.2f} ({fields['packed_compression_ratio']:.1f}x smaller)")]
+          if "packed_bytes" in fields else []), ("student wall time (s)", f"{fields['student_wall_time_s']:.0f}")])
     return fields

@@ -28,6 +28,9 @@ def bad_glue(tmp_path_factory):
     (root / "WNLI").mkdir()
     (root / "WNLI" / "train.tsv").write_bytes(b"index\tsentence1\tsentence2\tlabel\n0\ta \xff\tb\t1\n")
     (root / "WNLI" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n")
+    (root / "CoLA").mkdir()
+    (root / "CoLA" / "train.tsv").write_text("")
+    (root / "CoLA" / "dev.tsv").write_text("")
     (root / "SST-2").mkdir()
     (root / "SST-2" / "train.tsv").write_text("sentence\tlabel\ngood\t1\n")
     (root / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nbad\t7\n")
@@ -66,6 +69,13 @@ CASES = [
     (["data.group_by_length=maybe"], r"data.group_by_length='maybe' is not allowed; allowed: True, False"),
     (["model.name_or_path=/tmp"], r"model.name_or_path=/tmp: not a Hugging Face model directory"),
     (["quant.weight.init=magic"], r"quant.weight.init='magic' is not allowed; allowed: lsq, percentile, kl, minmax"),
+    (["method=gptq"], r"method=gptq is not a known option; allowed: kdlsq, lsq, ptq, q8bert, ternarybert"),
+    (["quant.act.quantizer=twn"], r"quant.act.quantizer='twn' is not allowed; allowed: lsq, dynamic_max, ema_max"),
+    (["method=ternarybert", "quant.act.clip=-2.5"], r"quant.act.clip=-2.5 is out of range; allowed: > 0"),
+    (["method=q8bert", "quant.act.ema_decay=1.5"], r"quant.act.ema_decay=1.5 is out of range; allowed: 0..0.999999"),
+    (["data.padding=left"], r"data.padding='left' is not allowed; allowed: dynamic, max_length"),
+    (["optim.weight_decay=-0.01"], r"optim.weight_decay=-0.01 is out of range; allowed: >= 0"),
+    (["trainer=tpu"], r"trainer=tpu is not a known option; allowed: cpu, ddp, ddp_cpu, gpu"),
 ]
 
 
@@ -84,8 +94,24 @@ def test_bad_input_one_line_exit_2(tmp_path, args, message):
     ("sst2", r"SST-2/dev.tsv:2: label '7' is not in task=sst2 labels; allowed: 0, 1"),
     ("wnli", r"WNLI/train.tsv: not UTF-8 text"),
     ("mrpc", r"task=mrpc: no folder .*/MRPC in the GLUE directory"),
+    ("cola", r"CoLA/train.tsv: no data rows; expected a GLUE CoLA TSV"),
 ])
 def test_bad_tsv_on_the_command_line(tmp_path, bad_glue, task, message):
     proc = run_cli(tmp_path, f"task={task}", f"data.glue_dir={bad_glue}")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert re.search(message, proc.stderr), proc.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", r"config.json is unreadable or not JSON"),
+    ('{"hidden_size": 384}', r"config.json has no model_type"),
+    ('{"model_type": "bert"}', r"no weights in .* \(expected one of: model.safetensors"),
+])
+def test_unusable_model_directory(tmp_path, content, message):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(content)
+    proc = run_cli(tmp_path, f"model.name_or_path={model}")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and re.search(message, lines[0]), proc.stderr
+    assert not list(tmp_path.rglob("result.json"))

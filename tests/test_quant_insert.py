@@ -11,7 +11,6 @@ from conftest import CONF
 from kdlsq_pl.callbacks.quantization import StepSizeFreeze, calibrate
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
-from kdlsq_pl.quant.lsq import LSQQuantizer
 from kdlsq_pl.quant.modules import QuantEmbedding, QuantLinear, model_size_bytes, quantize_bert, quantizers
 
 TASK = {"labels": ["entailment", "not_entailment"]}

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
 import datasets
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer, DataCollatorWithPadding
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from kdlsq_pl.data.tsv import DEFAULT_GLUE_DIRS, read_glue_tsv, resolve_glue_dir, task_files  # noqa: F401
 from kdlsq_pl.errors import ConfigError
@@ -52,6 +53,63 @@ def load_hub_split(task: Mapping[str, Any], split: str) -> dict[str, list]:
     return {"text_a": list(ds[hub["text_a"]]),
             "text_b": list(ds[hub["text_b"]]) if hub.get("text_b") else [None] * len(ds),
             "label": mapped, "idx": list(range(len(ds)))}
+
+
+class EpochSampler(Sampler[int]):
+    """The training order: shuffled (and length-grouped, as HF's ``LengthGroupedSampler``) as a function
+    of ``(seed, epoch)`` alone, so a resumed run sees the same order; it can skip the batches a
+    checkpoint had already trained. Under ``torch.distributed`` each process takes every
+    ``world_size``-th index of that order from its rank on (so Lightning must not wrap it:
+    ``use_distributed_sampler: false`` in ``conf/trainer/ddp*.yaml``).
+
+    Lightning calls ``set_epoch`` before each epoch. ``resume_at(epoch, batches)`` makes the next
+    iteration of that epoch start at batch ``batches`` of this process.
+
+    Args:
+        lengths: token count per example (``N`` ints), used when ``group_by_length``.
+        batch_size: training batch size per process. seed: the run's seed.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True):
+        self.lengths, self.batch_size, self.seed, self.group_by_length = list(lengths), batch_size, seed, group_by_length
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        self._resume = (int(epoch), int(batches))
+
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def order(self, epoch: int) -> list[int]:
+        """This process's index order for ``epoch`` (all ``N`` indices in a single process)."""
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        if self.group_by_length:
+            full = list(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+        else:
+            full = torch.randperm(len(self.lengths), generator=g).tolist()
+        rank, world = self._world()
+        if world > 1:
+            full += full[: len(self) * world - len(full)]  # equal shares, as DistributedSampler pads
+            full = full[rank::world]
+        return full
+
+    def __iter__(self):
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = self._resume[1] * self.batch_size
+            self._resume = None
+        return iter(self.order(self.epoch)[start:])
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self._world()[1])
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -91,7 +149,7 @@ class GLUEDataModule(pl.LightningDataModule):
     def __init__(self, task: Mapping[str, Any], tokenizer_path: str, glue_dir: str | None, cache_dir: str,
                  batch_size: int = 32, eval_batch_size: int = 64, max_length: int = 128,
                  limit_train_examples: int | None = None, limit_eval_examples: int | None = None,
-                 num_workers: int = 0, seed: int = 42, group_by_length: bool = True):
+                 num_workers: int = 0, seed: int = 42, group_by_length: bool = True, padding: str = "dynamic"):
         super().__init__()
         self.task = task
         self.tokenizer_path = tokenizer_path
@@ -104,8 +162,13 @@ class GLUEDataModule(pl.LightningDataModule):
         self.seed = seed
         self.group_by_length = group_by_length
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.collator = DataCollatorWithPadding(self.tokenizer)
+        if padding not in ("dynamic", "max_length"):
+            raise ConfigError(f"data.padding={padding!r} is not allowed; allowed: dynamic, max_length")
+        self.collator = DataCollatorWithPadding(self.tokenizer, padding="max_length" if padding == "max_length" else True,
+                                                max_length=max_length if padding == "max_length" else None)
         self.splits: dict[str, datasets.Dataset] = {}
+        self.sampler: EpochSampler | None = None
+        self._resume: tuple[int, int] | None = None
 
     @property
     def dev_keys(self) -> list[str]:
@@ -155,19 +218,40 @@ class GLUEDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ds = self.splits[split]
-        gen = torch.Generator().manual_seed(self.seed)
         sampler = None
-        if shuffle and self.group_by_length:
+        if shuffle:
             lengths = [len(ids) for ids in ds.with_format(None)["input_ids"]]
-            sampler, shuffle = LengthGroupedSampler(self.batch_size, lengths=lengths, generator=gen), False
-        return DataLoader(ds, batch_size=self.batch_size if split == "train" else self.eval_batch_size, shuffle=shuffle,
-                          sampler=sampler, collate_fn=self.collator, num_workers=self.num_workers, generator=gen)
+            sampler = self.sampler = EpochSampler(lengths, self.batch_size, self.seed, self.group_by_length)
+            if self._resume is not None:
+                sampler.resume_at(*self._resume)
+        return DataLoader(ds, batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+                          sampler=sampler, collate_fn=self.collator, num_workers=self.num_workers)
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in every Lightning checkpoint: the epoch and how many of its batches were trained
+        (``processed``: a checkpoint written in ``on_train_batch_end`` counts the batch just trained)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        return {"epoch": int(trainer.current_epoch),
+                "batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """On resume: the next training iteration of that epoch starts after the trained batches."""
+        if "epoch" in state:
+            self._resume = (int(state["epoch"]), int(state["batches"]))
+            if self.sampler is not None:
+                self.sampler.resume_at(*self._resume)
 
     def calibration_dataloader(self) -> DataLoader:
-        """Shuffled training batches without length grouping (whose first batch is the longest)."""
+        """Shuffled training batches without length grouping (whose first batch is the longest).
+
+        Batches hold the *global* batch (``batch_size x world size``), the same rows in every
+        process, so DDP processes calibrate identical step sizes, equal to a single process's.
+        """
         gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True, collate_fn=self.collator,
-                          num_workers=self.num_workers, generator=gen)
+        return DataLoader(self.splits["train"], batch_size=self.batch_size * EpochSampler._world()[1], shuffle=True,
+                          collate_fn=self.collator, num_workers=self.num_workers, generator=gen)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

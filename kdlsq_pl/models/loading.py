@@ -44,8 +44,28 @@ def resolve_model_path(name_or_path: str) -> str:
         path = Path(os.path.expanduser(name_or_path))
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.name_or_path={name_or_path}: not a Hugging Face model directory (no readable config.json)")
+        check_model_dir(path, f"model.name_or_path={name_or_path}")
         return str(path)
     return name_or_path
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_dir(path: Path, what: str) -> None:
+    """A model directory must hold a readable JSON ``config.json`` and a weights file.
+
+    Raises:
+        ConfigError: naming ``what`` (the config key or store path) and the problem.
+    """
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{what}: {path / 'config.json'} is unreadable or not JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ConfigError(f"{what}: {path / 'config.json'} has no model_type; not a Hugging Face model config")
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise ConfigError(f"{what}: no weights in {path} (expected one of: {', '.join(WEIGHT_FILES)})")
 
 
 def model_key(name_or_path: str) -> str:

@@ -1,0 +1,55 @@
+"""Kill a real student run mid-epoch with SIGKILL, restart it with the same command, and get exactly
+the metrics of an uninterrupted run (slow: ``make test-slow``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+# 48 real RTE rows, batch 8: 6 steps per epoch, 2 epochs, dev evaluated twice per epoch;
+# resume checkpoints every 4 steps (mid-epoch 0 and 1); the kill comes after step 9.
+ARGS = ["task=rte", "quant=w2a8", "data.limit_train_examples=48", "data.limit_eval_examples=32",
+        "data.batch_size=8", "trainer.max_epochs=2", "task.teacher.epochs=1",
+        "callbacks.resume_checkpoint.every_n_train_steps=4", "callbacks.progress_bar=null",
+        "+callbacks.kill._target_=killer.KillAtStep"]
+
+
+def run_cli(root, out, kill_at=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "offline"}
+    env.pop("KDLSQ_TEST_KILL_AT_STEP", None)
+    if kill_at is not None:
+        env["KDLSQ_TEST_KILL_AT_STEP"] = str(kill_at)
+    cmd = [sys.executable, str(REPO / "run.py"), f"paths.root_dir={root}", f"hydra.run.dir={out}", "logger=csv", *ARGS]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+    full = run_cli(tmp_path, tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    expected = json.loads((tmp_path / "full" / "result.json").read_text())
+
+    killed = run_cli(tmp_path, tmp_path / "resumed", kill_at=9)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (tmp_path / "resumed" / "result.json").exists()  # nothing claims success
+    assert (tmp_path / "resumed" / "checkpoints" / "resume.ckpt").is_file()
+
+    resumed = run_cli(tmp_path, tmp_path / "resumed")  # the same command again
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr + resumed.stdout
+    got = json.loads((tmp_path / "resumed" / "result.json").read_text())
+    print("uninterrupted:", expected["metrics"], expected["best_metrics"], "resumed:", got["metrics"], got["best_metrics"])
+    assert got["metrics"] == expected["metrics"] and got["best_metrics"] == expected["best_metrics"]
+    assert not (tmp_path / "resumed" / "checkpoints" / "resume.ckpt").exists()  # removed once finished
+    # stronger than the metrics: the final student weights and step sizes are bit-identical
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
