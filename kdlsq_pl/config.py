@@ -138,6 +138,7 @@ def validate_student(cfg: DictConfig) -> None:
     number(cfg, "loss.temperature", lo=0, lo_open=True)
     choice(cfg, "loss.pred_reduction", ("mean", "batchmean"))
     choice(cfg, "loss.regression_target", ("label", "teacher"))
+    validate_teacher_cache(cfg)
     for key in ("lr", "weight_step_lr", "act_step_lr"):
         number(cfg, f"optim.{key}", lo=0, lo_open=True)
     for key in ("weight_decay", "weight_step_weight_decay", "act_step_weight_decay"):
@@ -145,6 +146,23 @@ def validate_student(cfg: DictConfig) -> None:
     number(cfg, "optim.warmup_ratio", lo=0, hi=0.99)
     number(cfg, "quant.freeze_step_sizes_at_step", lo=0, integer=True, optional=True)
     number(cfg, "quant.freeze_step_sizes_at_epoch", lo=0, integer=True, optional=True)
+
+
+def validate_teacher_cache(cfg: DictConfig) -> None:
+    """``teacher_cache.*`` and its one coupling: the cache stores no padding, so ``loss.mask_padding`` must be on."""
+    enabled = choice(cfg, "teacher_cache.enabled", (True, False))
+    mask = choice(cfg, "loss.mask_padding", (True, False))
+    choice(cfg, "teacher_cache.dtype", ("float16", "float32"))
+    number(cfg, "teacher_cache.max_gb", lo=0, lo_open=True)
+    number(cfg, "teacher_cache.max_tokens", lo=1, integer=True, optional=True)
+    for key in ("hidden_layers", "attn_layers"):
+        value = _get(cfg, f"teacher_cache.{key}")
+        if value is not None and (not OmegaConf.is_list(value) or not value
+                                  or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)):
+            raise ConfigError(f"teacher_cache.{key}={value!r} is not allowed; allowed: null (all) or a non-empty list of layer indices >= 0")
+    if enabled and not mask:
+        raise ConfigError("loss.mask_padding=false is not allowed with teacher_cache.enabled=true: "
+                          "the cache stores no padded positions; allowed: loss.mask_padding=true")
 
 
 def validate_data(cfg: DictConfig) -> None:

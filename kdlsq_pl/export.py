@@ -61,10 +61,30 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return codes.reshape(-1)[:numel]
 
 
-def _quantized_weights(model: nn.Module) -> dict[str, LSQQuantizer]:
-    """``<param name> -> quantizer`` for every weight stored as codes."""
+def _weight_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    """``<param name> -> weight quantizer`` for every fake-quantized weight (any quantizer family)."""
     return {f"{name}.weight": m.weight_quantizer for name, m in model.named_modules()
-            if isinstance(m, (QuantLinear, QuantEmbedding)) and isinstance(m.weight_quantizer, LSQQuantizer)}
+            if isinstance(m, (QuantLinear, QuantEmbedding))}
+
+
+def _quantized_weights(model: nn.Module) -> dict[str, LSQQuantizer]:
+    """``<param name> -> quantizer`` for every weight stored as codes (those with an LSQ step size)."""
+    return {k: q for k, q in _weight_quantizers(model).items() if isinstance(q, LSQQuantizer)}
+
+
+def packable(model: nn.Module) -> bool:
+    """Whether every quantized weight of ``model`` has an LSQ step size, so codes + ``s`` export it exactly
+    (TernaryBERT's and Q8BERT's per-step ranges are not stored; those students are not packed)."""
+    qs = _weight_quantizers(model)
+    return bool(qs) and len(_quantized_weights(model)) == len(qs)
+
+
+def load_student_checkpoint(student: nn.Module, ckpt: str | Path) -> nn.Module:
+    """Load the ``student.*`` entries of a Lightning checkpoint (``weights_only``) into ``student``, whose
+    quantizers must already be inserted (the state holds their step sizes). Returns ``student``."""
+    state = torch.load(str(ckpt), map_location="cpu", weights_only=True)["state_dict"]
+    student.load_state_dict({k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")})
+    return student
 
 
 def export_packed(student: nn.Module, quant: Mapping[str, Any], out_dir: str | Path) -> dict:
@@ -144,8 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     student = load_classifier(record["teacher_dir"], cfg.task, attn_implementation=ATTN_IMPLEMENTATION)
     quant = OmegaConf.to_container(cfg.quant, resolve=True)
     quantize_bert(student, quant)
-    ckpt = torch.load(record["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
-    student.load_state_dict({k.removeprefix("student."): v for k, v in ckpt.items() if k.startswith("student.")})
+    load_student_checkpoint(student, record["checkpoint"])
     info = export_packed(student, quant, args.out or run / "packed")
     fp32 = record.get("fp32_bytes")
     ratio = f", {fp32 / info['packed_bytes']:.1f}x smaller than FP32 ({fp32 / 1e6:.1f} MB)" if fp32 else ""

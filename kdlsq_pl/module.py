@@ -176,6 +176,8 @@ class KDLSQModule(GLUEModule):
 
     The same module trains the baselines (``conf/method``): TernaryBERT is this loop with other
     quantizers and weights; LSQ and Q8BERT pass ``teacher=None`` with a task-loss-only ``KDLoss``.
+    With a ``teacher_cache`` (``kdlsq_pl.distill.teacher_cache``) the teacher's outputs are read by
+    example id (``batch["idx"]``) and no teacher is loaded.
 
     Args:
         teacher: fine-tuned classifier (kept in eval mode, no grad), or ``None`` when the loss uses
@@ -186,12 +188,22 @@ class KDLSQModule(GLUEModule):
         optim: ``lr``, ``weight_decay`` (model weights), ``weight_step_lr``,
             ``weight_step_weight_decay`` (weight/embedding step sizes), ``act_step_lr``,
             ``act_step_weight_decay`` (activation step sizes), ``warmup_ratio``.
+        teacher_cache: a ``TeacherCache`` to read instead of running ``teacher`` (then ``None``); the
+            loss must have ``mask_padding=True`` (the cache holds no padding).
+
+    Raises:
+        ValueError: the loss needs a teacher and neither a teacher nor a cache is given; a cache with
+            a loss that averages over padding.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, task: Mapping[str, Any], loss: nn.Module, optim: Mapping[str, Any]):
+    def __init__(self, teacher: nn.Module, student: nn.Module, task: Mapping[str, Any], loss: nn.Module, optim: Mapping[str, Any],
+                 teacher_cache: Any = None):
         super().__init__(task, float(optim.get("warmup_ratio", 0.0)))
-        if teacher is None and loss.uses_teacher:
+        if teacher is None and teacher_cache is None and loss.uses_teacher:
             raise ValueError(f"the loss ({loss.extra_repr()}) distils from a teacher, but teacher=None")
+        if teacher_cache is not None and not loss.mask_padding:
+            raise ValueError("a teacher cache stores no padded positions: the loss needs mask_padding=True")
+        self.teacher_cache = teacher_cache
         self.teacher = teacher.eval() if teacher is not None else None
         for p in self.teacher.parameters() if teacher is not None else ():
             p.requires_grad_(False)
@@ -215,9 +227,12 @@ class KDLSQModule(GLUEModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         teacher_out = None
-        if self.teacher is not None:
+        if self.teacher_cache is not None:
+            teacher_out = self.teacher_cache.lookup(batch["idx"], batch["input_ids"].shape[1], self.device)
+        elif self.teacher is not None:
             with torch.no_grad():
                 teacher_out = self._outputs(self.teacher, batch)
+            teacher_out["mask"] = batch["attention_mask"].bool()  # used by a loss with mask_padding=True
         student_out = self._outputs(self.student, batch)
         total, parts = self.loss(student_out, teacher_out, batch["labels"])
         self.log("train/loss", total, prog_bar=True)

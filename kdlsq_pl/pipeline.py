@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from kdlsq_pl import cell_name
 from kdlsq_pl.config import validate
 from kdlsq_pl.data.glue import GLUEDataModule
 from kdlsq_pl.errors import ConfigError
@@ -114,7 +115,7 @@ def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path) -> tuple[Path
     dm = build_datamodule(cfg, model_path, tcfg.batch_size)
     model = load_classifier(model_path, cfg.task)
     module = TeacherModule(model, cfg.task, lr=tcfg.lr, weight_decay=tcfg.weight_decay, warmup_ratio=tcfg.warmup_ratio)
-    trainer = build_trainer(cfg, out_dir, f"teacher-{cfg.task.name}-s{cfg.seed}", max_epochs=tcfg.epochs, val_check_interval=1.0)
+    trainer = build_trainer(cfg, out_dir, cell_name("teacher", "", cfg.task.name, "", cfg.seed), max_epochs=tcfg.epochs, val_check_interval=1.0)
     try:
         fit(trainer, module, dm)
         best_ckpt = restore_best(trainer, module)

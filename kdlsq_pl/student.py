@@ -7,6 +7,7 @@ All start from the same teacher checkpoint and share data, insertion and evaluat
 
 from __future__ import annotations
 
+import shutil
 import time
 from itertools import islice
 from pathlib import Path
@@ -14,30 +15,42 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from kdlsq_pl import cell_name
 from kdlsq_pl.callbacks.quantization import QuantizationCallback, StepSizeFreeze, calibrate
 from kdlsq_pl.distill.losses import KDLoss
+from kdlsq_pl.distill.teacher_cache import ensure_teacher_cache
+from kdlsq_pl.export import export_packed, load_student_checkpoint, packable
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
 from kdlsq_pl.module import KDLSQModule
 from kdlsq_pl.pipeline import build_datamodule, build_trainer, ensure_teacher, finish_loggers, fit, fmt, print_summary
-from kdlsq_pl.quant.lsq import LSQQuantizer
-from kdlsq_pl.quant.modules import QuantEmbedding, QuantLinear, model_size_bytes, quantize_bert
+from kdlsq_pl.quant.modules import model_size_bytes, quantize_bert
 
 
 def is_full_precision(quant: DictConfig) -> bool:
     return min(int(quant.weight_bits), int(quant.embedding_bits), int(quant.act_bits)) >= 32
 
 
-def build_student_module(cfg: DictConfig, teacher_dir: Path) -> KDLSQModule:
-    """Student (a load of the fine-tuned teacher checkpoint), the loss, and the teacher if the loss needs it."""
+def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQModule:
+    """Student (a load of the fine-tuned teacher checkpoint), the loss, and the teacher if the loss needs it:
+    live, or with ``teacher_cache.enabled`` its outputs on ``dm``'s training split, computed once and
+    read from disk (no teacher in memory while training)."""
     loss = KDLoss(pred=cfg.loss.pred, attn=cfg.loss.attn, hidden=cfg.loss.hidden, gt=cfg.loss.gt,
                   temperature=cfg.loss.temperature, pred_reduction=cfg.loss.pred_reduction,
-                  is_regression=not cfg.task.labels, regression_target=cfg.loss.regression_target)
+                  is_regression=not cfg.task.labels, regression_target=cfg.loss.regression_target,
+                  mask_padding=cfg.loss.mask_padding)
     needs_teacher = loss.uses_teacher and cfg.method.train
-    teacher = load_classifier(str(teacher_dir), cfg.task, attn_implementation=ATTN_IMPLEMENTATION) if needs_teacher else None
-    student = load_classifier(str(teacher_dir), cfg.task, attn_implementation=ATTN_IMPLEMENTATION)
-    return KDLSQModule(teacher, student, OmegaConf.to_container(cfg.task, resolve=True), loss,
-                       OmegaConf.to_container(cfg.optim, resolve=True))
+
+    def load():
+        return load_classifier(str(teacher_dir), cfg.task, attn_implementation=ATTN_IMPLEMENTATION)
+
+    cache = None
+    if needs_teacher and cfg.teacher_cache.enabled:
+        dm.setup("fit")
+        cache = ensure_teacher_cache(OmegaConf.to_container(cfg.teacher_cache, resolve=True), teacher_dir, dm, load)
+    teacher = load() if needs_teacher and cache is None else None
+    return KDLSQModule(teacher, load(), OmegaConf.to_container(cfg.task, resolve=True), loss,
+                       OmegaConf.to_container(cfg.optim, resolve=True), teacher_cache=cache)
 
 
 def quant_callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -58,24 +71,11 @@ def post_training_quantize(cfg: DictConfig, module: KDLSQModule, dm) -> None:
     calibrate(module.student, list(islice(iter(dm.calibration_dataloader()), int(cfg.quant.calibration_batches))))
 
 
-def packable(student) -> bool:
-    """Whether every quantized weight of ``student`` has an LSQ step size (codes + ``s`` export exactly)."""
-    qs = [m.weight_quantizer for m in student.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
-    return bool(qs) and all(isinstance(q, LSQQuantizer) for q in qs)
-
-
 def export_best(cfg: DictConfig, student, ckpt: str | None, teacher_dir: Path, out_dir: Path) -> dict:
     """Write the best student as packed codes to ``<run>/packed``; return its real size on disk (bytes)
     and the ratio to the FP32 ``model.safetensors`` of the teacher it started from."""
-    import shutil
-
-    import torch
-
-    from kdlsq_pl.export import export_packed
-
     if ckpt:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-        student.load_state_dict({k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")})
+        load_student_checkpoint(student, ckpt)
     target = out_dir / "packed"
     shutil.rmtree(target, ignore_errors=True)  # left by an attempt that never finished: no record claims it
     info = export_packed(student, OmegaConf.to_container(cfg.quant, resolve=True), target)
@@ -94,9 +94,9 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     t0 = time.time()
     pl.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg, str(teacher_dir), cfg.data.batch_size)
-    module = build_student_module(cfg, teacher_dir)
+    module = build_student_module(cfg, teacher_dir, dm)
     method = cfg.method.name
-    run_name = f"{'' if method == 'kdlsq' else method + '-'}{cfg.quant.name}-{cfg.task.name}-s{cfg.seed}"  # W&B run name
+    run_name = cell_name(cfg.stage, method, cfg.task.name, cfg.quant.name, cfg.seed)  # W&B run name = cell folder name
     trainer = build_trainer(cfg, out_dir, run_name, extra_callbacks=quant_callbacks(cfg) if cfg.method.train else None)
     try:
         if cfg.method.train:

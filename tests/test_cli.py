@@ -74,6 +74,11 @@ CASES = [
     (["method=ternarybert", "quant.act.clip=-2.5"], r"quant.act.clip=-2.5 is out of range; allowed: > 0"),
     (["method=q8bert", "quant.act.ema_decay=1.5"], r"quant.act.ema_decay=1.5 is out of range; allowed: 0..0.999999"),
     (["data.padding=left"], r"data.padding='left' is not allowed; allowed: dynamic, max_length"),
+    (["teacher_cache.enabled=true", "loss.mask_padding=false"],
+     r"loss.mask_padding=false is not allowed with teacher_cache.enabled=true: .*; allowed: loss.mask_padding=true"),
+    (["teacher_cache.dtype=int8"], r"teacher_cache.dtype='int8' is not allowed; allowed: float16, float32"),
+    (["teacher_cache.hidden_layers=[-1]"], r"teacher_cache.hidden_layers=\[-1\] is not allowed; allowed: null \(all\) or a non-empty list"),
+    (["teacher_cache.max_tokens=0"], r"teacher_cache.max_tokens=0 is out of range; allowed: >= 1"),
     (["optim.weight_decay=-0.01"], r"optim.weight_decay=-0.01 is out of range; allowed: >= 0"),
     (["trainer=tpu"], r"trainer=tpu is not a known option; allowed: cpu, ddp, ddp_cpu, gpu"),
 ]

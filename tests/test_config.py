@@ -63,6 +63,10 @@ def test_baselines_experiment_and_method_cells():
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=baselines"], return_hydra_config=True)
     assert cfg.hydra.sweeper.params.method == "kdlsq,ternarybert,lsq,ptq,q8bert" and cfg.hydra.sweeper.params.task == "mrpc"
+    # the baselines join the cpu grid's folder: its KDLSQ W2A8 MRPC cell is shared, not trained twice
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cpu = compose("config", overrides=["experiment=cpu"], return_hydra_config=True)
+    assert cfg.hydra.sweep.dir == cpu.hydra.sweep.dir and cfg.hydra.sweep.dir.endswith("/grid/cpu")
     assert cell_name("student", "kdlsq", "mrpc", "w2a8", 42) == "w2a8_mrpc_s42"
     assert cell_name("student", "q8bert", "mrpc", "w8a8", 1) == "q8bert_w8a8_mrpc_s1"
     assert cell_name("teacher", "ptq", "rte", "w2a8", 3) == "teacher_rte_s3"

@@ -55,6 +55,14 @@ def load_hub_split(task: Mapping[str, Any], split: str) -> dict[str, list]:
             "label": mapped, "idx": list(range(len(ds)))}
 
 
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process under ``torch.distributed``; ``(0, 1)`` outside it."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class EpochSampler(Sampler[int]):
     """The training order: shuffled (and length-grouped, as HF's ``LengthGroupedSampler``) as a function
     of ``(seed, epoch)`` alone, so a resumed run sees the same order; it can skip the batches a
@@ -81,13 +89,6 @@ class EpochSampler(Sampler[int]):
     def resume_at(self, epoch: int, batches: int) -> None:
         self._resume = (int(epoch), int(batches))
 
-    @staticmethod
-    def _world() -> tuple[int, int]:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
     def order(self, epoch: int) -> list[int]:
         """This process's index order for ``epoch`` (all ``N`` indices in a single process)."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -95,10 +96,10 @@ class EpochSampler(Sampler[int]):
             full = list(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
         else:
             full = torch.randperm(len(self.lengths), generator=g).tolist()
-        rank, world = self._world()
-        if world > 1:
-            full += full[: len(self) * world - len(full)]  # equal shares, as DistributedSampler pads
-            full = full[rank::world]
+        rank, n = world()
+        if n > 1:
+            full += full[: len(self) * n - len(full)]  # equal shares, as DistributedSampler pads
+            full = full[rank::n]
         return full
 
     def __iter__(self):
@@ -109,7 +110,7 @@ class EpochSampler(Sampler[int]):
         return iter(self.order(self.epoch)[start:])
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self._world()[1])
+        return math.ceil(len(self.lengths) / world()[1])
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -167,6 +168,7 @@ class GLUEDataModule(pl.LightningDataModule):
         self.collator = DataCollatorWithPadding(self.tokenizer, padding="max_length" if padding == "max_length" else True,
                                                 max_length=max_length if padding == "max_length" else None)
         self.splits: dict[str, datasets.Dataset] = {}
+        self.split_keys: dict[str, str] = {}  # fingerprint of each tokenised split (source, tokenizer, length, limit)
         self.sampler: EpochSampler | None = None
         self._resume: tuple[int, int] | None = None
 
@@ -190,6 +192,7 @@ class GLUEDataModule(pl.LightningDataModule):
             rows = {k: v[:limit] for k, v in rows.items()}
         key = _fingerprint(source, self.tokenizer_path, self.max_length, limit, len(rows["idx"]),
                            self.task["columns"], self.task["labels"], self.task["header"])
+        self.split_keys[split] = key
         cache = self.cache_dir / "tokenized" / self.task["name"] / f"{split}-{key}.arrow"
         cache.parent.mkdir(parents=True, exist_ok=True)
         has_b = any(b is not None for b in rows["text_b"])
@@ -250,7 +253,7 @@ class GLUEDataModule(pl.LightningDataModule):
         process, so DDP processes calibrate identical step sizes, equal to a single process's.
         """
         gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.splits["train"], batch_size=self.batch_size * EpochSampler._world()[1], shuffle=True,
+        return DataLoader(self.splits["train"], batch_size=self.batch_size * world()[1], shuffle=True,
                           collate_fn=self.collator, num_workers=self.num_workers, generator=gen)
 
     def train_dataloader(self) -> DataLoader:

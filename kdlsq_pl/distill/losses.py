@@ -80,6 +80,7 @@ def attention_score_mse(
     student_scores: Sequence[torch.Tensor],
     teacher_scores: Sequence[torch.Tensor],
     threshold: float = -100.0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over layers of the MSE between pre-softmax attention scores.
 
@@ -89,16 +90,25 @@ def attention_score_mse(
     loss stays finite -- then ``mean((s - t)**2)`` over ``B x H x T x T``; the layer terms
     are summed (TinyBERT / KDLSQ released code: ``att_loss += loss_mse(s, t)``).
 
+    With ``mask`` (``[B, T]`` bool, True at the positions that count, e.g. the real tokens) the mean
+    runs over the ``(query, key)`` pairs whose two positions are both True, x ``H`` heads, so
+    padding (which depends on the batch) drops out. ``mask=None`` is the released code's mean over
+    every entry, padded rows included.
+
     The lists must already be layer-aligned (see :func:`layer_map`). Computed in float32.
     """
     _check_pairs("attention_score_mse", student_scores, teacher_scores)
+    pairs = None if mask is None else (mask[:, None, :, None] & mask[:, None, None, :]).float()  # [B, 1, T, T]
     total = None
     for s, t in zip(student_scores, teacher_scores):
         s = s.float()
         t = t.float()
         s = torch.where(s <= threshold, torch.zeros_like(s), s)
         t = torch.where(t <= threshold, torch.zeros_like(t), t)
-        term = F.mse_loss(s, t, reduction="mean")
+        if pairs is None:
+            term = F.mse_loss(s, t, reduction="mean")
+        else:
+            term = ((s - t).square() * pairs).sum() / (pairs.sum() * s.shape[1]).clamp_min(1.0)
         total = term if total is None else total + term
     return total
 
@@ -106,18 +116,24 @@ def attention_score_mse(
 def hidden_state_mse(
     student_hidden: Sequence[torch.Tensor],
     teacher_hidden: Sequence[torch.Tensor],
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over layers of ``mean((h_S - h_T)**2)`` over ``B x T x D``.
 
     The lists hold ``L + 1`` tensors ``[B, T, D]`` (embedding output + every layer output,
     as returned by ``output_hidden_states=True``), already layer-aligned. Student and
     teacher hidden sizes must match (no TinyBERT ``fit_dense`` projection: the KDLSQ
-    student has the teacher's width). Computed in float32.
+    student has the teacher's width). With ``mask`` (``[B, T]`` bool) the mean runs over the True
+    positions x ``D`` only. Computed in float32.
     """
     _check_pairs("hidden_state_mse", student_hidden, teacher_hidden)
+    weight = None if mask is None else mask[..., None].float()  # [B, T, 1]
     total = None
     for s, t in zip(student_hidden, teacher_hidden):
-        term = F.mse_loss(s.float(), t.float(), reduction="mean")
+        if weight is None:
+            term = F.mse_loss(s.float(), t.float(), reduction="mean")
+        else:
+            term = ((s.float() - t.float()).square() * weight).sum() / (weight.sum() * s.shape[-1]).clamp_min(1.0)
         total = term if total is None else total + term
     return total
 
@@ -193,6 +209,10 @@ class KDLoss(nn.Module):
         is_regression: regression head (``logits`` ``[B, 1]``).
         regression_target: ``"label"`` or ``"teacher"``.
         attn_threshold: masked-score threshold for the attention term (-100).
+        mask_padding: average the attention and hidden terms over the positions in the teacher
+            output's ``mask`` (``[B, T]`` bool: the real tokens, or the tokens a teacher-output cache
+            kept) instead of every padded position (the released code). Needed by the cache, which
+            stores no padding; the live teacher passes ``attention_mask``.
 
     Calling ``loss(student_out, teacher_out, labels, n_student_layers, n_teacher_layers)``
     where each ``*_out`` is a dict or object with ``logits`` ``[B, C]``, ``hidden_states``
@@ -200,7 +220,8 @@ class KDLoss(nn.Module):
     ``[B, H, T, T]``, e.g. from ``capture_attention_scores``) returns ``(total, parts)``.
     ``parts`` maps ``"pred" / "attn" / "hidden" / "gt"`` to the *unweighted* term, and only
     holds terms whose weight is nonzero (zero-weight terms are never computed, so their
-    inputs may be missing). If a layer count is ``None`` it is inferred from the lists.
+    inputs may be missing). If a layer count is ``None`` it is inferred from the lists. A teacher
+    list entry that is ``None`` (a layer a teacher-output cache left out) drops that layer pair.
     Teacher tensors are detached.
     """
 
@@ -217,6 +238,7 @@ class KDLoss(nn.Module):
         is_regression: bool = False,
         regression_target: str = "label",
         attn_threshold: float = -100.0,
+        mask_padding: bool = False,
     ) -> None:
         super().__init__()
         weights = {"pred": pred, "attn": attn, "hidden": hidden, "gt": gt}
@@ -243,6 +265,7 @@ class KDLoss(nn.Module):
         self.is_regression = bool(is_regression)
         self.regression_target = regression_target
         self.attn_threshold = float(attn_threshold)
+        self.mask_padding = bool(mask_padding)
 
     @property
     def uses_teacher(self) -> bool:
@@ -255,7 +278,8 @@ class KDLoss(nn.Module):
         w = ", ".join(f"{k}={v}" for k, v in self.weights.items())
         return (
             f"{w}, temperature={self.temperature}, pred_reduction={self.pred_reduction!r}, "
-            f"is_regression={self.is_regression}, regression_target={self.regression_target!r}"
+            f"is_regression={self.is_regression}, regression_target={self.regression_target!r}, "
+            f"mask_padding={self.mask_padding}"
         )
 
     def forward(
@@ -287,6 +311,9 @@ class KDLoss(nn.Module):
         if w["attn"] > 0 or w["hidden"] > 0:
             n_s, n_t = self._layer_counts(student_out, teacher_out, n_student_layers, n_teacher_layers)
             attn_idx, hidden_idx = layer_map(n_s, n_t)
+            mask = None
+            if self.mask_padding:
+                mask = _require(_get(teacher_out, "mask"), "teacher mask (mask_padding=True)").bool()
 
             if w["attn"] > 0:
                 s_att = list(_require(_get(student_out, "attention_scores"), "student attention_scores"))
@@ -296,8 +323,9 @@ class KDLoss(nn.Module):
                         f"expected {n_s} student / {n_t} teacher attention score tensors, "
                         f"got {len(s_att)} / {len(t_att)}"
                     )
+                pairs = _present(s_att, t_att, attn_idx, "attention score")
                 parts["attn"] = attention_score_mse(
-                    s_att, [t_att[j].detach() for j in attn_idx], threshold=self.attn_threshold
+                    [s for s, _ in pairs], [t for _, t in pairs], threshold=self.attn_threshold, mask=mask
                 )
 
             if w["hidden"] > 0:
@@ -308,7 +336,8 @@ class KDLoss(nn.Module):
                         f"expected {n_s + 1} student / {n_t + 1} teacher hidden states (L+1), "
                         f"got {len(s_hid)} / {len(t_hid)}"
                     )
-                parts["hidden"] = hidden_state_mse(s_hid, [t_hid[j].detach() for j in hidden_idx])
+                pairs = _present(s_hid, t_hid, hidden_idx, "hidden state")
+                parts["hidden"] = hidden_state_mse([s for s, _ in pairs], [t for _, t in pairs], mask=mask)
 
         if w["gt"] > 0:
             s_logits = _get(student_out, "logits")
@@ -338,6 +367,14 @@ class KDLoss(nn.Module):
             raise ValueError("cannot infer the layer count: pass n_*_layers explicitly")
 
         return infer(student_out, n_s), infer(teacher_out, n_t)
+
+
+def _present(student: list, teacher: list, mapped: list[int], what: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(student[i], teacher[mapped[i]].detach())`` for every student layer whose teacher tensor is present."""
+    pairs = [(s, teacher[j].detach()) for s, j in zip(student, mapped) if teacher[j] is not None]
+    if not pairs:
+        raise ValueError(f"KDLoss: no teacher {what} tensor for any mapped layer (all None)")
+    return pairs
 
 
 def _require(x, what: str):

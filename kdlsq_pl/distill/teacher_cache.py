@@ -1,0 +1,254 @@
+"""Teacher-output cache: the teacher's logits, hidden states and attention scores on the training split,
+computed once per (teacher, task, max length, selection) and read back by example id.
+
+Source: the "hidden-state knowledge compression" idea (Dong et al., ACL 2021; METHODS.md section 4):
+precompute the selected teacher knowledge (which layers, which tokens) once and train without
+loading the teacher. Here every cell of a grid that shares a teacher and task reads one cache.
+
+Layout of one cache folder (``<dir>/<task>/<key>/``), all ``.npy`` files opened as memory maps:
+
+* ``meta.json``: the key's ingredients, shapes, the selection and the size in bytes;
+* ``idx.npy`` ``[N]`` int64 example ids; ``tokens.npy`` ``[N]`` stored tokens per example
+  (``min(length, max_tokens)``, real tokens only: no padding is stored);
+* ``logits.npy`` ``[N, C]`` float32;
+* ``hidden.npy``: per example ``[n_hidden, l, D]`` flattened one after the other;
+* ``attn.npy``: per example ``[n_attn, H, l, l]`` pre-softmax scores flattened one after the other.
+
+Because only real tokens are stored, the distillation loss must ignore padding
+(``loss.mask_padding=true``); the live teacher with that loss gives the same loss up to the
+storage precision (exactly, with ``dtype=float32``, up to float rounding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from filelock import FileLock
+from torch import nn
+
+from kdlsq_pl.errors import ConfigError
+from kdlsq_pl.models.attention import capture_attention_scores
+
+log = logging.getLogger("kdlsq_pl")
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+META_FILE = "meta.json"
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-1 of a file's bytes (hex, 16 characters): the teacher's identity in the cache key."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def cache_key(teacher_digest: str, task: str, max_length: int, data_key: str, selection: Mapping[str, Any]) -> str:
+    """The folder name of one cache: a hash of the teacher weights' digest, the task, the max length (tokens),
+    the tokenised training split's fingerprint and the selection (layers, tokens, dtype).
+    Any change in them gives another folder, so a stale cache is never read."""
+    parts = json.dumps([teacher_digest, task, int(max_length), data_key, dict(sorted(selection.items()))], sort_keys=True)
+    return hashlib.sha1(parts.encode()).hexdigest()[:16]
+
+
+def _layers(chosen: Sequence[int] | None, count: int, what: str) -> list[int]:
+    if chosen is None:
+        return list(range(count))
+    chosen = sorted({int(i) for i in chosen})
+    bad = [i for i in chosen if not 0 <= i < count]
+    if bad or not chosen:
+        raise ConfigError(f"teacher_cache.{what}={list(chosen)} is not allowed; allowed: a non-empty list of 0..{count - 1} or null (all)")
+    return chosen
+
+
+def estimate_bytes(lengths: Sequence[int], n_hidden: int, n_attn: int, hidden_size: int, heads: int,
+                   num_labels: int, max_tokens: int | None, itemsize: int) -> int:
+    """Bytes on disk of a cache over examples of ``lengths`` tokens (before building it)."""
+    l = np.minimum(np.asarray(lengths, dtype=np.int64), max_tokens or np.iinfo(np.int64).max)
+    per_value = int((n_hidden * l * hidden_size).sum() + (n_attn * heads * l * l).sum())
+    return per_value * itemsize + len(l) * (num_labels * 4 + 16)
+
+
+class TeacherCache:
+    """Read side of a built cache: :meth:`lookup` gives a batch's teacher outputs in the live teacher's layout.
+
+    Memory maps open lazily (and are not pickled), so the object travels to spawned DDP workers.
+
+    Args:
+        path: a cache folder written by :func:`build_teacher_cache`.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.meta = json.loads((self.path / META_FILE).read_text())
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "meta": self.meta, "_arrays": None}
+
+    def _open(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            a = {k: np.load(self.path / f"{k}.npy", mmap_mode="r") for k in ("idx", "tokens", "logits", "hidden", "attn")}
+            m = self.meta
+            tokens = a["tokens"].astype(np.int64)
+            a["hidden_off"] = np.concatenate([[0], np.cumsum(len(m["hidden_layers"]) * m["hidden_size"] * tokens)])
+            a["attn_off"] = np.concatenate([[0], np.cumsum(len(m["attn_layers"]) * m["heads"] * tokens * tokens)])
+            a["row"] = {int(i): r for r, i in enumerate(a["idx"])}
+            self._arrays = a
+        return self._arrays
+
+    def lookup(self, idx: torch.Tensor, seq_len: int, device: torch.device | str = "cpu") -> dict:
+        """Teacher outputs for the examples ``idx`` (``[B]`` int) padded to ``seq_len`` tokens.
+
+        Returns a dict as the live teacher gives the loss: ``logits`` ``[B, C]`` float32;
+        ``hidden_states``: ``L + 1`` entries ``[B, T, D]`` (``None`` for layers not cached);
+        ``attention_scores``: ``L`` entries ``[B, H, T, T]`` (``None`` where not cached); ``mask``
+        ``[B, T]`` bool, True at the stored positions (zeros elsewhere, which the loss ignores).
+
+        Raises:
+            KeyError: an example id the cache does not hold (another training split).
+        """
+        a, m = self._open(), self.meta
+        rows = [a["row"][int(i)] for i in idx.tolist()]
+        B, T, D, H = len(rows), int(seq_len), m["hidden_size"], m["heads"]
+        nh, na = len(m["hidden_layers"]), len(m["attn_layers"])
+        hidden = torch.zeros(nh, B, T, D)
+        attn = torch.zeros(na, B, H, T, T)
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            l = min(int(a["tokens"][r]), T)
+            n = int(a["tokens"][r])
+            h = torch.from_numpy(np.asarray(a["hidden"][a["hidden_off"][r]:a["hidden_off"][r + 1]]).astype(np.float32))
+            hidden[:, b, :l] = h.view(nh, n, D)[:, :l]
+            s = torch.from_numpy(np.asarray(a["attn"][a["attn_off"][r]:a["attn_off"][r + 1]]).astype(np.float32))
+            attn[:, b, :, :l, :l] = s.view(na, H, n, n)[:, :, :l, :l]
+            mask[b, :l] = True
+        hidden_states: list[torch.Tensor | None] = [None] * (m["num_layers"] + 1)
+        for k, layer in enumerate(m["hidden_layers"]):
+            hidden_states[layer] = hidden[k].to(device)
+        scores: list[torch.Tensor | None] = [None] * m["num_layers"]
+        for k, layer in enumerate(m["attn_layers"]):
+            scores[layer] = attn[k].to(device)
+        logits = torch.from_numpy(np.stack([a["logits"][r] for r in rows])).to(device)
+        return {"logits": logits, "hidden_states": hidden_states, "attention_scores": scores, "mask": mask.to(device)}
+
+
+@torch.no_grad()
+def build_teacher_cache(teacher: nn.Module, dataset, collate, out_dir: str | Path, *, hidden_layers: Sequence[int] | None = None,
+                        attn_layers: Sequence[int] | None = None, max_tokens: int | None = None, dtype: str = "float16",
+                        max_gb: float = 8.0, batch_size: int = 64, extra_meta: Mapping[str, Any] | None = None) -> Path:
+    """Run ``teacher`` once over ``dataset`` and write the cache folder ``out_dir`` (via a temporary folder, renamed).
+
+    Args:
+        teacher: the fine-tuned classifier (eager attention; put in eval mode here).
+        dataset: the tokenised training split (rows with ``input_ids``, ``attention_mask``,
+            ``token_type_ids``, ``idx``), e.g. ``GLUEDataModule.splits["train"]``.
+        collate: a padding collator (``DataCollatorWithPadding``).
+        hidden_layers: hidden-state indices to keep (0 = embedding output .. L), ``None`` for all.
+        attn_layers: attention layers to keep (0 .. L-1), ``None`` for all.
+        max_tokens: keep the first ``max_tokens`` tokens of each example (``[CLS]`` first), ``None`` for all.
+        dtype: ``float16`` (half the disk) or ``float32``; logits are always float32.
+        max_gb: refuse a cache whose estimated size exceeds this many GB (1e9 bytes).
+        batch_size: examples per teacher forward (sorted by length, so little padding).
+
+    Raises:
+        ConfigError: a bad selection or dtype, or an estimate above ``max_gb`` (one line, with the estimate).
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"teacher_cache.dtype={dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+    if max_tokens is not None and int(max_tokens) < 1:
+        raise ConfigError(f"teacher_cache.max_tokens={max_tokens!r} is not allowed; allowed: an integer >= 1 or null (all)")
+    cfg = teacher.config
+    L, D, H = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads
+    hidden_layers = _layers(hidden_layers, L + 1, "hidden_layers")
+    attn_layers = _layers(attn_layers, L, "attn_layers")
+    rows = dataset.with_format(None)
+    lengths = [len(x) for x in rows["input_ids"]]
+    tokens = np.minimum(np.asarray(lengths, dtype=np.int64), max_tokens or np.iinfo(np.int64).max)
+    np_dtype = DTYPES[dtype]
+    size = estimate_bytes(lengths, len(hidden_layers), len(attn_layers), D, H, cfg.num_labels, max_tokens, np.dtype(np_dtype).itemsize)
+    if size > max_gb * 1e9:
+        raise ConfigError(f"teacher_cache: the cache would take {size / 1e9:.2f} GB > teacher_cache.max_gb={max_gb}; "
+                          "keep fewer layers (teacher_cache.hidden_layers / attn_layers), fewer tokens "
+                          "(teacher_cache.max_tokens) or raise max_gb")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        nh, na = len(hidden_layers), len(attn_layers)
+        hidden_off = np.concatenate([[0], np.cumsum(nh * D * tokens)])
+        attn_off = np.concatenate([[0], np.cumsum(na * H * tokens * tokens)])
+        mm = np.lib.format.open_memmap
+        hidden = mm(tmp / "hidden.npy", mode="w+", dtype=np_dtype, shape=(int(hidden_off[-1]),))
+        attn = mm(tmp / "attn.npy", mode="w+", dtype=np_dtype, shape=(int(attn_off[-1]),))
+        logits = mm(tmp / "logits.npy", mode="w+", dtype=np.float32, shape=(len(lengths), cfg.num_labels))
+        np.save(tmp / "idx.npy", np.asarray(rows["idx"], dtype=np.int64))
+        np.save(tmp / "tokens.npy", tokens)
+        teacher.eval()
+        order = np.argsort(lengths, kind="stable")
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        for start in range(0, len(order), batch_size):
+            chunk = [int(r) for r in order[start:start + batch_size]]
+            batch = collate([{k: rows[r][k] for k in keys if k in rows.column_names} for r in chunk])
+            with capture_attention_scores() as scores:
+                out = teacher(**{k: batch[k] for k in keys if k in batch}, output_hidden_states=True)
+            logits[chunk] = out.logits.float().numpy()
+            for b, r in enumerate(chunk):
+                n = int(tokens[r])
+                h = torch.stack([out.hidden_states[i][b, :n] for i in hidden_layers])  # [nh, n, D]
+                hidden[hidden_off[r]:hidden_off[r + 1]] = h.float().numpy().reshape(-1)
+                s = torch.stack([scores[i][b, :, :n, :n] for i in attn_layers])  # [na, H, n, n]
+                attn[attn_off[r]:attn_off[r + 1]] = s.float().numpy().reshape(-1)
+        for a in (hidden, attn, logits):
+            a.flush()
+        del hidden, attn, logits
+        meta = {"num_examples": len(lengths), "num_layers": L, "hidden_size": D, "heads": H, "num_labels": cfg.num_labels,
+                "hidden_layers": hidden_layers, "attn_layers": attn_layers, "max_tokens": max_tokens, "dtype": dtype,
+                "bytes": sum(f.stat().st_size for f in tmp.iterdir()), **dict(extra_meta or {})}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def ensure_teacher_cache(cache_cfg: Mapping[str, Any], teacher_dir: Path, dm, load_teacher) -> TeacherCache:
+    """The cache for this teacher and training split, built first (under a file lock, so parallel grid
+    cells build it once) if absent. ``load_teacher()`` is called only when building.
+
+    Args:
+        cache_cfg: the ``teacher_cache`` config (``dir``, ``dtype``, ``hidden_layers``, ``attn_layers``,
+            ``max_tokens``, ``max_gb``).
+        teacher_dir: the stored teacher (its ``model.safetensors`` is hashed into the key).
+        dm: the set-up ``GLUEDataModule`` (training split, collator, its fingerprint ``split_keys``).
+    """
+    selection = {k: cache_cfg.get(k) for k in ("hidden_layers", "attn_layers", "max_tokens", "dtype")}
+    digest = file_digest(Path(teacher_dir) / "model.safetensors")
+    task = dm.task["name"]
+    key = cache_key(digest, task, dm.max_length, dm.split_keys["train"], selection)
+    path = Path(cache_cfg["dir"]) / task / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not (path / META_FILE).exists():
+            log.info("teacher cache: computing the teacher's outputs on %s/train once -> %s", task, path)
+            build_teacher_cache(load_teacher(), dm.splits["train"], dm.collator, path, hidden_layers=selection["hidden_layers"],
+                                attn_layers=selection["attn_layers"], max_tokens=selection["max_tokens"], dtype=selection["dtype"],
+                                max_gb=float(cache_cfg["max_gb"]),
+                                extra_meta={"teacher_dir": str(teacher_dir), "teacher_digest": digest, "task": task,
+                                            "max_length": dm.max_length, "data_key": dm.split_keys["train"]})
+        else:
+            log.info("teacher cache: reusing %s", path)
+    cache = TeacherCache(path)
+    log.info("teacher cache: %d examples, %.2f GB, %s", cache.meta["num_examples"], cache.meta["bytes"] / 1e9, cache.meta["dtype"])
+    return cache
