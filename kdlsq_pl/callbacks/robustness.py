@@ -53,7 +53,7 @@ class ResumeCheckpoint(pl.Callback):
 
     def save(self, trainer: pl.Trainer) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizer, loops, callbacks
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
 
