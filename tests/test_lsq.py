@@ -127,6 +127,27 @@ def test_grads_match_lsq_formulas(param, grad_scale, range_test, ste_clip, bits,
     assert not torch.allclose(ds_o, ds)
 
 
+@pytest.mark.parametrize("range_test", ["unrounded", "rounded"])
+def test_large_float32_tensor_matches_formulas(range_test):
+    """An attention-probability-sized float32 tensor ([4, 12, 64, 64]): the forward, d/dx and d/ds equal the
+    plain formulas evaluated in the same float32 order bit for bit (and the float64 sum to 1e-6)."""
+    torch.manual_seed(0)
+    v = (torch.randn(4, 12, 64, 64) * 0.3).requires_grad_()
+    w = torch.randn(4, 12, 64, 64)
+    s, q_n, q_p = torch.tensor(0.011, requires_grad=True), 127, 127
+    g = 1.0 / math.sqrt(v.numel() * q_p)
+    out = fake_quantize(v, s, q_n, q_p, grad_scale=g, range_test=range_test)
+    (out * w).sum().backward()
+    assert torch.equal(out, torch.clamp(torch.round(v.detach() / s.detach()), -q_n, q_p) * s.detach())
+    ds, dv = lsq_grads(v.detach().double(), s.detach().double(), q_n, q_p, w.double(), g, range_test, True)
+    assert torch.equal(v.grad, dv.float())
+    assert s.grad.item() == pytest.approx(ds.item(), rel=1e-6)
+    r = v.detach() / s.detach()  # the float32 formula, term by term as the backward evaluates it
+    below, above = (r <= -q_n, r >= q_p) if range_test == "unrounded" else (torch.round(r) < -q_n, torch.round(r) > q_p)
+    terms = torch.where(below, -float(q_n), torch.where(above, float(q_p), torch.round(r) - r)) * w * g
+    assert torch.equal(s.grad, terms.sum())
+
+
 def test_range_tests_disagree_elementwise():
     s = torch.tensor(1.0, dtype=torch.float64)
     # ratio 7.3: unrounded -> outside (ds=7, dv=0); rounded -> round=7 inside (ds=-0.3, dv=1)

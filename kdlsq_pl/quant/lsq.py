@@ -118,8 +118,9 @@ class _LSQFakeQuantFunction(torch.autograd.Function):
         eps: float,
     ) -> Tensor:
         s_eff = s.clamp_min(eps)
-        out = torch.div(v, s_eff).round_().clamp_(-q_n, q_p).mul_(s_eff)  # round-half-to-even; in place
-        ctx.save_for_backward(v, s_eff)
+        ratio = torch.div(v, s_eff)
+        out = torch.round(ratio).clamp_(-q_n, q_p).mul_(s_eff)  # round-half-to-even; in place
+        ctx.save_for_backward(ratio, s_eff)  # v / s, not v: the backward needs only the ratio
         ctx.q_n, ctx.q_p = q_n, q_p
         ctx.grad_scale, ctx.ste_clip, ctx.range_test = grad_scale, ste_clip, range_test
         ctx.s_shape = s.shape
@@ -127,27 +128,29 @@ class _LSQFakeQuantFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        v, s_eff = ctx.saved_tensors
+        # Elementwise passes over the tensor are the cost (they outnumber the matmuls' time on CPU):
+        # the ratio is saved, not recomputed, and no temporary is allocated that is not needed. The
+        # arithmetic (and the order of the sum) is the plain formula's, so results are bit-identical.
+        ratio, s_eff = ctx.saved_tensors
         q_n, q_p = ctx.q_n, ctx.q_p
-        ratio = v / s_eff
-        rounded = torch.round(ratio)
+        rounded = None
         if ctx.range_test == "unrounded":
             below = ratio <= -q_n
             above = ratio >= q_p
         else:  # "rounded", as PyTorch's _fake_quantize_learnable_per_tensor_affine
+            rounded = torch.round(ratio)
             below = rounded < -q_n
             above = rounded > q_p
-        outside = below | above
 
         grad_v = grad_s = None
         if ctx.needs_input_grad[0]:
-            grad_v = grad_out if not ctx.ste_clip else grad_out.masked_fill(outside, 0.0)
+            grad_v = grad_out if not ctx.ste_clip else torch.where(below | above, 0.0, grad_out)
         if ctx.needs_input_grad[1]:
-            ds = rounded.sub_(ratio)  # inside: round(v/s) - v/s (in place: `rounded` is not used again)
+            ds = (torch.round(ratio) if rounded is None else rounded).sub_(ratio)  # inside: round(v/s) - v/s
             ds.masked_fill_(below, -float(q_n)).masked_fill_(above, float(q_p))
             g = ds.mul_(grad_out)
             if ctx.grad_scale != 1.0:
-                g = g * ctx.grad_scale
+                g.mul_(ctx.grad_scale)
             grad_s = g.sum_to_size(s_eff.shape).reshape(ctx.s_shape).to(s_eff.dtype)
         return grad_v, grad_s, None, None, None, None, None, None
 
