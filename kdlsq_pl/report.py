@@ -76,8 +76,9 @@ def build_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], di
         if rec.get("teacher_metric") is not None:  # the teacher this student was distilled from
             teacher[(task, rec.get("seed"))] = rec["teacher_metric"]
         key = f"{rec.get('method', 'kdlsq')} {rec.get('quant', '?')}"
-        meta.setdefault(key, {"bits": bits_label(rec), "size": rec.get("size_bytes"), "ratio": rec.get("compression_ratio"),
-                              "wbits": (rec.get("bits") or {}).get("weight_bits", 32)})
+        if key not in meta or (meta[key]["size"] is None and rec.get("size_bytes")):  # a failed record has no size or bits
+            meta[key] = {"bits": bits_label(rec), "size": rec.get("size_bytes"), "ratio": rec.get("compression_ratio"),
+                         "wbits": (rec.get("bits") or {}).get("weight_bits", 32)}
         if rec.get("status") == "finished" and rec.get("best") is not None:
             cells[(key, task)].append(rec["best"])
         else:
@@ -154,7 +155,9 @@ def plot(info: dict, path: Path) -> None:
         ax.set_xticks([2, 4, 8])
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("dev metric (x100)")
-    axes[0][0].legend(fontsize=8)
+    labelled = next((ax for ax in axes[0] if ax.get_legend_handles_labels()[0]), None)
+    if labelled is not None:
+        labelled.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -30,6 +30,8 @@ def test_table_shape_values_and_failures(tmp_path):
     write(root, "c", **student("stsb", "w2a8", 2, 1, 85.5, 88.0))
     write(root, "d", **student("mrpc", "w8a8", 8, 1, 86.5, 87.0))
     write(root, "e", **student("stsb", "w8a8", 8, 1, None, 88.0, status="failed"))
+    # a cell that failed before training (bad input) has no bits or size: the row takes them from a finished one
+    write(root, "0", stage="student", method="kdlsq", task="stsb", quant="w8a8", seed=2, status="failed", error="ConfigError: x")
     # a teacher-stage record of another (e.g. retrained) teacher does not replace the one the students used
     write(root, "g", stage="teacher", task="mrpc", seed=1, status="finished", best=50.0, metric="f1")
     (root / "f").mkdir()
@@ -45,6 +47,7 @@ def test_table_shape_values_and_failures(tmp_path):
     assert w2[1:4] == ["2-2-8", f"{FP32 / 16 / 1e6:.1f}", "16.0x"]
     assert w2[4] == "81.00 +- 1.41" and w2[5] == "85.50" and w2[6].rstrip(" |") == f"{(81.0 + 85.5) / 2:.2f}"
     w8 = rows["kdlsq w8a8"]
-    assert w8[4] == "86.50" and w8[5] == "FAILED (1)" and w8[6].rstrip(" |") == "-"
+    assert w8[1:4] == ["8-8-8", f"{FP32 / 4 / 1e6:.1f}", "4.0x"]
+    assert w8[4] == "86.50" and w8[5] == "FAILED (2)" and w8[6].rstrip(" |") == "-"
     csv_rows = (tmp_path / "rep" / "results.csv").read_text().splitlines()
-    assert len(csv_rows) == 1 + 7 and (tmp_path / "rep" / "results.png").stat().st_size > 1000
+    assert len(csv_rows) == 1 + 8 and (tmp_path / "rep" / "results.png").stat().st_size > 1000
