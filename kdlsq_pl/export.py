@@ -148,10 +148,40 @@ def load_packed(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+@torch.no_grad()
+def evaluate_dev(models: Mapping[str, nn.Module], cfg, tokenizer_path: str) -> dict[str, dict]:
+    """Dev metrics (x100) of each model on ``cfg.task``'s first dev split, and the largest absolute logit
+    difference of each against the first model (``max_abs_logit_diff``)."""
+    from kdlsq_pl.data.glue import GLUEDataModule, model_inputs
+    from kdlsq_pl.metrics import build_metrics, predictions
+
+    task = dict(cfg.task)
+    dm = GLUEDataModule(task, tokenizer_path, cfg.data.glue_dir, cfg.paths.cache_dir, eval_batch_size=cfg.data.eval_batch_size,
+                        max_length=cfg.task.max_length)
+    dm.setup("validate")
+    loaders = dm.val_dataloader()
+    loader = loaders[0] if isinstance(loaders, list) else loaders
+    regression = not task["labels"]
+    out, ref = {}, None
+    for name, model in models.items():
+        model.eval()
+        metrics, logits = build_metrics(task), []
+        for batch in loader:
+            z = model(**model_inputs(batch)).logits
+            metrics.update(predictions(z, regression), batch["labels"])
+            logits.append(z)
+        z = torch.cat(logits)
+        ref = z if ref is None else ref
+        out[name] = {k: 100.0 * float(v) for k, v in metrics.compute().items()} | {"max_abs_logit_diff": float((z - ref).abs().max())}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Export a trained KDLSQ student as packed integer codes.")
     ap.add_argument("run", help="a student run folder (holds result.json and checkpoints/)")
     ap.add_argument("--out", default=None, help="output folder (default: <run>/packed)")
+    ap.add_argument("--evaluate", action="store_true",
+                    help="reload the export and compare its dev metric and logits with the fake-quantized student's")
     args = ap.parse_args(argv)
     from omegaconf import OmegaConf
 
@@ -169,6 +199,13 @@ def main(argv: list[str] | None = None) -> None:
     fp32 = record.get("fp32_bytes")
     ratio = f", {fp32 / info['packed_bytes']:.1f}x smaller than FP32 ({fp32 / 1e6:.1f} MB)" if fp32 else ""
     print(f"wrote {info['out_dir']}: {info['packed_bytes'] / 1e6:.2f} MB{ratio}")
+    if args.evaluate:
+        results = evaluate_dev({"fake-quantized student": student, "reloaded packed export": load_packed(info["out_dir"])},
+                               cfg, record["teacher_dir"])
+        for name, values in results.items():
+            print(f"{name}: " + ", ".join(f"dev {k} {v:.2f}" for k, v in values.items() if k != "max_abs_logit_diff")
+                  + f", max |logit - student logit| {values['max_abs_logit_diff']:.3g}")
+        print(f"recorded in result.json: best dev {record.get('metric')} {record.get('best')}")
 
 
 if __name__ == "__main__":
