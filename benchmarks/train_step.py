@@ -6,7 +6,8 @@ Usage: .venv/bin/python benchmarks/train_step.py [--batch 32] [--lengths 64 128]
 
 Part 1 (one process, the offline MiniLM, real MRPC rows padded to each length): seconds per training step
 (forward, backward, AdamW step; the median of ``--steps`` after one warm-up step) and the peak memory above
-the process's resident set before the setting (CPU: sampled RSS every 2 ms, MB; GPU: ``max_memory_allocated``),
+the process's resident set before the setting (CPU: RSS sampled every 2 ms after ``malloc_trim``, MB; GPU:
+``max_memory_allocated``),
 each as a ratio to FP fine-tuning. The cached teacher reads a float16 cache (``kdlsq_pl.distill.teacher_cache``)
 and its loss averages over real tokens, as the product's cached path does.
 
@@ -19,6 +20,8 @@ fixed padding is about 2 hours on 2 CPU cores); ``--epoch-batches 0`` times the 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
 import statistics
 import sys
@@ -70,6 +73,11 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            gc.collect()
+            try:  # hand memory freed by earlier settings back to the OS, so it does not hide this one's growth
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except OSError:
+                pass
             self.base, self.top, self.stop = self.rss(), self.rss(), False
 
             def sample():

@@ -157,9 +157,9 @@ def validate_teacher_cache(cfg: DictConfig) -> None:
     number(cfg, "teacher_cache.max_tokens", lo=1, integer=True, optional=True)
     for key in ("hidden_layers", "attn_layers"):
         value = _get(cfg, f"teacher_cache.{key}")
-        if value is not None and (not OmegaConf.is_list(value) or not value
+        if value is not None and (not OmegaConf.is_list(value)
                                   or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)):
-            raise ConfigError(f"teacher_cache.{key}={value!r} is not allowed; allowed: null (all) or a non-empty list of layer indices >= 0")
+            raise ConfigError(f"teacher_cache.{key}={value!r} is not allowed; allowed: null (all) or a list of layer indices >= 0")
     if enabled and not mask:
         raise ConfigError("loss.mask_padding=false is not allowed with teacher_cache.enabled=true: "
                           "the cache stores no padded positions; allowed: loss.mask_padding=true")

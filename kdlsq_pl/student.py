@@ -47,7 +47,8 @@ def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQMo
     cache = None
     if needs_teacher and cfg.teacher_cache.enabled:
         dm.setup("fit")
-        cache = ensure_teacher_cache(OmegaConf.to_container(cfg.teacher_cache, resolve=True), teacher_dir, dm, load)
+        cache = ensure_teacher_cache(OmegaConf.to_container(cfg.teacher_cache, resolve=True), teacher_dir, dm, load,
+                                     hidden=loss.weights["hidden"] > 0, attn=loss.weights["attn"] > 0)
     teacher = load() if needs_teacher and cache is None else None
     return KDLSQModule(teacher, load(), OmegaConf.to_container(cfg.task, resolve=True), loss,
                        OmegaConf.to_container(cfg.optim, resolve=True), teacher_cache=cache)

@@ -77,7 +77,7 @@ CASES = [
     (["teacher_cache.enabled=true", "loss.mask_padding=false"],
      r"loss.mask_padding=false is not allowed with teacher_cache.enabled=true: .*; allowed: loss.mask_padding=true"),
     (["teacher_cache.dtype=int8"], r"teacher_cache.dtype='int8' is not allowed; allowed: float16, float32"),
-    (["teacher_cache.hidden_layers=[-1]"], r"teacher_cache.hidden_layers=\[-1\] is not allowed; allowed: null \(all\) or a non-empty list"),
+    (["teacher_cache.hidden_layers=[-1]"], r"teacher_cache.hidden_layers=\[-1\] is not allowed; allowed: null \(all\) or a list of layer indices"),
     (["teacher_cache.max_tokens=0"], r"teacher_cache.max_tokens=0 is out of range; allowed: >= 1"),
     (["optim.weight_decay=-0.01"], r"optim.weight_decay=-0.01 is out of range; allowed: >= 0"),
     (["trainer=tpu"], r"trainer=tpu is not a known option; allowed: cpu, ddp, ddp_cpu, gpu"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import pytorch_lightning as pl
@@ -11,7 +12,7 @@ import torch
 from conftest import compose_cfg
 from kdlsq_pl.callbacks.quantization import calibrate
 from kdlsq_pl.distill.losses import KDLoss, attention_score_mse, hidden_state_mse
-from kdlsq_pl.distill.teacher_cache import TeacherCache, build_teacher_cache, cache_key, ensure_teacher_cache
+from kdlsq_pl.distill.teacher_cache import TeacherCache, build_teacher_cache, cache_key, ensure_teacher_cache, normalise_selection
 from kdlsq_pl.errors import ConfigError
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
@@ -46,6 +47,8 @@ def setup(tmp_path_factory, minilm_path):
     torch.manual_seed(0)
     teacher = load_classifier(minilm_path, cfg.task, ATTN_IMPLEMENTATION).eval()
     teacher.save_pretrained(root / "teacher")
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(root / "teacher")  # a stored teacher carries its tokenizer
     dm = build_datamodule(cfg, minilm_path, 8)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -114,13 +117,18 @@ def test_budget_and_bad_selection_are_one_line_errors(setup):
     assert not (root / "big").exists() and not (root / "bad").exists()
 
 
-def test_invalidated_when_teacher_task_or_length_change(setup, tmp_path):
+def test_invalidated_when_teacher_task_or_length_change(setup, tmp_path, minilm_path):
     root, cfg, teacher, dm, _ = setup
-    sel = {"hidden_layers": None, "attn_layers": None, "max_tokens": None, "dtype": "float16"}
+    sel = normalise_selection({"hidden_layers": None, "attn_layers": None, "max_tokens": None, "dtype": "float16"}, 6, 128)
     base = cache_key("abc", "rte", 128, "k1", sel)
     assert len({base, cache_key("abd", "rte", 128, "k1", sel), cache_key("abc", "mrpc", 128, "k1", sel),
                 cache_key("abc", "rte", 64, "k1", sel), cache_key("abc", "rte", 128, "k2", sel),
-                cache_key("abc", "rte", 128, "k1", {**sel, "max_tokens": 8})}) == 6
+                cache_key("abc", "rte", 128, "k1", {**sel, "max_tokens": 8}), cache_key("abc", "rte", 128, "k1", {**sel, "dtype": "float32"}),
+                cache_key("abc", "rte", 128, "k1", {**sel, "hidden_layers": [0, 6]}),
+                cache_key("abc", "rte", 128, "k1", {**sel, "attn_layers": []})}) == 9
+    # equal selections written differently share one cache
+    same = normalise_selection({"hidden_layers": [6, 0, 0], "attn_layers": list(range(6)), "max_tokens": 500, "dtype": "float16"}, 6, 128)
+    assert same == {**sel, "hidden_layers": [0, 6]} and same["max_tokens"] is None
     ccfg = {**sel, "dir": str(tmp_path), "max_gb": 1.0}
     built = []
 
@@ -140,10 +148,24 @@ def test_invalidated_when_teacher_task_or_length_change(setup, tmp_path):
     third = ensure_teacher_cache(ccfg, other, dm, lambda: changed)
     assert third.path != first.path and json.loads((third.path / "meta.json").read_text())["teacher_dir"] == str(other)
     # another max length -> another tokenised split fingerprint -> another cache
-    dm64 = build_datamodule(compose_cfg(tmp_path, *SMALL, "task.max_length=64"), str(root / "teacher"), 8)
+    dm64 = build_datamodule(compose_cfg(tmp_path, *SMALL, "task.max_length=64"), minilm_path, 8)  # the same tokenizer as dm
     dm64.setup("fit")
     fourth = ensure_teacher_cache(ccfg, root / "teacher", dm64, load)
     assert fourth.path != first.path and len(built) == 2
+    # a loss without the attention term stores no attention scores: another, smaller cache
+    fifth = ensure_teacher_cache(ccfg, root / "teacher", dm, load, attn=False)
+    assert fifth.meta["attn_layers"] == [] and fifth.meta["bytes"] < first.meta["bytes"] / 2 and len(built) == 3
+
+
+def test_cache_pickles_without_its_memory_maps_and_names_missing_ids(setup):
+    batch, live, cached, s, cache = live_and_cached(setup, dtype="float32")
+    assert cache._arrays is not None  # opened by the lookup
+    clone = pickle.loads(pickle.dumps(cache))  # as DDP's spawn sends the module to each process
+    assert clone._arrays is None and len(pickle.dumps(cache)) < 10_000
+    again = clone.lookup(batch["idx"], batch["input_ids"].shape[1])
+    assert torch.equal(again["hidden_states"][2], cached["hidden_states"][2]) and torch.equal(again["logits"], cached["logits"])
+    with pytest.raises(KeyError, match=r"teacher cache .* holds no example id 999999"):
+        cache.lookup(torch.tensor([0, 999999]), 8)
 
 
 class Losses(pl.Callback):

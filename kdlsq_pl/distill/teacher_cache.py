@@ -42,33 +42,60 @@ log = logging.getLogger("kdlsq_pl")
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 META_FILE = "meta.json"
+#: Bumped whenever the files' layout or what is captured changes, so older caches are never read.
+CACHE_FORMAT = 1
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-1 of a file's bytes (hex, 16 characters): the teacher's identity in the cache key."""
+def teacher_digest(teacher_dir: str | Path) -> str:
+    """SHA-1 (16 hex characters) over the teacher's ``config.json`` and every weight file (safetensors or
+    ``.bin``, sharded or not): the teacher's identity in the cache key.
+
+    Raises:
+        ConfigError: the folder holds no weight file.
+    """
+    teacher_dir = Path(teacher_dir)
+    files = sorted(f for pattern in WEIGHT_PATTERNS for f in teacher_dir.glob(pattern))
+    if not files:
+        raise ConfigError(f"teacher_cache: no weights (*.safetensors or *.bin) in the teacher folder {teacher_dir}")
     h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in [teacher_dir / "config.json", *files]:
+        if path.is_file():
+            h.update(path.name.encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
     return h.hexdigest()[:16]
 
 
 def cache_key(teacher_digest: str, task: str, max_length: int, data_key: str, selection: Mapping[str, Any]) -> str:
-    """The folder name of one cache: a hash of the teacher weights' digest, the task, the max length (tokens),
-    the tokenised training split's fingerprint and the selection (layers, tokens, dtype).
-    Any change in them gives another folder, so a stale cache is never read."""
-    parts = json.dumps([teacher_digest, task, int(max_length), data_key, dict(sorted(selection.items()))], sort_keys=True)
+    """The folder name of one cache: a hash of the format version, the teacher's digest, the task, the max length
+    (tokens), the tokenised training split's fingerprint and the selection (layers, tokens, dtype), which should
+    be normalised (:func:`normalise_selection`). Any change in them gives another folder: a stale cache is never read."""
+    parts = json.dumps([CACHE_FORMAT, teacher_digest, task, int(max_length), data_key, dict(sorted(selection.items()))], sort_keys=True)
     return hashlib.sha1(parts.encode()).hexdigest()[:16]
 
 
 def _layers(chosen: Sequence[int] | None, count: int, what: str) -> list[int]:
+    """``None`` -> all ``0..count-1``; a list -> sorted, deduplicated and range-checked (may be empty: none)."""
     if chosen is None:
         return list(range(count))
     chosen = sorted({int(i) for i in chosen})
-    bad = [i for i in chosen if not 0 <= i < count]
-    if bad or not chosen:
-        raise ConfigError(f"teacher_cache.{what}={list(chosen)} is not allowed; allowed: a non-empty list of 0..{count - 1} or null (all)")
+    if any(not 0 <= i < count for i in chosen):
+        raise ConfigError(f"teacher_cache.{what}={list(chosen)} is not allowed; allowed: a list of 0..{count - 1} or null (all)")
     return chosen
+
+
+def normalise_selection(selection: Mapping[str, Any], num_layers: int, max_length: int) -> dict:
+    """The selection in one canonical form, so equal selections share a cache: explicit sorted layer lists,
+    ``max_tokens`` ``None`` when it keeps every token (``>= max_length``)."""
+    max_tokens = selection.get("max_tokens")
+    if max_tokens is not None and int(max_tokens) < 1:
+        raise ConfigError(f"teacher_cache.max_tokens={max_tokens!r} is not allowed; allowed: an integer >= 1 or null (all)")
+    return {"hidden_layers": _layers(selection.get("hidden_layers"), num_layers + 1, "hidden_layers"),
+            "attn_layers": _layers(selection.get("attn_layers"), num_layers, "attn_layers"),
+            "max_tokens": None if max_tokens is None or int(max_tokens) >= max_length else int(max_tokens),
+            "dtype": selection.get("dtype", "float16")}
 
 
 def estimate_bytes(lengths: Sequence[int], n_hidden: int, n_attn: int, hidden_size: int, heads: int,
@@ -116,9 +143,12 @@ class TeacherCache:
         ``[B, T]`` bool, True at the stored positions (zeros elsewhere, which the loss ignores).
 
         Raises:
-            KeyError: an example id the cache does not hold (another training split).
+            KeyError: an example id the cache does not hold (another training split), naming the cache.
         """
         a, m = self._open(), self.meta
+        missing = [int(i) for i in idx.tolist() if int(i) not in a["row"]]
+        if missing:
+            raise KeyError(f"teacher cache {self.path} holds no example id {missing[0]} (built for another training split?)")
         rows = [a["row"][int(i)] for i in idx.tolist()]
         B, T, D, H = len(rows), int(seq_len), m["hidden_size"], m["heads"]
         nh, na = len(m["hidden_layers"]), len(m["attn_layers"])
@@ -146,7 +176,8 @@ class TeacherCache:
 @torch.no_grad()
 def build_teacher_cache(teacher: nn.Module, dataset, collate, out_dir: str | Path, *, hidden_layers: Sequence[int] | None = None,
                         attn_layers: Sequence[int] | None = None, max_tokens: int | None = None, dtype: str = "float16",
-                        max_gb: float = 8.0, batch_size: int = 64, extra_meta: Mapping[str, Any] | None = None) -> Path:
+                        max_gb: float = 8.0, batch_size: int = 64, extra_meta: Mapping[str, Any] | None = None,
+                        device: str | torch.device | None = None) -> Path:
     """Run ``teacher`` once over ``dataset`` and write the cache folder ``out_dir`` (via a temporary folder, renamed).
 
     Args:
@@ -160,6 +191,7 @@ def build_teacher_cache(teacher: nn.Module, dataset, collate, out_dir: str | Pat
         dtype: ``float16`` (half the disk) or ``float32``; logits are always float32.
         max_gb: refuse a cache whose estimated size exceeds this many GB (1e9 bytes).
         batch_size: examples per teacher forward (sorted by length, so little padding).
+        device: where the teacher runs (default: CUDA when available, else CPU).
 
     Raises:
         ConfigError: a bad selection or dtype, or an estimate above ``max_gb`` (one line, with the estimate).
@@ -194,21 +226,24 @@ def build_teacher_cache(teacher: nn.Module, dataset, collate, out_dir: str | Pat
         logits = mm(tmp / "logits.npy", mode="w+", dtype=np.float32, shape=(len(lengths), cfg.num_labels))
         np.save(tmp / "idx.npy", np.asarray(rows["idx"], dtype=np.int64))
         np.save(tmp / "tokens.npy", tokens)
-        teacher.eval()
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        teacher.to(device).eval()
         order = np.argsort(lengths, kind="stable")
         keys = ("input_ids", "attention_mask", "token_type_ids")
         for start in range(0, len(order), batch_size):
             chunk = [int(r) for r in order[start:start + batch_size]]
             batch = collate([{k: rows[r][k] for k in keys if k in rows.column_names} for r in chunk])
             with capture_attention_scores() as scores:
-                out = teacher(**{k: batch[k] for k in keys if k in batch}, output_hidden_states=True)
-            logits[chunk] = out.logits.float().numpy()
+                out = teacher(**{k: batch[k].to(device) for k in keys if k in batch}, output_hidden_states=True)
+            logits[chunk] = out.logits.float().cpu().numpy()
             for b, r in enumerate(chunk):
                 n = int(tokens[r])
-                h = torch.stack([out.hidden_states[i][b, :n] for i in hidden_layers])  # [nh, n, D]
-                hidden[hidden_off[r]:hidden_off[r + 1]] = h.float().numpy().reshape(-1)
-                s = torch.stack([scores[i][b, :, :n, :n] for i in attn_layers])  # [na, H, n, n]
-                attn[attn_off[r]:attn_off[r + 1]] = s.float().numpy().reshape(-1)
+                if nh:
+                    h = torch.stack([out.hidden_states[i][b, :n] for i in hidden_layers])  # [nh, n, D]
+                    hidden[hidden_off[r]:hidden_off[r + 1]] = h.float().cpu().numpy().reshape(-1)
+                if na:
+                    s = torch.stack([scores[i][b, :, :n, :n] for i in attn_layers])  # [na, H, n, n]
+                    attn[attn_off[r]:attn_off[r + 1]] = s.float().cpu().numpy().reshape(-1)
         for a in (hidden, attn, logits):
             a.flush()
         del hidden, attn, logits
@@ -216,6 +251,7 @@ def build_teacher_cache(teacher: nn.Module, dataset, collate, out_dir: str | Pat
                 "hidden_layers": hidden_layers, "attn_layers": attn_layers, "max_tokens": max_tokens, "dtype": dtype,
                 "bytes": sum(f.stat().st_size for f in tmp.iterdir()), **dict(extra_meta or {})}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        tmp.chmod(0o755)  # mkdtemp makes it private; other users of a shared cache must read it
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -223,23 +259,33 @@ def build_teacher_cache(teacher: nn.Module, dataset, collate, out_dir: str | Pat
     return out_dir
 
 
-def ensure_teacher_cache(cache_cfg: Mapping[str, Any], teacher_dir: Path, dm, load_teacher) -> TeacherCache:
+def ensure_teacher_cache(cache_cfg: Mapping[str, Any], teacher_dir: Path, dm, load_teacher, *, hidden: bool = True,
+                         attn: bool = True) -> TeacherCache:
     """The cache for this teacher and training split, built first (under a file lock, so parallel grid
     cells build it once) if absent. ``load_teacher()`` is called only when building.
 
     Args:
         cache_cfg: the ``teacher_cache`` config (``dir``, ``dtype``, ``hidden_layers``, ``attn_layers``,
             ``max_tokens``, ``max_gb``).
-        teacher_dir: the stored teacher (its ``model.safetensors`` is hashed into the key).
+        teacher_dir: the stored teacher (its config and weight files are hashed into the key).
         dm: the set-up ``GLUEDataModule`` (training split, collator, its fingerprint ``split_keys``).
+        hidden, attn: whether the loss distils hidden states / attention scores; a term it does not use
+            is not stored, whatever the selection says.
     """
-    selection = {k: cache_cfg.get(k) for k in ("hidden_layers", "attn_layers", "max_tokens", "dtype")}
-    digest = file_digest(Path(teacher_dir) / "model.safetensors")
+    num_layers = int(json.loads((Path(teacher_dir) / "config.json").read_text())["num_hidden_layers"])
+    selection = normalise_selection(cache_cfg, num_layers, dm.max_length)
+    if not hidden:
+        selection["hidden_layers"] = []
+    if not attn:
+        selection["attn_layers"] = []
+    digest = teacher_digest(teacher_dir)
     task = dm.task["name"]
     key = cache_key(digest, task, dm.max_length, dm.split_keys["train"], selection)
     path = Path(cache_cfg["dir"]) / task / key
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
+        for stale in path.parent.glob(f".{key}.*"):  # left by a build that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         if not (path / META_FILE).exists():
             log.info("teacher cache: computing the teacher's outputs on %s/train once -> %s", task, path)
             build_teacher_cache(load_teacher(), dm.splits["train"], dm.collator, path, hidden_layers=selection["hidden_layers"],

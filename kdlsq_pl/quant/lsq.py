@@ -118,9 +118,14 @@ class _LSQFakeQuantFunction(torch.autograd.Function):
         eps: float,
     ) -> Tensor:
         s_eff = s.clamp_min(eps)
-        ratio = torch.div(v, s_eff)
-        out = torch.round(ratio).clamp_(-q_n, q_p).mul_(s_eff)  # round-half-to-even; in place
-        ctx.save_for_backward(ratio, s_eff)  # v / s, not v: the backward needs only the ratio
+        ctx.saved_ratio = not v.is_leaf  # activations: keep v / s (v itself is not needed); weights are kept anyway
+        if ctx.saved_ratio:
+            ratio = torch.div(v, s_eff)
+            out = torch.round(ratio).clamp_(-q_n, q_p).mul_(s_eff)  # round-half-to-even
+            ctx.save_for_backward(ratio, s_eff)
+        else:
+            out = torch.div(v, s_eff).round_().clamp_(-q_n, q_p).mul_(s_eff)  # in place: no copy of the weight kept
+            ctx.save_for_backward(v, s_eff)
         ctx.q_n, ctx.q_p = q_n, q_p
         ctx.grad_scale, ctx.ste_clip, ctx.range_test = grad_scale, ste_clip, range_test
         ctx.s_shape = s.shape
@@ -129,9 +134,10 @@ class _LSQFakeQuantFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         # Elementwise passes over the tensor are the cost (they outnumber the matmuls' time on CPU):
-        # the ratio is saved, not recomputed, and no temporary is allocated that is not needed. The
+        # an activation's ratio is saved, not recomputed, and no temporary is allocated that is not needed. The
         # arithmetic (and the order of the sum) is the plain formula's, so results are bit-identical.
-        ratio, s_eff = ctx.saved_tensors
+        saved, s_eff = ctx.saved_tensors
+        ratio = saved if ctx.saved_ratio else saved / s_eff
         q_n, q_p = ctx.q_n, ctx.q_p
         rounded = None
         if ctx.range_test == "unrounded":
