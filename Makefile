@@ -28,14 +28,14 @@ teacher: install
 # The results grid (conf/experiment/$(EXPERIMENT).yaml) then its table, CSV and plot. Finished cells are skipped
 # on a rerun, failed ones redone.
 EXPERIMENT ?= cpu
-# the grid's folder is outputs/grid/<experiment_name> (the baselines join the cpu grid's folder)
-GRID_DIR = outputs/grid/$(shell sed -n 's/^experiment_name: *//p' conf/experiment/$(EXPERIMENT).yaml)
+# the grid's folder is $KDLSQ_ROOT/outputs/grid/<experiment_name> (the baselines join the cpu grid's folder)
+GRID_DIR = $(or $(KDLSQ_ROOT),.)/outputs/grid/$(shell sed -n 's/^experiment_name: *//p' conf/experiment/$(EXPERIMENT).yaml)
 reproduce: install
 	$(PY) run.py experiment=$(EXPERIMENT) $(ARGS)
 	$(PY) -m kdlsq_pl.report --root $(GRID_DIR) --wandb
 
 report: install
-	$(PY) -m kdlsq_pl.report --root outputs
+	$(PY) -m kdlsq_pl.report
 
 test: install
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

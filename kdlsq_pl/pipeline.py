@@ -201,6 +201,7 @@ def run(cfg: DictConfig, validated: bool = False) -> dict:
     if not validated:
         validate(cfg)
     t0 = time.time()
+    prov = provenance(cfg)  # the commit the run starts from (a checkout during a long run must not relabel it)
     out_dir = Path(cfg.paths.output_dir)
     previous = read_result(out_dir)
     if previous and previous.get("status") == "finished":
@@ -217,7 +218,7 @@ def run(cfg: DictConfig, validated: bool = False) -> dict:
     else:
         from kdlsq_pl.student import train_student
         record.update(train_student(cfg, model_path, out_dir))
-    record.update(wall_time_s=round(time.time() - t0, 1), status="finished", **provenance(cfg))
+    record.update(wall_time_s=round(time.time() - t0, 1), status="finished", **prov)
     atomic_write_json(out_dir / RESULT_FILE, record)
     log.info("result record: %s", out_dir / RESULT_FILE)
     return record

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
@@ -195,13 +197,18 @@ def log_to_wandb(root: str | Path, out: str | Path, group: str | None, offline: 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Gather result records into RESULTS.md, results.csv and results.png.")
-    ap.add_argument("--root", default="outputs", help="folder searched for result.json files")
+    ap.add_argument("--root", default=str(Path(os.environ.get("KDLSQ_ROOT", ".")) / "outputs"),
+                    help="folder searched for result.json files (default: $KDLSQ_ROOT/outputs, else ./outputs)")
     ap.add_argument("--out", default=None, help="where to write (default: <root>/report)")
     ap.add_argument("--wandb", action="store_true", help="also log the table and plot to W&B (offline unless --online)")
     ap.add_argument("--online", action="store_true")
     ap.add_argument("--group", default=None, help="W&B group (default: the root folder's name)")
     args = ap.parse_args(argv)
     out = args.out or Path(args.root) / "report"
+    if not any(Path(args.root).rglob(RESULT_FILE)):
+        print(f"error: no {RESULT_FILE} under {args.root}; allowed: a folder holding run folders (set --root or KDLSQ_ROOT)",
+              file=sys.stderr)
+        sys.exit(2)
     print(report(args.root, out))
     if args.wandb:
         log_to_wandb(args.root, out, args.group or Path(args.root).name, offline=not args.online)
