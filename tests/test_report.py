@@ -51,3 +51,14 @@ def test_table_shape_values_and_failures(tmp_path):
     assert w8[4] == "86.50" and w8[5] == "FAILED (2)" and w8[6].rstrip(" |") == "-"
     csv_rows = (tmp_path / "rep" / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 8 and (tmp_path / "rep" / "results.png").stat().st_size > 1000
+
+
+def test_no_records_is_a_one_line_error(tmp_path, capsys):
+    import pytest
+
+    from kdlsq_pl.report import main
+    with pytest.raises(SystemExit) as e:
+        main(["--root", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: no result.json under {tmp_path}")
+    assert not (tmp_path / "report").exists()  # nothing written
