@@ -64,7 +64,8 @@ def test_wandb_runs_grouped_and_tagged(grid):
     for info in students:
         assert info["group"] == "testgrid"
         assert {"student", "seed42", "kdlsq"} <= set(info["tags"]) and set(info["tags"]) & {"rte", "wnli"}
-        assert set(info["tags"]) & {"w8a8", "w2a8"} and info["name"].split("-")[0] in info["tags"]
+        assert set(info["tags"]) & {"w8a8", "w2a8"} and info["name"].split("_")[0] in info["tags"]
+        assert info["name"] == f"{info['name'].split('_')[0]}_{info['name'].split('_')[1]}_s42"  # the cell folder's name
 
 
 def test_rerun_skips_finished_and_failed_cell_is_recorded(grid):
