@@ -86,12 +86,16 @@ def _layers(chosen: Sequence[int] | None, count: int, what: str) -> list[int]:
     return chosen
 
 
+def _check_max_tokens(max_tokens: int | None) -> int | None:
+    if max_tokens is not None and int(max_tokens) < 1:
+        raise ConfigError(f"teacher_cache.max_tokens={max_tokens!r} is not allowed; allowed: an integer >= 1 or null (all)")
+    return max_tokens
+
+
 def normalise_selection(selection: Mapping[str, Any], num_layers: int, max_length: int) -> dict:
     """The selection in one canonical form, so equal selections share a cache: explicit sorted layer lists,
     ``max_tokens`` ``None`` when it keeps every token (``>= max_length``)."""
-    max_tokens = selection.get("max_tokens")
-    if max_tokens is not None and int(max_tokens) < 1:
-        raise ConfigError(f"teacher_cache.max_tokens={max_tokens!r} is not allowed; allowed: an integer >= 1 or null (all)")
+    max_tokens = _check_max_tokens(selection.get("max_tokens"))
     return {"hidden_layers": _layers(selection.get("hidden_layers"), num_layers + 1, "hidden_layers"),
             "attn_layers": _layers(selection.get("attn_layers"), num_layers, "attn_layers"),
             "max_tokens": None if max_tokens is None or int(max_tokens) >= max_length else int(max_tokens),
@@ -198,8 +202,7 @@ def build_teacher_cache(teacher: nn.Module, dataset, collate, out_dir: str | Pat
     """
     if dtype not in DTYPES:
         raise ConfigError(f"teacher_cache.dtype={dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
-    if max_tokens is not None and int(max_tokens) < 1:
-        raise ConfigError(f"teacher_cache.max_tokens={max_tokens!r} is not allowed; allowed: an integer >= 1 or null (all)")
+    _check_max_tokens(max_tokens)
     cfg = teacher.config
     L, D, H = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads
     hidden_layers = _layers(hidden_layers, L + 1, "hidden_layers")
