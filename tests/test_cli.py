@@ -67,6 +67,8 @@ CASES = [
     (["model=roberta"], r"model=roberta is not a known option; allowed: bert_base, minilm_l6"),
     (["loss=mse"], r"loss=mse is not a known option; allowed: kdlsq, pred_only"),
     (["data.group_by_length=maybe"], r"data.group_by_length='maybe' is not allowed; allowed: True, False"),
+    (["quant.fused_kernel=sometimes"], r"quant.fused_kernel='sometimes' is not allowed; allowed: True, False"),
+    (["keep_freed_memory=1"], r"keep_freed_memory=1 is not allowed; allowed: True, False"),
     (["model.name_or_path=/tmp"], r"model.name_or_path=/tmp: not a Hugging Face model directory"),
     (["quant.weight.init=magic"], r"quant.weight.init='magic' is not allowed; allowed: lsq, percentile, kl, minmax"),
     (["method=gptq"], r"method=gptq is not a known option; allowed: kdlsq, lsq, ptq, q8bert, ternarybert"),

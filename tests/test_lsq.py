@@ -127,9 +127,10 @@ def test_grads_match_lsq_formulas(param, grad_scale, range_test, ste_clip, bits,
     assert not torch.allclose(ds_o, ds)
 
 
+@pytest.mark.parametrize("fused", [True, False])  # the C++ kernel (kdlsq_pl.kernels) or the torch formula
 @pytest.mark.parametrize("leaf", [True, False])  # a weight (v saved) or an activation (v / s saved)
 @pytest.mark.parametrize("range_test", ["unrounded", "rounded"])
-def test_large_float32_tensor_matches_formulas(range_test, leaf):
+def test_large_float32_tensor_matches_formulas(range_test, leaf, fused):
     """An attention-probability-sized float32 tensor ([4, 12, 64, 64]): the forward, d/dx and d/ds equal the
     plain formulas evaluated in the same float32 order bit for bit (and the float64 sum to 1e-6)."""
     torch.manual_seed(0)
@@ -137,7 +138,7 @@ def test_large_float32_tensor_matches_formulas(range_test, leaf):
     w = torch.randn(4, 12, 64, 64)
     s, q_n, q_p = torch.tensor(0.011, requires_grad=True), 127, 127
     g = 1.0 / math.sqrt(v.numel() * q_p)
-    out = fake_quantize(v if leaf else v * 1.0, s, q_n, q_p, grad_scale=g, range_test=range_test)
+    out = fake_quantize(v if leaf else v * 1.0, s, q_n, q_p, grad_scale=g, range_test=range_test, fused=fused)
     (out * w).sum().backward()
     assert torch.equal(out, torch.clamp(torch.round(v.detach() / s.detach()), -q_n, q_p) * s.detach())
     ds, dv = lsq_grads(v.detach().double(), s.detach().double(), q_n, q_p, w.double(), g, range_test, True)

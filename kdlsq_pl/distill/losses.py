@@ -81,6 +81,7 @@ def attention_score_mse(
     teacher_scores: Sequence[torch.Tensor],
     threshold: float = -100.0,
     mask: torch.Tensor | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Sum over layers of the MSE between pre-softmax attention scores.
 
@@ -95,6 +96,9 @@ def attention_score_mse(
     padding (which depends on the batch) drops out. ``mask=None`` is the released code's mean over
     every entry, padded rows included.
 
+    ``fused``: on float32 CPU tensors use the one-pass C++ kernel (:mod:`kdlsq_pl.kernels`); the
+    value and the gradient are bit-identical to the torch formula, which is used otherwise.
+
     The lists must already be layer-aligned (see :func:`layer_map`). Computed in float32.
     """
     _check_pairs("attention_score_mse", student_scores, teacher_scores)
@@ -103,14 +107,59 @@ def attention_score_mse(
     for s, t in zip(student_scores, teacher_scores):
         s = s.float()
         t = t.float()
-        s = torch.where(s <= threshold, torch.zeros_like(s), s)
-        t = torch.where(t <= threshold, torch.zeros_like(t), t)
-        if pairs is None:
-            term = F.mse_loss(s, t, reduction="mean")
+        if fused and _AttentionMSE.applies(s, t):
+            term = _AttentionMSE.apply(s.contiguous(), t.contiguous(), None if pairs is None else pairs[:, 0], threshold)
         else:
-            term = ((s - t).square() * pairs).sum() / (pairs.sum() * s.shape[1]).clamp_min(1.0)
+            s = torch.where(s <= threshold, 0.0, s)  # a scalar 0: one pass, no zeros tensor
+            t = torch.where(t <= threshold, 0.0, t)
+            if pairs is None:
+                term = F.mse_loss(s, t, reduction="mean")
+            else:
+                term = ((s - t).square() * pairs).sum() / (pairs.sum() * s.shape[1]).clamp_min(1.0)
         total = term if total is None else total + term
     return total
+
+
+class _AttentionMSE(torch.autograd.Function):
+    """One layer's attention-score MSE by the fused CPU kernel (``csrc/attention_mse_cpu.cpp``).
+
+    ``s``, ``t``: ``[B, H, T, T]`` float32 contiguous (``t`` needs no gradient); ``pairs``: ``[B, T, T]`` float
+    0/1 or None. Returns the same scalar as the torch formula of :func:`attention_score_mse`: ``e.mean()`` or
+    ``e.sum() / max(pairs.sum() * H, 1)`` of the kernel's elementwise squares ``e``, summed by torch.
+    """
+
+    @staticmethod
+    def applies(s: torch.Tensor, t: torch.Tensor) -> bool:
+        from kdlsq_pl.kernels import cpu_kernels
+
+        return (s.device.type == "cpu" and s.dtype == torch.float32 and t.dtype == torch.float32 and s.dim() == 4
+                and s.shape == t.shape and not t.requires_grad and cpu_kernels() is not None)
+
+    @staticmethod
+    def forward(ctx, s, t, pairs, threshold):  # type: ignore[override]
+        from kdlsq_pl.kernels import cpu_kernels
+
+        pairs = None if pairs is None else pairs.contiguous()
+        e = cpu_kernels().attention_mse_forward(s, t, pairs, threshold)
+        if pairs is None:
+            term, ctx.denominator = e.mean(), None
+        else:
+            ctx.denominator = (pairs.sum() * s.shape[1]).clamp_min(1.0)
+            term = e.sum() / ctx.denominator
+        ctx.save_for_backward(s, t, pairs)
+        ctx.threshold = threshold
+        return term
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        from kdlsq_pl.kernels import cpu_kernels
+
+        s, t, pairs = ctx.saved_tensors
+        if pairs is None:  # F.mse_loss's backward: (2/N * d) * grad
+            coef, g = 2.0 / s.numel(), float(grad)
+        else:  # through "/ D", "* pairs" and "square": (grad / D * pairs) * (2 * d)
+            coef, g = float(grad / ctx.denominator), 1.0
+        return cpu_kernels().attention_mse_backward(s, t, pairs, ctx.threshold, coef, g), None, None, None
 
 
 def hidden_state_mse(

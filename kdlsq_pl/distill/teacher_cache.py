@@ -156,16 +156,24 @@ class TeacherCache:
         rows = [a["row"][int(i)] for i in idx.tolist()]
         B, T, D, H = len(rows), int(seq_len), m["hidden_size"], m["heads"]
         nh, na = len(m["hidden_layers"]), len(m["attn_layers"])
-        hidden = torch.zeros(nh, B, T, D)
-        attn = torch.zeros(na, B, H, T, T)
+        # One tensor per layer: a stacked [layers, B, H, T, T] block would be too large for the malloc heap
+        # (kernels.keep_freed_memory) and be page-faulted in afresh every step.
+        hidden = [torch.empty(B, T, D) for _ in range(nh)]
+        attn = [torch.empty(B, H, T, T) for _ in range(na)]
+        hidden_np, attn_np = [x.numpy() for x in hidden], [x.numpy() for x in attn]  # numpy casts fp16 as it copies
         mask = torch.zeros(B, T, dtype=torch.bool)
         for b, r in enumerate(rows):
-            l = min(int(a["tokens"][r]), T)
             n = int(a["tokens"][r])
-            h = torch.from_numpy(np.asarray(a["hidden"][a["hidden_off"][r]:a["hidden_off"][r + 1]]).astype(np.float32))
-            hidden[:, b, :l] = h.view(nh, n, D)[:, :l]
-            s = torch.from_numpy(np.asarray(a["attn"][a["attn_off"][r]:a["attn_off"][r + 1]]).astype(np.float32))
-            attn[:, b, :, :l, :l] = s.view(na, H, n, n)[:, :, :l, :l]
+            l = min(n, T)
+            h = a["hidden"][a["hidden_off"][r]:a["hidden_off"][r + 1]].reshape(nh, n, D)
+            s = a["attn"][a["attn_off"][r]:a["attn_off"][r + 1]].reshape(na, H, n, n)
+            for k, x in enumerate(hidden_np):
+                x[b, :l] = h[k, :l]
+                x[b, l:] = 0.0
+            for k, x in enumerate(attn_np):
+                x[b, :, :l, :l] = s[k, :, :l, :l]
+                x[b, :, :l, l:] = 0.0  # only the padding is zeroed: one write per element in all
+                x[b, :, l:, :] = 0.0
             mask[b, :l] = True
         hidden_states: list[torch.Tensor | None] = [None] * (m["num_layers"] + 1)
         for k, layer in enumerate(m["hidden_layers"]):

@@ -37,6 +37,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from kdlsq_pl.kernels import cpu_kernels, lsq_kernel_applies
+
 __all__ = [
     "ALLOWED_GRIDS",
     "ALLOWED_INITS",
@@ -102,7 +104,8 @@ def quant_range(bits: int, signed: bool = True, grid: str = "symmetric") -> tupl
 class _LSQFakeQuantFunction(torch.autograd.Function):
     """LSQ fake quantization with the LSQ gradients (Esser et al. 2020, Eq. 1-3).
 
-    Forward and backward live here and nowhere else. Call through :func:`fake_quantize`.
+    Forward and backward live here and nowhere else. Call through :func:`fake_quantize`. ``fused`` picks the one-pass
+    C++ kernel (:mod:`kdlsq_pl.kernels`); the torch formula below is the same arithmetic in the same order.
     """
 
     @staticmethod
@@ -116,10 +119,16 @@ class _LSQFakeQuantFunction(torch.autograd.Function):
         ste_clip: bool,
         range_test: str,
         eps: float,
+        fused: bool,
     ) -> Tensor:
         s_eff = s.clamp_min(eps)
-        ctx.saved_ratio = not v.is_leaf  # activations: keep v / s (v itself is not needed); weights are kept anyway
-        if ctx.saved_ratio:
+        # activations: keep v / s (v itself is not needed); weights (leaves) are kept anyway, so keep v
+        ctx.saved_ratio = not v.is_leaf
+        ctx.fused = fused = fused and lsq_kernel_applies(v, s_eff) and (ops := cpu_kernels()) is not None
+        if fused:
+            out, ratio = ops.lsq_forward(v, s_eff, q_n, q_p, ctx.saved_ratio)
+            ctx.save_for_backward(ratio if ctx.saved_ratio else v, s_eff)
+        elif ctx.saved_ratio:
             ratio = torch.div(v, s_eff)
             out = torch.round(ratio).clamp_(-q_n, q_p).mul_(s_eff)  # round-half-to-even
             ctx.save_for_backward(ratio, s_eff)
@@ -137,28 +146,42 @@ class _LSQFakeQuantFunction(torch.autograd.Function):
         # an activation's ratio is saved, not recomputed, and no temporary is allocated that is not needed. The
         # arithmetic (and the order of the sum) is the plain formula's, so results are bit-identical.
         saved, s_eff = ctx.saved_tensors
-        ratio = saved if ctx.saved_ratio else saved / s_eff
         q_n, q_p = ctx.q_n, ctx.q_p
-        rounded = None
-        if ctx.range_test == "unrounded":
-            below = ratio <= -q_n
-            above = ratio >= q_p
-        else:  # "rounded", as PyTorch's _fake_quantize_learnable_per_tensor_affine
-            rounded = torch.round(ratio)
-            below = rounded < -q_n
-            above = rounded > q_p
+        need_v = ctx.needs_input_grad[0] and ctx.ste_clip
+        need_s = ctx.needs_input_grad[1]
+        if ctx.fused:
+            grad_v, g = cpu_kernels().lsq_backward(grad_out, saved, ctx.saved_ratio, s_eff, q_n, q_p,
+                                                  ctx.range_test == "rounded", ctx.grad_scale, need_v, need_s)
+        else:
+            grad_v, g = _backward_torch(ctx, grad_out, saved, s_eff, need_v, need_s)
+        if ctx.needs_input_grad[0] and not ctx.ste_clip:
+            grad_v = grad_out
+        grad_s = g.sum_to_size(s_eff.shape).reshape(ctx.s_shape).to(s_eff.dtype) if need_s else None
+        return (grad_v if ctx.needs_input_grad[0] else None), grad_s, None, None, None, None, None, None, None
 
-        grad_v = grad_s = None
-        if ctx.needs_input_grad[0]:
-            grad_v = grad_out if not ctx.ste_clip else torch.where(below | above, 0.0, grad_out)
-        if ctx.needs_input_grad[1]:
-            ds = (torch.round(ratio) if rounded is None else rounded).sub_(ratio)  # inside: round(v/s) - v/s
-            ds.masked_fill_(below, -float(q_n)).masked_fill_(above, float(q_p))
-            g = ds.mul_(grad_out)
-            if ctx.grad_scale != 1.0:
-                g.mul_(ctx.grad_scale)
-            grad_s = g.sum_to_size(s_eff.shape).reshape(ctx.s_shape).to(s_eff.dtype)
-        return grad_v, grad_s, None, None, None, None, None, None
+
+def _backward_torch(ctx, grad_out: Tensor, saved: Tensor, s_eff: Tensor, need_v: bool, need_s: bool):
+    """(d/dv with the STE mask, elementwise d/ds times the gradient scale) by the unfused formula."""
+    ratio = saved if ctx.saved_ratio else saved / s_eff
+    q_n, q_p = ctx.q_n, ctx.q_p
+    rounded = None
+    if ctx.range_test == "unrounded":
+        below = ratio <= -q_n
+        above = ratio >= q_p
+    else:  # "rounded", as PyTorch's _fake_quantize_learnable_per_tensor_affine
+        rounded = torch.round(ratio)
+        below = rounded < -q_n
+        above = rounded > q_p
+    grad_v = g = None
+    if need_v:
+        grad_v = torch.where(below | above, 0.0, grad_out)
+    if need_s:
+        ds = (torch.round(ratio) if rounded is None else rounded).sub_(ratio)  # inside: round(v/s) - v/s
+        ds.masked_fill_(below, -float(q_n)).masked_fill_(above, float(q_p))
+        g = ds.mul_(grad_out)
+        if ctx.grad_scale != 1.0:
+            g.mul_(ctx.grad_scale)
+    return grad_v, g
 
 
 def fake_quantize(
@@ -170,6 +193,7 @@ def fake_quantize(
     ste_clip: bool = True,
     range_test: str = "unrounded",
     eps: float = DEFAULT_EPS,
+    fused: bool = True,
 ) -> Tensor:
     """LSQ fake quantization ``clamp(round(x/s), -q_n, q_p) * s`` with LSQ gradients.
 
@@ -198,6 +222,9 @@ def fake_quantize(
             yields NaN/Inf. The clamp is straight-through for the gradient: ``d/ds``
             is evaluated at ``max(s, eps)`` and passed to ``s`` unchanged, so a
             step driven below ``eps`` can still recover.
+        fused: use the one-pass C++ kernel (:mod:`kdlsq_pl.kernels`) where it applies (float32 CPU,
+            one step size or one per row of a 2-D ``x``); the result and both gradients are bit-identical to
+            the torch formula, which is used otherwise.
 
     Returns:
         Tensor of ``x``'s shape and dtype.
@@ -211,7 +238,7 @@ def fake_quantize(
     if not torch.is_tensor(s):
         s = torch.tensor(float(s), dtype=x.dtype, device=x.device)
     return _LSQFakeQuantFunction.apply(
-        x, s, int(q_n), int(q_p), float(grad_scale), bool(ste_clip), range_test, float(eps)
+        x, s, int(q_n), int(q_p), float(grad_scale), bool(ste_clip), range_test, float(eps), bool(fused)
     )
 
 
@@ -382,6 +409,7 @@ class LSQQuantizer(nn.Module):
             for callers that treat the two differently).
         num_channels: number of channels; required when ``per_channel=True``.
         eps: lower bound on the effective step size.
+        fused_kernel: use the fused C++ kernel on CPU (bit-identical, faster); see :func:`fake_quantize`.
 
     State:
         ``bits``, ``signed``, ``Q_N``, ``Q_P`` (Python ints/bools); parameter ``scale``
@@ -419,6 +447,7 @@ class LSQQuantizer(nn.Module):
         kind: str = "weight",
         num_channels: int | None = None,
         eps: float = DEFAULT_EPS,
+        fused_kernel: bool = True,
     ) -> None:
         super().__init__()
         q_n, q_p = quant_range(bits, signed, grid)
@@ -451,6 +480,7 @@ class LSQQuantizer(nn.Module):
         self.percentile = float(percentile)
         self.kind = kind
         self.eps = float(eps)
+        self.fused_kernel = bool(fused_kernel)
         shape = (num_channels,) if per_channel else ()
         self.scale = nn.Parameter(torch.ones(shape))
         self.register_buffer("initialized", torch.tensor(False), persistent=True)
@@ -581,7 +611,7 @@ class LSQQuantizer(nn.Module):
         if self.grad_scale:
             n = (numel or x.numel()) // (self.num_channels if self.per_channel else 1)
             g = 1.0 / math.sqrt(max(n, 1) * self.Q_P)
-        return fake_quantize(x, s, self.Q_N, self.Q_P, g, self.ste_clip, self.range_test, self.eps)
+        return fake_quantize(x, s, self.Q_N, self.Q_P, g, self.ste_clip, self.range_test, self.eps, self.fused_kernel)
 
     def freeze(self) -> None:
         """Stop learning the step/clip parameter (``scale.requires_grad = False``)."""

@@ -85,13 +85,14 @@ QUANTIZERS = ("lsq", "twn", "dynamic_max", "ema_max")
 
 
 def make_quantizer(bits: int, opts: Mapping[str, Any], kind: str, num_channels: int | None = None,
-                   per_row: bool = False) -> nn.Module:
+                   per_row: bool = False, fused_kernel: bool = True) -> nn.Module:
     """A fake quantizer from ``quant.weight`` / ``quant.act`` options (``conf/quant/_lsq.yaml``).
 
     ``opts["quantizer"]`` picks the family (default ``lsq``): ``lsq`` -> ``LSQQuantizer``; ``twn`` ->
     ``TWNQuantizer`` at 2 bits (``per_row`` for the word embedding) and TernaryBERT's
     ``DynamicMaxQuantizer`` at other widths; ``dynamic_max`` -> ``DynamicMaxQuantizer`` (``clip``);
-    ``ema_max`` -> ``EMAMaxQuantizer`` (``ema_decay``).
+    ``ema_max`` -> ``EMAMaxQuantizer`` (``ema_decay``). ``fused_kernel``: LSQ on CPU uses the fused C++
+    kernel (bit-identical to the torch formula; ``quant.fused_kernel``).
 
     Raises:
         ValueError: an unknown ``quantizer``.
@@ -109,7 +110,8 @@ def make_quantizer(bits: int, opts: Mapping[str, Any], kind: str, num_channels: 
     return LSQQuantizer(bits=bits, signed=True, grid=opts["grid"], param=opts["param"], per_channel=per_channel,
                         channel_dim=0, num_channels=num_channels if per_channel else None,
                         grad_scale=bool(opts["grad_scale"]), ste_clip=bool(opts["ste_clip"]),
-                        range_test=opts["range_test"], init=opts["init"], percentile=float(opts["percentile"]), kind=kind)
+                        range_test=opts["range_test"], init=opts["init"], percentile=float(opts["percentile"]), kind=kind,
+                        fused_kernel=fused_kernel)
 
 
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -138,12 +140,13 @@ def quantize_bert(model: nn.Module, quant: Mapping[str, Any]) -> Inserted:
     if is_quantized(model):
         raise ValueError("model is already quantized")
     wb, eb, ab = int(quant["weight_bits"]), int(quant["embedding_bits"]), int(quant["act_bits"])
+    fused = bool(quant.get("fused_kernel", True))
     inserted = Inserted()
 
     def act(path: str) -> nn.Module | None:
         if ab >= 32:
             return None
-        q = make_quantizer(ab, quant["act"], "activation")
+        q = make_quantizer(ab, quant["act"], "activation", fused_kernel=fused)
         inserted.act[path] = q
         return q
 
@@ -151,7 +154,7 @@ def quantize_bert(model: nn.Module, quant: Mapping[str, Any]) -> Inserted:
         lin = model.get_submodule(path)
         if wb >= 32 and ab >= 32:
             return
-        wq = make_quantizer(wb, quant["weight"], "weight", lin.out_features) if wb < 32 else nn.Identity()
+        wq = make_quantizer(wb, quant["weight"], "weight", lin.out_features, fused_kernel=fused) if wb < 32 else nn.Identity()
         if wb < 32:
             inserted.weight[f"{path}.weight_quantizer"] = wq
         _set(model, path, QuantLinear(lin, wq, act(f"{path}.input_quantizer")))
@@ -161,7 +164,7 @@ def quantize_bert(model: nn.Module, quant: Mapping[str, Any]) -> Inserted:
             path = f"bert.embeddings.{name}"
             emb = model.get_submodule(path)
             per_row = name == "word_embeddings" and bool(quant["weight"].get("embedding_per_row", False))
-            q = make_quantizer(eb, quant["weight"], "weight", emb.num_embeddings, per_row=per_row)
+            q = make_quantizer(eb, quant["weight"], "weight", emb.num_embeddings, per_row=per_row, fused_kernel=fused)
             inserted.weight[f"{path}.weight_quantizer"] = q
             _set(model, path, QuantEmbedding(emb, q))
     for i, _ in enumerate(bert.encoder.layer):
