@@ -7,7 +7,8 @@ Usage: .venv/bin/python benchmarks/train_step.py [--batch 32] [--lengths 64 128]
 
 Part 1 (one process, the offline MiniLM, real MRPC rows padded to each length): seconds per training step
 (forward, backward, AdamW step; the median of ``--steps`` after one warm-up step, the four settings taking
-turns so that the machine's slow spells fall on all of them) and the peak memory of one more step above the
+turns so that the machine's slow spells fall on all of them; the ratio to FP fine-tuning is the median over
+rounds of the ratio within a round) and the peak memory of one more step above the
 process's resident set before it (CPU: RSS sampled every 2 ms after ``malloc_trim``, MB; GPU:
 ``max_memory_allocated``),
 each as a ratio to FP fine-tuning. The cached teacher reads a float16 cache (``kdlsq_pl.distill.teacher_cache``)
@@ -105,12 +106,15 @@ class PeakMemory:
             self.peak_mb = (max(self.top, self.rss()) - self.base) / 2**20
 
 
-def interleaved(steps: dict, n: int, device: torch.device, warmup: int = 1) -> dict[str, tuple[float, float]]:
-    """{name: (median seconds per call over ``n`` calls after ``warmup``, peak MB)} for each step function.
+def interleaved(steps: dict, n: int, device: torch.device,
+                warmup: int = 1) -> dict[str, tuple[float, float, float]]:
+    """{name: (median seconds per call, median ratio to the first setting, peak MB)} for each step function.
 
-    The settings take turns (one call of each per round), so a slow spell of the machine falls on all of them
-    rather than on whichever setting was running. The peak memory comes from one more call of each, apart from
-    the timed ones (on CPU its ``malloc_trim`` makes the next call fault its pages in again).
+    The settings take turns (one call of each per round, ``n`` rounds after ``warmup``), so a slow spell of the
+    machine falls on all of them rather than on whichever setting was running; the ratio is the median over
+    rounds of a call's time over the first setting's call in the same round, which a drifting machine speed
+    cancels out of. The peak memory comes from one more call of each, apart from the timed ones (on CPU its
+    ``malloc_trim`` makes the next call fault its pages in again).
     """
     for fn in steps.values():
         for _ in range(warmup):
@@ -130,7 +134,9 @@ def interleaved(steps: dict, n: int, device: torch.device, warmup: int = 1) -> d
         with PeakMemory(device) as mem:
             fn()
         peaks[name] = mem.peak_mb
-    return {name: (statistics.median(times[name]), peaks[name]) for name in steps}
+    first = times[next(iter(steps))]
+    return {name: (statistics.median(times[name]), statistics.median(t / f for t, f in zip(times[name], first)),
+                   peaks[name]) for name in steps}
 
 
 def outputs(model, batch: dict, need: bool = True) -> dict:
@@ -205,9 +211,9 @@ def step_table(args, path: str, device: torch.device) -> None:
             results = interleaved({"FP fine-tuning": fp_step, "QAT, no teacher": qat_step,
                                    "KDLSQ, live teacher": kd_live_step, "KDLSQ, cached teacher": kd_cached_step},
                                   args.steps, device)
-            base_t, base_m = results["FP fine-tuning"]
-            for name, (sec, mb) in results.items():
-                print(f"{length:>6} | {name:<24} | {sec:>7.3f} | {sec / base_t:>5.2f} | {mb:>8.0f} | {mb / max(base_m, 1e-9):>5.2f}")
+            base_m = results["FP fine-tuning"][2]
+            for name, (sec, ratio, mb) in results.items():
+                print(f"{length:>6} | {name:<24} | {sec:>7.3f} | {ratio:>5.2f} | {mb:>8.0f} | {mb / max(base_m, 1e-9):>5.2f}")
             if args.profile:
                 profile_steps({"FP fine-tuning": fp_step, "QAT, no teacher": qat_step, "KDLSQ, live teacher": kd_live_step,
                                "KDLSQ, cached teacher": kd_cached_step}, args.profile, length)

@@ -157,6 +157,17 @@ def test_invalidated_when_teacher_task_or_length_change(setup, tmp_path, minilm_
     assert fifth.meta["attn_layers"] == [] and fifth.meta["bytes"] < first.meta["bytes"] / 2 and len(built) == 3
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_lookup_results_do_not_share_memory_between_calls(setup, dtype):
+    """lookup reuses its staging blocks: a second call (same shape, other examples) must not change the first's."""
+    batch, live, cached, s, cache = live_and_cached(setup, dtype=dtype)
+    first = [t.clone() for t in cached["hidden_states"] + cached["attention_scores"]]
+    other = cache.lookup(batch["idx"].flip(0), batch["input_ids"].shape[1])
+    assert not torch.equal(other["hidden_states"][1], cached["hidden_states"][1])  # other rows, other values
+    for a, b in zip(first, cached["hidden_states"] + cached["attention_scores"]):
+        assert torch.equal(a, b)
+
+
 def test_cache_pickles_without_its_memory_maps_and_names_missing_ids(setup):
     batch, live, cached, s, cache = live_and_cached(setup, dtype="float32")
     assert cache._arrays is not None  # opened by the lookup

@@ -24,35 +24,65 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;
 
-// One row (or the whole tensor) with a single step size. target_clones: an AVX2 copy and a baseline copy,
-// picked at load time by the CPU, so the same build runs on any x86-64.
+// One row (or the whole tensor) with a single step size. The loop bodies are templated on every flag, so each
+// instantiation is branch-free and vectorizes (a runtime flag inside the loop kept GCC from vectorizing it).
+// target_clones: an AVX2 copy and a baseline copy, picked at load time by the CPU, so the same build runs on any
+// x86-64.
+template <bool kSaveRatio>
 __attribute__((target_clones("avx2", "default")))
-void fwd_span(const float* v, float* out, float* ratio, int64_t n, float s, float lo, float hi) {
+void fwd_loop(const float* __restrict v, float* __restrict out, float* __restrict ratio, int64_t n, float s, float lo,
+              float hi) {
   for (int64_t i = 0; i < n; ++i) {
     const float r = v[i] / s;
     float q = __builtin_rintf(r);
     q = q < lo ? lo : (q > hi ? hi : q);  // NaN passes through, as torch.clamp
     out[i] = q * s;
-    if (ratio) ratio[i] = r;
+    if (kSaveRatio) ratio[i] = r;
   }
 }
 
+void fwd_span(const float* v, float* out, float* ratio, int64_t n, float s, float lo, float hi) {
+  if (ratio) fwd_loop<true>(v, out, ratio, n, s, lo, hi);
+  else fwd_loop<false>(v, out, nullptr, n, s, lo, hi);
+}
+
+template <bool kRatio, bool kRounded, bool kGradV, bool kGradS, bool kScale>
 __attribute__((target_clones("avx2", "default")))
-void bwd_span(const float* src, bool src_is_ratio, const float* g, float* gv, float* gs_elem, int64_t n, float s,
-              float lo, float hi, bool rounded_test, float grad_scale, bool scale_grad) {
+void bwd_loop(const float* __restrict src, const float* __restrict g, float* __restrict gv, float* __restrict gs_elem,
+              int64_t n, float s, float lo, float hi, float grad_scale) {
   for (int64_t i = 0; i < n; ++i) {
-    const float r = src_is_ratio ? src[i] : src[i] / s;
+    const float r = kRatio ? src[i] : src[i] / s;
     const float rr = __builtin_rintf(r);
-    const bool below = rounded_test ? (rr < lo) : (r <= lo);
-    const bool above = rounded_test ? (rr > hi) : (r >= hi);
-    if (gv) gv[i] = (below || above) ? 0.0f : g[i];
-    if (gs_elem) {
+    const bool below = kRounded ? (rr < lo) : (r <= lo);
+    const bool above = kRounded ? (rr > hi) : (r >= hi);
+    if (kGradV) gv[i] = (below || above) ? 0.0f : g[i];
+    if (kGradS) {
       const float ds = above ? hi : (below ? lo : rr - r);
       float t = ds * g[i];
-      if (scale_grad) t = t * grad_scale;
+      if (kScale) t = t * grad_scale;
       gs_elem[i] = t;
     }
   }
+}
+
+using BwdLoop = void (*)(const float*, const float*, float*, float*, int64_t, float, float, float, float);
+
+template <bool kRatio, bool kRounded, bool kGradV>
+BwdLoop pick_bwd_gs(bool grad_s, bool scale) {
+  if (!grad_s) return &bwd_loop<kRatio, kRounded, kGradV, false, false>;
+  return scale ? &bwd_loop<kRatio, kRounded, kGradV, true, true> : &bwd_loop<kRatio, kRounded, kGradV, true, false>;
+}
+
+template <bool kRatio>
+BwdLoop pick_bwd_rounded(bool rounded, bool grad_v, bool grad_s, bool scale) {
+  if (rounded) return grad_v ? pick_bwd_gs<kRatio, true, true>(grad_s, scale) : pick_bwd_gs<kRatio, true, false>(grad_s, scale);
+  return grad_v ? pick_bwd_gs<kRatio, false, true>(grad_s, scale) : pick_bwd_gs<kRatio, false, false>(grad_s, scale);
+}
+
+// The instantiation of bwd_loop for these flags.
+BwdLoop pick_bwd(bool src_is_ratio, bool rounded_test, bool grad_v, bool grad_s, bool scale_grad) {
+  return src_is_ratio ? pick_bwd_rounded<true>(rounded_test, grad_v, grad_s, scale_grad)
+                      : pick_bwd_rounded<false>(rounded_test, grad_v, grad_s, scale_grad);
 }
 
 // v as the kernel reads it: per tensor, any dense layout (e.g. the transposed Q/K/V views), walked in memory
@@ -113,9 +143,9 @@ std::tuple<at::Tensor, at::Tensor> lsq_backward(const at::Tensor& grad_in, const
   float* gsp = need_grad_s ? gs.data_ptr<float>() : nullptr;
   const float lo = -static_cast<float>(q_n), hi = static_cast<float>(q_p);
   const float scale = static_cast<float>(grad_scale);
+  const BwdLoop loop = pick_bwd(saved_is_ratio, rounded_test, need_grad_v, need_grad_s, grad_scale != 1.0);
   for_spans(saved, s, [&](int64_t b, int64_t e, float step) {
-    bwd_span(src + b, saved_is_ratio, g + b, gvp ? gvp + b : nullptr, gsp ? gsp + b : nullptr, e - b, step, lo, hi,
-             rounded_test, scale, grad_scale != 1.0);
+    loop(src + b, g + b, gvp ? gvp + b : nullptr, gsp ? gsp + b : nullptr, e - b, step, lo, hi, scale);
   });
   return {gv, gs};
 }

@@ -123,9 +123,10 @@ class TeacherCache:
         self.path = Path(path)
         self.meta = json.loads((self.path / META_FILE).read_text())
         self._arrays: dict[str, np.ndarray] | None = None
+        self._staging: tuple[np.ndarray, np.ndarray] | None = None  # lookup's blocks, reused
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "meta": self.meta, "_arrays": None}
+        return {"path": self.path, "meta": self.meta, "_arrays": None, "_staging": None}
 
     def _open(self) -> dict[str, np.ndarray]:
         if self._arrays is None:
@@ -156,25 +157,27 @@ class TeacherCache:
         rows = [a["row"][int(i)] for i in idx.tolist()]
         B, T, D, H = len(rows), int(seq_len), m["hidden_size"], m["heads"]
         nh, na = len(m["hidden_layers"]), len(m["attn_layers"])
-        # One tensor per layer: a stacked [layers, B, H, T, T] block would be too large for the malloc heap
-        # (kernels.keep_freed_memory) and be page-faulted in afresh every step.
-        hidden = [torch.empty(B, T, D) for _ in range(nh)]
-        attn = [torch.empty(B, H, T, T) for _ in range(na)]
-        hidden_np, attn_np = [x.numpy() for x in hidden], [x.numpy() for x in attn]  # numpy casts fp16 as it copies
+        # Gather the stored values into staging blocks of the stored dtype kept between calls (a fresh block this
+        # size would be page-faulted in every step), one copy per example for all layers; then torch casts each
+        # layer to its own float32 tensor (vectorized, on all threads; exact).
+        shape_h, shape_a = (nh, B, T, D), (na, B, H, T, T)
+        if self._staging is None or self._staging[0].shape != shape_h or self._staging[1].shape != shape_a:
+            self._staging = (np.empty(shape_h, a["hidden"].dtype), np.empty(shape_a, a["attn"].dtype))
+        stage_h, stage_a = self._staging
         mask = torch.zeros(B, T, dtype=torch.bool)
         for b, r in enumerate(rows):
             n = int(a["tokens"][r])
             l = min(n, T)
             h = a["hidden"][a["hidden_off"][r]:a["hidden_off"][r + 1]].reshape(nh, n, D)
             s = a["attn"][a["attn_off"][r]:a["attn_off"][r + 1]].reshape(na, H, n, n)
-            for k, x in enumerate(hidden_np):
-                x[b, :l] = h[k, :l]
-                x[b, l:] = 0.0
-            for k, x in enumerate(attn_np):
-                x[b, :, :l, :l] = s[k, :, :l, :l]
-                x[b, :, :l, l:] = 0.0  # only the padding is zeroed: one write per element in all
-                x[b, :, l:, :] = 0.0
+            stage_h[:, b, :l] = h[:, :l]
+            stage_h[:, b, l:] = 0.0
+            stage_a[:, b, :, :l, :l] = s[:, :, :l, :l]
+            stage_a[:, b, :, :l, l:] = 0.0  # only the padding is zeroed: one write per element in all
+            stage_a[:, b, :, l:, :] = 0.0
             mask[b, :l] = True
+        hidden = [torch.from_numpy(stage_h[k]).to(torch.float32, copy=True) for k in range(nh)]  # never the block
+        attn = [torch.from_numpy(stage_a[k]).to(torch.float32, copy=True) for k in range(na)]
         hidden_states: list[torch.Tensor | None] = [None] * (m["num_layers"] + 1)
         for k, layer in enumerate(m["hidden_layers"]):
             hidden_states[layer] = hidden[k].to(device)

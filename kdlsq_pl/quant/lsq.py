@@ -122,9 +122,11 @@ class _LSQFakeQuantFunction(torch.autograd.Function):
         fused: bool,
     ) -> Tensor:
         s_eff = s.clamp_min(eps)
-        # activations: keep v / s (v itself is not needed); weights (leaves) are kept anyway, so keep v
-        ctx.saved_ratio = not v.is_leaf
         ctx.fused = fused = fused and lsq_kernel_applies(v, s_eff) and (ops := cpu_kernels()) is not None
+        # What backward reads: v itself (weights are kept anyway; the fused kernel recomputes v / s for free, and
+        # an activation v is often kept by its producer too, softmax's probabilities or the Q/K/V Linears' shared
+        # input) or, for the torch formula on an activation, v / s, which saves a division pass.
+        ctx.saved_ratio = not v.is_leaf and not fused
         if fused:
             out, ratio = ops.lsq_forward(v, s_eff, q_n, q_p, ctx.saved_ratio)
             ctx.save_for_backward(ratio if ctx.saved_ratio else v, s_eff)
@@ -142,9 +144,9 @@ class _LSQFakeQuantFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        # Elementwise passes over the tensor are the cost (they outnumber the matmuls' time on CPU):
-        # an activation's ratio is saved, not recomputed, and no temporary is allocated that is not needed. The
-        # arithmetic (and the order of the sum) is the plain formula's, so results are bit-identical.
+        # Elementwise passes over the tensor are the cost (they outnumber the matmuls' time on CPU): the torch
+        # formula reads an activation's saved ratio rather than dividing again, and no temporary is allocated that
+        # is not needed. The arithmetic (and the order of the sum) is the same either way: results are bit-identical.
         saved, s_eff = ctx.saved_tensors
         q_n, q_p = ctx.q_n, ctx.q_p
         need_v = ctx.needs_input_grad[0] and ctx.ste_clip
