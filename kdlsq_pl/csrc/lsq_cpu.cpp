@@ -24,34 +24,26 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;
 
-// One row (or the whole tensor) with a single step size. The loop bodies are templated on every flag, so each
+// One row (or the whole tensor) with a single step size. The backward loop is templated on every flag, so each
 // instantiation is branch-free and vectorizes (a runtime flag inside the loop kept GCC from vectorizing it).
 // target_clones: an AVX2 copy and a baseline copy, picked at load time by the CPU, so the same build runs on any
 // x86-64.
-template <bool kSaveRatio>
 __attribute__((target_clones("avx2", "default")))
-void fwd_loop(const float* __restrict v, float* __restrict out, float* __restrict ratio, int64_t n, float s, float lo,
-              float hi) {
+void fwd_span(const float* __restrict v, float* __restrict out, int64_t n, float s, float lo, float hi) {
   for (int64_t i = 0; i < n; ++i) {
     const float r = v[i] / s;
     float q = __builtin_rintf(r);
     q = q < lo ? lo : (q > hi ? hi : q);  // NaN passes through, as torch.clamp
     out[i] = q * s;
-    if (kSaveRatio) ratio[i] = r;
   }
 }
 
-void fwd_span(const float* v, float* out, float* ratio, int64_t n, float s, float lo, float hi) {
-  if (ratio) fwd_loop<true>(v, out, ratio, n, s, lo, hi);
-  else fwd_loop<false>(v, out, nullptr, n, s, lo, hi);
-}
-
-template <bool kRatio, bool kRounded, bool kGradV, bool kGradS, bool kScale>
+template <bool kRounded, bool kGradV, bool kGradS, bool kScale>
 __attribute__((target_clones("avx2", "default")))
-void bwd_loop(const float* __restrict src, const float* __restrict g, float* __restrict gv, float* __restrict gs_elem,
+void bwd_loop(const float* __restrict v, const float* __restrict g, float* __restrict gv, float* __restrict gs_elem,
               int64_t n, float s, float lo, float hi, float grad_scale) {
   for (int64_t i = 0; i < n; ++i) {
-    const float r = kRatio ? src[i] : src[i] / s;
+    const float r = v[i] / s;
     const float rr = __builtin_rintf(r);
     const bool below = kRounded ? (rr < lo) : (r <= lo);
     const bool above = kRounded ? (rr > hi) : (r >= hi);
@@ -67,22 +59,16 @@ void bwd_loop(const float* __restrict src, const float* __restrict g, float* __r
 
 using BwdLoop = void (*)(const float*, const float*, float*, float*, int64_t, float, float, float, float);
 
-template <bool kRatio, bool kRounded, bool kGradV>
+template <bool kRounded, bool kGradV>
 BwdLoop pick_bwd_gs(bool grad_s, bool scale) {
-  if (!grad_s) return &bwd_loop<kRatio, kRounded, kGradV, false, false>;
-  return scale ? &bwd_loop<kRatio, kRounded, kGradV, true, true> : &bwd_loop<kRatio, kRounded, kGradV, true, false>;
-}
-
-template <bool kRatio>
-BwdLoop pick_bwd_rounded(bool rounded, bool grad_v, bool grad_s, bool scale) {
-  if (rounded) return grad_v ? pick_bwd_gs<kRatio, true, true>(grad_s, scale) : pick_bwd_gs<kRatio, true, false>(grad_s, scale);
-  return grad_v ? pick_bwd_gs<kRatio, false, true>(grad_s, scale) : pick_bwd_gs<kRatio, false, false>(grad_s, scale);
+  if (!grad_s) return &bwd_loop<kRounded, kGradV, false, false>;
+  return scale ? &bwd_loop<kRounded, kGradV, true, true> : &bwd_loop<kRounded, kGradV, true, false>;
 }
 
 // The instantiation of bwd_loop for these flags.
-BwdLoop pick_bwd(bool src_is_ratio, bool rounded_test, bool grad_v, bool grad_s, bool scale_grad) {
-  return src_is_ratio ? pick_bwd_rounded<true>(rounded_test, grad_v, grad_s, scale_grad)
-                      : pick_bwd_rounded<false>(rounded_test, grad_v, grad_s, scale_grad);
+BwdLoop pick_bwd(bool rounded, bool grad_v, bool grad_s, bool scale) {
+  if (rounded) return grad_v ? pick_bwd_gs<true, true>(grad_s, scale) : pick_bwd_gs<true, false>(grad_s, scale);
+  return grad_v ? pick_bwd_gs<false, true>(grad_s, scale) : pick_bwd_gs<false, false>(grad_s, scale);
 }
 
 // v as the kernel reads it: per tensor, any dense layout (e.g. the transposed Q/K/V views), walked in memory
@@ -112,40 +98,37 @@ void for_spans(const at::Tensor& v, const at::Tensor& s, F fn) {
   }
 }
 
-// (out, ratio): ratio is v / s when save_ratio, else an empty tensor.
-std::tuple<at::Tensor, at::Tensor> lsq_forward(const at::Tensor& v_in, const at::Tensor& s, int64_t q_n, int64_t q_p,
-                                               bool save_ratio) {
+// out = clamp(rint(v / s), -Q_N, Q_P) * s
+at::Tensor lsq_forward(const at::Tensor& v_in, const at::Tensor& s, int64_t q_n, int64_t q_p) {
   const at::Tensor v = prepare(v_in, s);
   at::Tensor out = at::empty_like(v);
-  at::Tensor ratio = save_ratio ? at::empty_like(v) : at::Tensor();
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  float* rp = save_ratio ? ratio.data_ptr<float>() : nullptr;
   const float lo = -static_cast<float>(q_n), hi = static_cast<float>(q_p);
-  for_spans(v, s, [&](int64_t b, int64_t e, float step) { fwd_span(vp + b, op + b, rp ? rp + b : nullptr, e - b, step, lo, hi); });
-  return {out, ratio};
+  for_spans(v, s, [&](int64_t b, int64_t e, float step) { fwd_span(vp + b, op + b, e - b, step, lo, hi); });
+  return out;
 }
 
 // (grad_v, grad_s_elem): either may be an empty tensor when not asked for.
-std::tuple<at::Tensor, at::Tensor> lsq_backward(const at::Tensor& grad_in, const at::Tensor& saved_in, bool saved_is_ratio,
+std::tuple<at::Tensor, at::Tensor> lsq_backward(const at::Tensor& grad_in, const at::Tensor& v_in,
                                                 const at::Tensor& s, int64_t q_n, int64_t q_p, bool rounded_test,
                                                 double grad_scale, bool need_grad_v, bool need_grad_s) {
-  const at::Tensor saved = prepare(saved_in, s);
-  TORCH_CHECK(grad_in.scalar_type() == at::kFloat && grad_in.sizes() == saved.sizes(),
+  const at::Tensor v = prepare(v_in, s);
+  TORCH_CHECK(grad_in.scalar_type() == at::kFloat && grad_in.sizes() == v.sizes(),
               "kdlsq lsq kernel: grad_out must be float32 of the input's shape");
-  // the gradient is read in the saved tensor's memory order, so it needs the saved tensor's strides
-  const at::Tensor grad_out = grad_in.strides() == saved.strides() ? grad_in : at::empty_like(saved).copy_(grad_in);
-  at::Tensor gv = need_grad_v ? at::empty_like(saved) : at::Tensor();
-  at::Tensor gs = need_grad_s ? at::empty_like(saved) : at::Tensor();
-  const float* src = saved.data_ptr<float>();
+  // the gradient is read in v's memory order, so it needs v's strides
+  const at::Tensor grad_out = grad_in.strides() == v.strides() ? grad_in : at::empty_like(v).copy_(grad_in);
+  at::Tensor gv = need_grad_v ? at::empty_like(v) : at::Tensor();
+  at::Tensor gs = need_grad_s ? at::empty_like(v) : at::Tensor();
+  const float* vp = v.data_ptr<float>();
   const float* g = grad_out.data_ptr<float>();
   float* gvp = need_grad_v ? gv.data_ptr<float>() : nullptr;
   float* gsp = need_grad_s ? gs.data_ptr<float>() : nullptr;
   const float lo = -static_cast<float>(q_n), hi = static_cast<float>(q_p);
   const float scale = static_cast<float>(grad_scale);
-  const BwdLoop loop = pick_bwd(saved_is_ratio, rounded_test, need_grad_v, need_grad_s, grad_scale != 1.0);
-  for_spans(saved, s, [&](int64_t b, int64_t e, float step) {
-    loop(src + b, g + b, gvp ? gvp + b : nullptr, gsp ? gsp + b : nullptr, e - b, step, lo, hi, scale);
+  const BwdLoop loop = pick_bwd(rounded_test, need_grad_v, need_grad_s, grad_scale != 1.0);
+  for_spans(v, s, [&](int64_t b, int64_t e, float step) {
+    loop(vp + b, g + b, gvp ? gvp + b : nullptr, gsp ? gsp + b : nullptr, e - b, step, lo, hi, scale);
   });
   return {gv, gs};
 }
@@ -153,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor> lsq_backward(const at::Tensor& grad_in, const
 }  // namespace
 
 TORCH_LIBRARY(kdlsq, m) {
-  m.def("lsq_forward(Tensor v, Tensor s, int q_n, int q_p, bool save_ratio) -> (Tensor, Tensor)");
-  m.def("lsq_backward(Tensor grad_out, Tensor saved, bool saved_is_ratio, Tensor s, int q_n, int q_p, bool rounded_test, "
+  m.def("lsq_forward(Tensor v, Tensor s, int q_n, int q_p) -> Tensor");
+  m.def("lsq_backward(Tensor grad_out, Tensor v, Tensor s, int q_n, int q_p, bool rounded_test, "
         "float grad_scale, bool need_grad_v, bool need_grad_s) -> (Tensor, Tensor)");
 }
 

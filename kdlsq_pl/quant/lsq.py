@@ -128,8 +128,8 @@ class _LSQFakeQuantFunction(torch.autograd.Function):
         # input) or, for the torch formula on an activation, v / s, which saves a division pass.
         ctx.saved_ratio = not v.is_leaf and not fused
         if fused:
-            out, ratio = ops.lsq_forward(v, s_eff, q_n, q_p, ctx.saved_ratio)
-            ctx.save_for_backward(ratio if ctx.saved_ratio else v, s_eff)
+            out = ops.lsq_forward(v, s_eff, q_n, q_p)
+            ctx.save_for_backward(v, s_eff)
         elif ctx.saved_ratio:
             ratio = torch.div(v, s_eff)
             out = torch.round(ratio).clamp_(-q_n, q_p).mul_(s_eff)  # round-half-to-even
@@ -152,7 +152,7 @@ class _LSQFakeQuantFunction(torch.autograd.Function):
         need_v = ctx.needs_input_grad[0] and ctx.ste_clip
         need_s = ctx.needs_input_grad[1]
         if ctx.fused:
-            grad_v, g = cpu_kernels().lsq_backward(grad_out, saved, ctx.saved_ratio, s_eff, q_n, q_p,
+            grad_v, g = cpu_kernels().lsq_backward(grad_out, saved, s_eff, q_n, q_p,
                                                   ctx.range_test == "rounded", ctx.grad_scale, need_v, need_s)
         else:
             grad_v, g = _backward_torch(ctx, grad_out, saved, s_eff, need_v, need_s)
