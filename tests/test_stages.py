@@ -9,8 +9,8 @@ import pytorch_lightning as pl
 import torch
 
 from conftest import compose_cfg
-from kdlsq_pl.models.loading import TeacherStore
-from kdlsq_pl.pipeline import build_datamodule, run
+from kdlsq_pl.models.loading import TeacherStore, resolve_model_path
+from kdlsq_pl.pipeline import build_datamodule, run, teacher_recipe
 from kdlsq_pl.student import build_student_module, quant_callbacks
 
 SMALL = ("task=rte", "data.limit_train_examples=32", "data.limit_eval_examples=32", "data.batch_size=16")
@@ -28,8 +28,10 @@ def store(tmp_path_factory):
 def test_teacher_stage_publishes_to_store(store):
     root, cfg, record = store
     st = TeacherStore(cfg.teacher.store)
-    path = st.path(cfg.model.name_or_path, "rte", cfg.seed)
-    assert st.has(cfg.model.name_or_path, "rte", cfg.seed) and (path / "model.safetensors").is_file()
+    recipe = teacher_recipe(cfg, resolve_model_path(cfg.model.name_or_path))
+    path = st.path(recipe)
+    assert st.has(recipe) and (path / "model.safetensors").is_file()
+    assert st.record(recipe)["recipe"]["task_config"]["teacher"]["lr"] == cfg.task.teacher.lr  # teacher.json shows the recipe
     assert (path / "tokenizer.json").is_file() or (path / "vocab.txt").is_file()
     saved = json.loads((root / "out" / "result.json").read_text())
     assert saved["stage"] == "teacher" and saved["task"] == "rte" and saved["status"] == "finished"
@@ -42,8 +44,9 @@ def test_teacher_fast_dev_run_publishes_only_to_the_smoke_store(tmp_path):
     cfg = compose_cfg(tmp_path, "stage=teacher", *SMALL, "trainer.fast_dev_run=true")
     record = run(cfg)
     real, smoke = TeacherStore(tmp_path / "teachers"), TeacherStore(tmp_path / "teachers" / "fast_dev_run")
-    assert record["stage"] == "teacher" and smoke.has(cfg.model.name_or_path, "rte", cfg.seed)
-    assert not real.has(cfg.model.name_or_path, "rte", cfg.seed)  # a smoke teacher never stands in for a real one
+    recipe = teacher_recipe(cfg, resolve_model_path(cfg.model.name_or_path))
+    assert record["stage"] == "teacher" and smoke.has(recipe)
+    assert not real.has(recipe)  # a smoke teacher never stands in for a real one
     # the student stage's fast_dev_run on real RTE rows finds that smoke teacher
     student = run(compose_cfg(tmp_path, *SMALL, "quant=w2a8", "trainer.fast_dev_run=true", "paths.output_dir=" + str(tmp_path / "s")))
     assert student["stage"] == "student" and student["teacher_dir"].startswith(str(tmp_path / "teachers" / "fast_dev_run"))
@@ -52,7 +55,7 @@ def test_teacher_fast_dev_run_publishes_only_to_the_smoke_store(tmp_path):
 
 def test_student_stage_reuses_teacher(store, tmp_path, caplog):
     root, _, teacher = store
-    cfg = compose_cfg(tmp_path, *SMALL, "quant=w2a8", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+    cfg = compose_cfg(tmp_path, *SMALL, "task.teacher.epochs=1", "quant=w2a8", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
                       "trainer.limit_val_batches=1", "callbacks.model_checkpoint=null", f"teacher.store={root}/teachers")
     with caplog.at_level("INFO", logger="kdlsq_pl"):
         record = run(cfg)
@@ -69,9 +72,9 @@ def test_student_stage_reuses_teacher(store, tmp_path, caplog):
 def test_student_checkpoint_round_trip_same_logits(store, tmp_path):
     """A student restored from a Lightning checkpoint (quantizers re-inserted by the callback) gives the same logits."""
     root, _, _ = store
-    cfg = compose_cfg(tmp_path, *SMALL, "quant=w2a8", "trainer.max_epochs=1", "trainer.val_check_interval=1.0",
+    cfg = compose_cfg(tmp_path, *SMALL, "task.teacher.epochs=1", "quant=w2a8", "trainer.max_epochs=1", "trainer.val_check_interval=1.0",
                       f"teacher.store={root}/teachers", "callbacks.progress_bar=null")
-    teacher_dir = TeacherStore(cfg.teacher.store).path(cfg.model.name_or_path, "rte", cfg.seed)
+    teacher_dir = TeacherStore(cfg.teacher.store).path(teacher_recipe(cfg, resolve_model_path(cfg.model.name_or_path)))
     dm = build_datamodule(cfg, str(teacher_dir), 16)
     module = build_student_module(cfg, teacher_dir)
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)

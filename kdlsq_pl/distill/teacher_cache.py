@@ -37,6 +37,7 @@ from torch import nn
 
 from kdlsq_pl.errors import ConfigError
 from kdlsq_pl.models.attention import capture_attention_scores
+from kdlsq_pl.models.loading import files_digest
 
 log = logging.getLogger("kdlsq_pl")
 
@@ -58,14 +59,7 @@ def teacher_digest(teacher_dir: str | Path) -> str:
     files = sorted(f for pattern in WEIGHT_PATTERNS for f in teacher_dir.glob(pattern))
     if not files:
         raise ConfigError(f"teacher_cache: no weights (*.safetensors or *.bin) in the teacher folder {teacher_dir}")
-    h = hashlib.sha1()
-    for path in [teacher_dir / "config.json", *files]:
-        if path.is_file():
-            h.update(path.name.encode())
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:16]
+    return files_digest([teacher_dir / "config.json", *files])
 
 
 def cache_key(teacher_digest: str, task: str, max_length: int, data_key: str, selection: Mapping[str, Any]) -> str:

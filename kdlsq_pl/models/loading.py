@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -78,56 +79,99 @@ def num_labels(task: Mapping[str, Any]) -> int:
     return len(task["labels"]) or 1
 
 
-def load_classifier(path: str, task: Mapping[str, Any], attn_implementation: str = "eager") -> "PreTrainedModel":
+def load_classifier(path: str, task: Mapping[str, Any], attn_implementation: str = "eager", head: Mapping[str, Any] | None = None) -> "PreTrainedModel":
     """Load ``AutoModelForSequenceClassification`` for the task (new head if the checkpoint has none).
 
+    Args:
+        head: for a new head (the teacher stage, ``task.teacher``): ``pooling`` (``cls`` | ``mean``),
+            ``pooler_dense`` and ``classifier_dropout`` (``None``: the config's hidden dropout). ``None``
+            keeps what the checkpoint's config records (a stored teacher: its students pool the same way).
+
     Raises:
-        ConfigError: the directory cannot be read as a Hugging Face model.
+        ConfigError: the directory cannot be read as a Hugging Face model, or the pooling does not fit it.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from kdlsq_pl.models.pooling import apply_pooling
+
     n = num_labels(task)
+    head = dict(head or {})
+    extra = {"classifier_dropout": head["classifier_dropout"]} if head.get("classifier_dropout") is not None else {}
     try:
-        config = AutoConfig.from_pretrained(path, num_labels=n, problem_type="regression" if n == 1 else "single_label_classification")
-        return AutoModelForSequenceClassification.from_pretrained(path, config=config, attn_implementation=attn_implementation)
+        config = AutoConfig.from_pretrained(path, num_labels=n, problem_type="regression" if n == 1 else "single_label_classification", **extra)
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model {path}: cannot be loaded as a Hugging Face model ({str(e).splitlines()[0][:160]})") from None
+    return apply_pooling(model, head.get("pooling"), head.get("pooler_dense"))
+
+
+def files_digest(paths: list[Path]) -> str:
+    """SHA-1 (16 hex characters) over the names and bytes of ``paths`` in the given order (absent ones skipped)."""
+    h = hashlib.sha1()
+    for path in paths:
+        if path.is_file():
+            h.update(path.name.encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def model_digest(path: str | Path) -> str | None:
+    """:func:`files_digest` of a local model directory's ``config.json`` and weight files; ``None`` for a hub id
+    (its name is its identity)."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    return files_digest([path / "config.json", *sorted(f for pattern in ("*.safetensors", "*.bin") for f in path.glob(pattern))])
+
+
+def recipe_digest(recipe: Mapping[str, Any]) -> str:
+    """SHA-1 (12 hex characters) of a teacher recipe's canonical JSON (sorted keys)."""
+    return hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 class TeacherStore:
-    """Fine-tuned teachers on disk, one ``save_pretrained`` directory per (model, task, seed).
+    """Fine-tuned teachers on disk, one ``save_pretrained`` directory per recipe.
 
-    Layout: ``<root>/<model_key>/<task>/seed<seed>/`` with the model, its tokenizer and
-    ``teacher.json`` (dev metrics, wall time). A directory is published by an atomic rename of a
-    fully written temporary directory, so a crash never leaves a half-written teacher.
+    A recipe (``kdlsq_pl.pipeline.teacher_recipe``) is everything that shapes the teacher: model and
+    the digest of its files, task, teacher seed, the teacher hyper-parameters (pooling included), max
+    length, data options and the digest of the data files. Layout:
+    ``<root>/<model_key>/<task>/seed<seed>-<recipe digest>/`` with the model, its tokenizer and
+    ``teacher.json`` (the recipe, its digest, dev metrics, wall time), so a changed recipe trains a new
+    teacher and never reuses an old one. A directory is published by an atomic rename of a fully
+    written temporary directory, so a crash never leaves a half-written teacher.
     """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def path(self, name_or_path: str, task: str, seed: int) -> Path:
-        return self.root / model_key(name_or_path) / task / f"seed{seed}"
+    def path(self, recipe: Mapping[str, Any]) -> Path:
+        """The directory of the teacher trained by ``recipe`` (keys ``model``, ``task``, ``seed`` and the rest)."""
+        return self.root / model_key(recipe["model"]) / recipe["task"] / f"seed{recipe['seed']}-{recipe_digest(recipe)}"
 
-    def has(self, name_or_path: str, task: str, seed: int) -> bool:
-        return (self.path(name_or_path, task, seed) / "teacher.json").is_file()
+    def has(self, recipe: Mapping[str, Any]) -> bool:
+        return (self.path(recipe) / "teacher.json").is_file()
 
-    def record(self, name_or_path: str, task: str, seed: int) -> dict:
+    def record(self, recipe: Mapping[str, Any]) -> dict:
         """The stored ``teacher.json``; raises ``ConfigError`` naming a corrupt file."""
-        p = self.path(name_or_path, task, seed) / "teacher.json"
+        p = self.path(recipe) / "teacher.json"
         try:
             return json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"teacher store: {p} is unreadable or corrupt ({e}); delete that directory to retrain") from None
 
-    def save(self, model: "PreTrainedModel", tokenizer: Any, record: dict, name_or_path: str, task: str, seed: int) -> Path:
-        """Write model, tokenizer and record to a temporary directory, then rename it into place."""
-        final = self.path(name_or_path, task, seed)
+    def save(self, model: "PreTrainedModel", tokenizer: Any, record: dict, recipe: Mapping[str, Any]) -> Path:
+        """Write model, tokenizer and record (with the recipe and its digest) to a temporary directory, then
+        rename it into place."""
+        final = self.path(recipe)
         tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "teacher.json").write_text(json.dumps(record, indent=2))
+        record = {**record, "recipe": dict(recipe), "recipe_digest": recipe_digest(recipe)}
+        (tmp / "teacher.json").write_text(json.dumps(record, indent=2, default=str))
         if final.exists():
             old = final.with_name(f"{final.name}.old-{os.getpid()}")
             os.replace(final, old)

@@ -173,7 +173,7 @@ def quantize_bert(model: nn.Module, quant: Mapping[str, Any]) -> Inserted:
         if quant.get("quantize_attention", True) and ab < 32:
             attn = model.get_submodule(f"bert.encoder.layer.{i}.attention.self")
             attn.kdlsq_act_quant = nn.ModuleDict({k: act(f"bert.encoder.layer.{i}.attention.self.kdlsq_act_quant.{k}") for k in ATTENTION_ACTS})
-    if getattr(bert, "pooler", None) is not None:
+    if getattr(getattr(bert, "pooler", None), "dense", None) is not None:  # [CLS] or mean pooling (models.pooling)
         linear("bert.pooler.dense")
     return inserted
 

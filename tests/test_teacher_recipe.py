@@ -1,0 +1,78 @@
+"""The teacher store is keyed by the teacher's recipe: a changed recipe trains a new teacher, an unchanged one
+(whatever the student's seed, bits or loss) reuses the stored one."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import GLUE
+from kdlsq_pl import pipeline
+from kdlsq_pl.models.loading import TeacherStore, recipe_digest, resolve_model_path
+from kdlsq_pl.pipeline import teacher_recipe
+
+SMALL = ("task=rte", "data.limit_train_examples=32", "data.limit_eval_examples=32")
+
+
+def digest(make_cfg, *overrides):
+    cfg = make_cfg(*SMALL, *overrides)
+    return recipe_digest(teacher_recipe(cfg, resolve_model_path(cfg.model.name_or_path)))
+
+
+@pytest.mark.parametrize("change", ["task.teacher.lr=1e-4", "task.teacher.epochs=4", "task.teacher.pooling=mean",
+                                    "task.teacher.pooler_dense=false", "task.teacher.classifier_dropout=0.2",
+                                    "task.teacher.batch_size=16", "task.teacher.warmup_ratio=0", "task.max_length=64",
+                                    "teacher.seed=1", "task=mrpc", "data.group_by_length=false", "data.limit_train_examples=16"])
+def test_recipe_changes_with_what_shapes_the_teacher(make_cfg, change):
+    assert digest(make_cfg, change) != digest(make_cfg)
+
+
+@pytest.mark.parametrize("same", ["seed=7", "quant=w4a8", "loss.gt=1", "method=lsq", "trainer.max_epochs=1",
+                                  "optim.lr=1e-4", "data.batch_size=8", "teacher_cache.enabled=true"])
+def test_recipe_unchanged_by_student_settings(make_cfg, same):
+    assert digest(make_cfg, same) == digest(make_cfg)
+
+
+def test_recipe_changes_with_data_file_bytes(make_cfg, tmp_path):
+    glue = tmp_path / "glue"
+    shutil.copytree(GLUE / "RTE", glue / "RTE")
+    before = digest(make_cfg, f"data.glue_dir={glue}")
+    assert before == digest(make_cfg)  # the same bytes elsewhere: the same recipe
+    with open(glue / "RTE" / "train.tsv", "a", encoding="utf-8") as f:
+        f.write("\n")
+    assert digest(make_cfg, f"data.glue_dir={glue}") != before
+
+
+def test_recipe_changes_with_model_weights(make_cfg, tmp_path, minilm_path):
+    copy = tmp_path / "minilm"
+    shutil.copytree(minilm_path, copy)
+    base = digest(make_cfg, f"model.name_or_path={copy}")
+    with open(copy / "model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    assert digest(make_cfg, f"model.name_or_path={copy}") != base
+
+
+def test_changed_recipe_trains_new_teacher_unchanged_reuses(make_cfg, monkeypatch, tmp_path):
+    trained = []
+
+    def fake_train(cfg, model_path, out_dir, recipe=None):  # stands in for the fine-tune: publishes a record only
+        trained.append(recipe_digest(recipe))
+        store = pipeline.teacher_store(cfg)
+        path = store.path(recipe)
+        path.mkdir(parents=True)
+        (path / "teacher.json").write_text('{"value": 1.0}')
+        return path, store.record(recipe)
+
+    monkeypatch.setattr(pipeline, "train_teacher", fake_train)
+    cfg = make_cfg(*SMALL)
+    model_path = resolve_model_path(cfg.model.name_or_path)
+    first, _ = pipeline.ensure_teacher(cfg, model_path, tmp_path / "out")
+    again, _ = pipeline.ensure_teacher(make_cfg(*SMALL, "seed=3", "quant=w4a8"), model_path, tmp_path / "out")
+    assert again == first and len(trained) == 1  # a student of another seed or bit-width reuses it
+    other, _ = pipeline.ensure_teacher(make_cfg(*SMALL, "task.teacher.pooling=mean"), model_path, tmp_path / "out")
+    assert other != first and len(trained) == 2 and other.parent == first.parent
+    assert TeacherStore(cfg.teacher.store).has(teacher_recipe(cfg, model_path))
