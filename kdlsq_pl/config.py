@@ -145,6 +145,7 @@ def validate_student(cfg: DictConfig) -> None:
     for key in ("pred", "attn", "hidden", "gt"):
         number(cfg, f"loss.{key}", lo=0)
     number(cfg, "loss.temperature", lo=0, lo_open=True)
+    number(cfg, "loss.intermediate_epochs", lo=0, hi=int(_get(cfg, "trainer.max_epochs")) - 1, integer=True)  # then pred + gt
     choice(cfg, "loss.pred_reduction", ("mean", "batchmean"))
     choice(cfg, "loss.regression_target", ("label", "teacher"))
     validate_teacher_cache(cfg)

@@ -218,8 +218,9 @@ class KDLSQModule(GLUEModule):
             self.teacher.eval()
         return self
 
-    def _outputs(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict:
-        need_scores, need_hidden = self.loss.weights["attn"] > 0, self.loss.weights["hidden"] > 0
+    def _outputs(self, model: nn.Module, batch: Mapping[str, torch.Tensor], epoch: int | None = None) -> dict:
+        w = self.loss.weights_at(epoch)
+        need_scores, need_hidden = w["attn"] > 0, w["hidden"] > 0
         with capture_attention_scores() as scores:
             out = model(**model_inputs(batch), output_hidden_states=need_hidden)
         return {"logits": out.logits, "hidden_states": out.hidden_states if need_hidden else None,
@@ -227,14 +228,15 @@ class KDLSQModule(GLUEModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         teacher_out = None
+        epoch = self.current_epoch  # two-stage losses (loss.intermediate_epochs) switch terms by epoch
         if self.teacher_cache is not None:
             teacher_out = self.teacher_cache.lookup(batch["idx"], batch["input_ids"].shape[1], self.device)
         elif self.teacher is not None:
             with torch.no_grad():
-                teacher_out = self._outputs(self.teacher, batch)
+                teacher_out = self._outputs(self.teacher, batch, epoch)
             teacher_out["mask"] = batch["attention_mask"].bool()  # used by a loss with mask_padding=True
-        student_out = self._outputs(self.student, batch)
-        total, parts = self.loss(student_out, teacher_out, batch["labels"])
+        student_out = self._outputs(self.student, batch, epoch)
+        total, parts = self.loss(student_out, teacher_out, batch["labels"], epoch=epoch)
         self.log("train/loss", total, prog_bar=True)
         for name, value in parts.items():
             self.log(f"train/loss_{name}", value)

@@ -4,22 +4,22 @@ Usage: ``python -m kdlsq_pl.report [--root outputs] [--out outputs/report]``
 
 Reads every ``result.json`` under ``--root``. Rows of ``RESULTS.md``: the FP32 teacher, then each
 method x bit setting with its size in MB and compression ratio against FP32; columns: tasks (their
-dev metric, x100) and the average over tasks. Several seeds give ``mean +- std``. ``results.csv``
-has one row per run; ``results.png`` plots each task's metric against weight bits with the teacher
-as a dashed line.
+dev metric, x100) and the average over tasks. Every cell gives ``mean +- std (n=seeds)``.
+``results.csv`` has one row per run; ``results.png`` plots each task's metric against weight bits
+(error bars: std over seeds) with the teacher as a dashed line, and against the real file size.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
+
+import pandas as pd
 
 from kdlsq_pl.results import RESULT_FILE
 
@@ -43,13 +43,16 @@ def load_records(root: str | Path) -> list[dict]:
     return records
 
 
-def fmt_cell(values: list[float]) -> str:
-    """``83.26`` for one value, ``83.26 +- 0.41`` (sample std) for several, ``-`` for none."""
-    if not values:
+def fmt_cell(values: Iterable[float], n_expected: int | None = None) -> str:
+    """``83.26 (n=1)`` for one value, ``83.26 +- 0.41 (n=3)`` (mean and sample std, by pandas) for several,
+    ``-`` for none; ``(n=1 of 3)`` when the cell has fewer seeds than ``n_expected`` (the fullest cell)."""
+    values = pd.Series(list(values), dtype=float)
+    if values.empty:
         return "-"
+    n = f"n={len(values)}" + (f" of {n_expected}" if n_expected and len(values) < n_expected else "")
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+        return f"{values.iloc[0]:.2f} ({n})"
+    return f"{values.mean():.2f} +- {values.std(ddof=1):.2f} ({n})"
 
 
 def bits_label(rec: dict) -> str:
@@ -57,13 +60,24 @@ def bits_label(rec: dict) -> str:
     return f"{b.get('weight_bits', '?')}-{b.get('embedding_bits', '?')}-{b.get('act_bits', '?')}"
 
 
+TEACHER = "teacher (FP32)"
+
+
 def build_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], dict]:
-    """The results table as (header, rows, cells) where ``cells[(row_key, task)]`` lists the values."""
+    """The results table as (header, rows, info).
+
+    A row per method x bit setting (the key ``"<method> <quant>"``), a column per task. A cell is the mean
+    +- sample std of the finished runs' best dev values over seeds, with the number of seeds. The teacher
+    row counts each distinct teacher once (by ``teacher_dir``: the students of three seeds share one), from
+    the students' ``teacher_metric``, or teacher-stage records where no student names a teacher.
+    ``info``: ``cells`` (``(key, task) -> values``), ``tasks``, ``meta`` (bits, size, ratio, weight bits and
+    the packed file size per key).
+    """
     records = list(records)
-    teacher: dict[tuple[str, int], float] = {}
-    teacher_runs: dict[tuple[str, int], float] = {}  # teacher-stage records, used where no student names its teacher
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
     failed: dict[tuple[str, str], int] = defaultdict(int)
+    teachers: dict[tuple[str, str], float] = {}  # (task, teacher id) -> metric
+    teacher_runs: dict[tuple[str, str], float] = {}
     meta: dict[str, dict] = {}
     tasks = set()
     for rec in records:
@@ -73,45 +87,48 @@ def build_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], di
         tasks.add(task)
         if rec.get("stage") == "teacher":
             if rec.get("status") == "finished" and rec.get("best") is not None:
-                teacher_runs[(task, rec.get("seed"))] = rec["best"]
+                teacher_runs[(task, rec.get("teacher_dir") or rec.get("path"))] = rec["best"]
             continue
         if rec.get("teacher_metric") is not None:  # the teacher this student was distilled from
-            teacher[(task, rec.get("seed"))] = rec["teacher_metric"]
+            teachers[(task, rec.get("teacher_dir") or f"seed{rec.get('seed')}")] = rec["teacher_metric"]
+            if rec.get("fp32_file_bytes"):
+                meta.setdefault(TEACHER, {})["file"] = rec["fp32_file_bytes"]
         key = f"{rec.get('method', 'kdlsq')} {rec.get('quant', '?')}"
         if key not in meta or (meta[key]["size"] is None and rec.get("size_bytes")):  # a failed record has no size or bits
             meta[key] = {"bits": bits_label(rec), "size": rec.get("size_bytes"), "ratio": rec.get("compression_ratio"),
-                         "wbits": (rec.get("bits") or {}).get("weight_bits", 32)}
+                         "wbits": (rec.get("bits") or {}).get("weight_bits", 32), "file": rec.get("packed_bytes") or rec.get("size_bytes")}
         if rec.get("status") == "finished" and rec.get("best") is not None:
             cells[(key, task)].append(rec["best"])
         else:
             failed[(key, task)] += 1
-    for key, value in teacher_runs.items():
-        teacher.setdefault(key, value)
-    for (task, _), value in teacher.items():
-        cells[("teacher (FP32)", task)].append(value)
+    tasks_with_students = {task for task, _ in teachers}
+    for (task, tid), value in teacher_runs.items():
+        if task not in tasks_with_students:
+            teachers[(task, tid)] = value
+    for (task, _), value in teachers.items():
+        cells[(TEACHER, task)].append(value)
     task_list = [t for t in TASK_ORDER if t in tasks] + sorted(tasks - set(TASK_ORDER))
     metric = {r["task"]: r.get("metric", "") for r in records if r.get("task")}
     header = ["model", "W-E-A bits", "size (MB)", "vs FP32"] + [f"{TASK_LABEL.get(t, t)} ({metric.get(t, '')})" for t in task_list] + ["avg"]
     fp32_bytes = next((r["fp32_bytes"] for r in records if r.get("fp32_bytes")), None)
+    meta.setdefault(TEACHER, {}).update(bits="32-32-32", size=fp32_bytes, ratio=1.0 if fp32_bytes else None, wbits=32)
+    meta[TEACHER].setdefault("file", fp32_bytes)
+    n_expected = max((len(v) for (k, _), v in cells.items() if k != TEACHER), default=0)
     rows = []
-    keys = ["teacher (FP32)"] + sorted(meta, key=lambda k: (-meta[k]["wbits"], k))
-    for key in keys:
-        if key == "teacher (FP32)":
-            info = {"bits": "32-32-32", "size": fp32_bytes, "ratio": 1.0 if fp32_bytes else None}
-        else:
-            info = meta[key]
+    for key in [TEACHER] + sorted((k for k in meta if k != TEACHER), key=lambda k: (-meta[k]["wbits"], k)):
+        info = meta[key]
         row = [key, info["bits"], f"{info['size'] / 1e6:.1f}" if info.get("size") else "-",
                f"{info['ratio']:.1f}x" if info.get("ratio") else "-"]
         means = []
         for t in task_list:
             vals = cells.get((key, t), [])
-            text = fmt_cell(vals)
+            text = fmt_cell(vals, None if key == TEACHER else n_expected)
             if failed.get((key, t)):
                 text = f"{text} (failed: {failed[(key, t)]})" if vals else f"FAILED ({failed[(key, t)]})"
             row.append(text)
             if vals:
-                means.append(statistics.mean(vals))
-        row.append(f"{statistics.mean(means):.2f}" if len(means) == len(task_list) and means else "-")
+                means.append(pd.Series(vals).mean())
+        row.append(f"{pd.Series(means).mean():.2f}" if len(means) == len(task_list) and means else "-")
         rows.append(row)
     return header, rows, {"cells": dict(cells), "tasks": task_list, "meta": meta}
 
@@ -123,43 +140,56 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_csv(records: list[dict], path: Path) -> None:
+    """One row per run (``CSV_FIELDS``), written to a temporary file and renamed into place."""
+    rows = [{k: rec.get(k, "") for k in CSV_FIELDS} | {"method": rec.get("method", "teacher" if rec.get("stage") == "teacher" else "kdlsq")}
+            for rec in records]
     tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for rec in records:
-            w.writerow({k: rec.get(k, "") for k in CSV_FIELDS} | {"method": rec.get("method", "teacher" if rec.get("stage") == "teacher" else "kdlsq")})
+    pd.DataFrame(rows, columns=CSV_FIELDS).to_csv(tmp, index=False)
     tmp.replace(path)
 
 
 def plot(info: dict, path: Path) -> None:
-    """Metric against weight bits per task; the teacher as a dashed line."""
+    """Two rows of panels, one column per task. Top: metric against weight bits per method, mean with the
+    sample std over seeds as error bars, the teacher as a dashed line. Bottom: metric against the real file
+    size (MB, log scale: the packed export, FP32 safetensors for the teacher), every method and the teacher."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = info["tasks"]
-    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(4 * max(len(tasks), 1), 3.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        by_method: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    ncol = max(len(tasks), 1)
+    fig, axes = plt.subplots(2, ncol, figsize=(4.2 * ncol, 6.4), squeeze=False)
+    for col, task in enumerate(tasks):
+        top, bottom = axes[0][col], axes[1][col]
+        by_method: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
         for key, meta in info["meta"].items():
-            vals = info["cells"].get((key, task))
-            if vals:
-                by_method[key.split(" ")[0]].append((meta["wbits"], statistics.mean(vals)))
+            vals = pd.Series(info["cells"].get((key, task), []), dtype=float)
+            if vals.empty:
+                continue
+            std = vals.std(ddof=1) if len(vals) > 1 else 0.0
+            if key != TEACHER:
+                by_method[key.split(" ")[0]].append((meta["wbits"], vals.mean(), std))
+            if meta.get("file"):
+                bottom.errorbar([meta["file"] / 1e6], [vals.mean()], yerr=[std], marker="s" if key == TEACHER else "o",
+                                capsize=3, linestyle="none", label=key)
         for method, pts in sorted(by_method.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-        teacher = info["cells"].get(("teacher (FP32)", task))
+            top.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=method)
+        teacher = info["cells"].get((TEACHER, task))
         if teacher:
-            ax.axhline(statistics.mean(teacher), linestyle="--", color="gray", label="teacher (FP32)")
-        ax.set_title(TASK_LABEL.get(task, task))
-        ax.set_xlabel("weight bits")
-        ax.set_xticks([2, 4, 8])
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("dev metric (x100)")
-    labelled = next((ax for ax in axes[0] if ax.get_legend_handles_labels()[0]), None)
-    if labelled is not None:
-        labelled.legend(fontsize=8)
+            top.axhline(pd.Series(teacher).mean(), linestyle="--", color="gray", label=TEACHER)
+        top.set_title(TASK_LABEL.get(task, task))
+        top.set_xlabel("weight bits")
+        top.set_xticks([2, 4, 8])
+        bottom.set_xscale("log")
+        bottom.set_xlabel("file size (MB, log scale)")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    for row in axes:
+        row[0].set_ylabel("dev metric (x100)")
+        labelled = next((ax for ax in row if ax.get_legend_handles_labels()[0]), None)
+        if labelled is not None:
+            labelled.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -38,7 +38,7 @@ def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQMo
     loss = KDLoss(pred=cfg.loss.pred, attn=cfg.loss.attn, hidden=cfg.loss.hidden, gt=cfg.loss.gt,
                   temperature=cfg.loss.temperature, pred_reduction=cfg.loss.pred_reduction,
                   is_regression=not cfg.task.labels, regression_target=cfg.loss.regression_target,
-                  mask_padding=cfg.loss.mask_padding)
+                  mask_padding=cfg.loss.mask_padding, intermediate_epochs=cfg.loss.intermediate_epochs)
     needs_teacher = loss.uses_teacher and cfg.method.train
 
     def load():

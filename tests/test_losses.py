@@ -261,3 +261,25 @@ def test_kdloss_regression_paths():
     _, parts = KDLoss(pred=1.0, is_regression=True, regression_target="teacher")(stu, tea, labels, 6, 6)
     assert set(parts) == {"pred"}
     assert parts["pred"].item() == pytest.approx(1.0)
+
+
+def test_kdloss_two_stage_switches_terms_by_epoch():
+    """intermediate_epochs=2: epochs 0-1 attn + hidden only (the same values as an attn/hidden-only loss),
+    epoch 2 on pred + gt only (the same as a pred/gt-only loss)."""
+    stu = _outputs(S_LOGITS, 2, seed=1)
+    tea = _outputs(T_LOGITS, 4, seed=2)
+    labels = torch.tensor([1, 2])
+    staged = KDLoss(pred=1.0, attn=0.5, hidden=2.0, gt=0.25, intermediate_epochs=2)
+    inter, _ = KDLoss(pred=0.0, attn=0.5, hidden=2.0, gt=0.0)(stu, tea, labels, 2, 4)
+    pred, _ = KDLoss(pred=1.0, attn=0.0, hidden=0.0, gt=0.25)(stu, tea, labels, 2, 4)
+    for epoch in (0, 1):
+        total, parts = staged(stu, tea, labels, 2, 4, epoch=epoch)
+        assert set(parts) == {"attn", "hidden"} and total.item() == inter.item()
+    total, parts = staged(stu, tea, labels, 2, 4, epoch=2)
+    assert set(parts) == {"pred", "gt"} and total.item() == pred.item()
+    _, parts = staged(stu, tea, labels, 2, 4)  # no epoch given: every term
+    assert set(parts) == {"pred", "attn", "hidden", "gt"}
+    with pytest.raises(ValueError, match="intermediate_epochs > 0 needs an intermediate term"):
+        KDLoss(pred=1.0, attn=0.0, hidden=0.0, intermediate_epochs=1)
+    with pytest.raises(ValueError, match="intermediate_epochs must be an integer >= 0, got -1"):
+        KDLoss(intermediate_epochs=-1)

@@ -42,13 +42,13 @@ def test_table_shape_values_and_failures(tmp_path):
     assert header == "| model | W-E-A bits | size (MB) | vs FP32 | MRPC (f1) | STS-B (pearson) | avg |"
     assert list(rows) == ["teacher (FP32)", "kdlsq w8a8", "kdlsq w2a8"]
     t = rows["teacher (FP32)"]
-    assert t[4] == f"{statistics.mean([87.0, 86.0]):.2f} +- {statistics.stdev([87.0, 86.0]):.2f}" and t[5] == "88.00"
+    assert t[4] == f"{statistics.mean([87.0, 86.0]):.2f} +- {statistics.stdev([87.0, 86.0]):.2f} (n=2)" and t[5] == "88.00 (n=1)"
     w2 = rows["kdlsq w2a8"]
     assert w2[1:4] == ["2-2-8", f"{FP32 / 16 / 1e6:.1f}", "16.0x"]
-    assert w2[4] == "81.00 +- 1.41" and w2[5] == "85.50" and w2[6].rstrip(" |") == f"{(81.0 + 85.5) / 2:.2f}"
+    assert w2[4] == "81.00 +- 1.41 (n=2)" and w2[5] == "85.50 (n=1 of 2)" and w2[6].rstrip(" |") == f"{(81.0 + 85.5) / 2:.2f}"
     w8 = rows["kdlsq w8a8"]
     assert w8[1:4] == ["8-8-8", f"{FP32 / 4 / 1e6:.1f}", "4.0x"]
-    assert w8[4] == "86.50" and w8[5] == "FAILED (2)" and w8[6].rstrip(" |") == "-"
+    assert w8[4] == "86.50 (n=1 of 2)" and w8[5] == "FAILED (2)" and w8[6].rstrip(" |") == "-"
     csv_rows = (tmp_path / "rep" / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 8 and (tmp_path / "rep" / "results.png").stat().st_size > 1000
 
@@ -62,3 +62,17 @@ def test_no_records_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: no result.json under {tmp_path}")
     assert not (tmp_path / "report").exists()  # nothing written
+
+
+def test_mean_std_over_three_seeds_by_hand_and_shared_teacher_counted_once(tmp_path):
+    root = tmp_path / "outputs"
+    for seed, best in ((1, 84.0), (2, 85.0), (3, 87.0)):  # three student seeds distilled from one teacher
+        write(root, f"s{seed}", **student("mrpc", "w2a8", 2, seed, best, 88.6), teacher_dir="/store/mrpc/seed42-abc")
+    write(root, "w8", **student("mrpc", "w8a8", 8, 1, 88.0, 88.6), teacher_dir="/store/mrpc/seed42-abc")
+    text = report(root, tmp_path / "rep")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[1:] if line.startswith("| ") and "---" not in line}
+    mean = (84.0 + 85.0 + 87.0) / 3  # 85.333
+    std = (((84.0 - mean) ** 2 + (85.0 - mean) ** 2 + (87.0 - mean) ** 2) / 2) ** 0.5  # sample std: 1.5275
+    assert rows["kdlsq w2a8"][4] == f"{mean:.2f} +- {std:.2f} (n=3)" == "85.33 +- 1.53 (n=3)"
+    assert rows["kdlsq w8a8"][4] == "88.00 (n=1 of 3)"  # fewer seeds than the fullest cell: it says so
+    assert rows["teacher (FP32)"][4] == "88.60 (n=1)"  # one teacher, not three copies of it

@@ -45,8 +45,8 @@ def test_four_records_and_report_copies_them(grid):
     assert list(table) == ["teacher (FP32)", "kdlsq w8a8", "kdlsq w2a8"]
     for r in recs:
         col = 4 if r["task"] == "rte" else 5
-        assert table[f"kdlsq {r['quant']}"][col] == f"{r['best']:.2f}"
-        assert table["teacher (FP32)"][col] == f"{r['teacher_metric']:.2f}"
+        assert table[f"kdlsq {r['quant']}"][col] == f"{r['best']:.2f} (n=1)"
+        assert table["teacher (FP32)"][col] == f"{r['teacher_metric']:.2f} (n=1)"
 
 
 def test_teacher_trained_once_per_task(grid):

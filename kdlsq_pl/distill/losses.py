@@ -262,6 +262,10 @@ class KDLoss(nn.Module):
             output's ``mask`` (``[B, T]`` bool: the real tokens, or the tokens a teacher-output cache
             kept) instead of every padded position (the released code). Needed by the cache, which
             stores no padding; the live teacher passes ``attention_mask``.
+        intermediate_epochs: two-stage training as TinyBERT and TernaryBERT (Jiao et al. 2020, section
+            3.2; Zhang et al. 2020): for the first ``k`` epochs only the intermediate terms (attention and
+            hidden states), then only the prediction terms (pred and gt). 0 (default, the released KDLSQ
+            code): every term throughout. See :meth:`weights_at`.
 
     Calling ``loss(student_out, teacher_out, labels, n_student_layers, n_teacher_layers)``
     where each ``*_out`` is a dict or object with ``logits`` ``[B, C]``, ``hidden_states``
@@ -288,6 +292,7 @@ class KDLoss(nn.Module):
         regression_target: str = "label",
         attn_threshold: float = -100.0,
         mask_padding: bool = False,
+        intermediate_epochs: int = 0,
     ) -> None:
         super().__init__()
         weights = {"pred": pred, "attn": attn, "hidden": hidden, "gt": gt}
@@ -315,6 +320,22 @@ class KDLoss(nn.Module):
         self.regression_target = regression_target
         self.attn_threshold = float(attn_threshold)
         self.mask_padding = bool(mask_padding)
+        if isinstance(intermediate_epochs, bool) or not isinstance(intermediate_epochs, int) or intermediate_epochs < 0:
+            raise ValueError(f"intermediate_epochs must be an integer >= 0, got {intermediate_epochs!r}")
+        if intermediate_epochs and (self.weights["attn"] + self.weights["hidden"] == 0 or self.weights["pred"] + self.weights["gt"] == 0):
+            raise ValueError("intermediate_epochs > 0 needs an intermediate term (attn or hidden) and a prediction term (pred or gt)")
+        self.intermediate_epochs = intermediate_epochs
+
+    def weights_at(self, epoch: int | None) -> dict[str, float]:
+        """The term weights in effect at ``epoch`` (0-based; ``None``: every term, as without stages).
+
+        With ``intermediate_epochs = k > 0``: epochs ``< k`` keep ``attn`` and ``hidden`` and zero ``pred``
+        and ``gt``; later epochs the reverse.
+        """
+        if not self.intermediate_epochs or epoch is None:
+            return dict(self.weights)
+        off = ("pred", "gt") if epoch < self.intermediate_epochs else ("attn", "hidden")
+        return {k: 0.0 if k in off else v for k, v in self.weights.items()}
 
     @property
     def uses_teacher(self) -> bool:
@@ -329,6 +350,7 @@ class KDLoss(nn.Module):
             f"{w}, temperature={self.temperature}, pred_reduction={self.pred_reduction!r}, "
             f"is_regression={self.is_regression}, regression_target={self.regression_target!r}, "
             f"mask_padding={self.mask_padding}"
+            + (f", intermediate_epochs={self.intermediate_epochs}" if self.intermediate_epochs else "")
         )
 
     def forward(
@@ -338,9 +360,10 @@ class KDLoss(nn.Module):
         labels: torch.Tensor | None,
         n_student_layers: int | None = None,
         n_teacher_layers: int | None = None,
+        epoch: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts: dict[str, torch.Tensor] = {}
-        w = self.weights
+        w = self.weights_at(epoch)
 
         if w["pred"] > 0:
             s_logits = _get(student_out, "logits")
