@@ -133,6 +133,24 @@ def build_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], di
     return header, rows, {"cells": dict(cells), "tasks": task_list, "meta": meta}
 
 
+def print_summary(title: str, rows: list[tuple[str, str]]) -> None:
+    """A two-column rich table (what, value) on the console: the end-of-run summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def fmt(value: float | None) -> str:
+    """A metric with two decimals, ``-`` for none."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]

@@ -10,8 +10,8 @@ import pytorch_lightning as pl
 import torch
 
 from conftest import compose_cfg
-from kdlsq_pl.pipeline import build_datamodule, build_trainer
-from kdlsq_pl.student import build_student_module, quant_callbacks
+from kdlsq_pl.stages.common import build_datamodule, build_trainer
+from kdlsq_pl.stages.student import build_student_module, quant_callbacks
 
 pytestmark = pytest.mark.slow  # two spawned processes plus a single-process run: about 2 minutes
 

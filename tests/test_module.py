@@ -8,7 +8,7 @@ import torch
 from kdlsq_pl.distill.losses import KDLoss
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
-from kdlsq_pl.module import KDLSQModule
+from kdlsq_pl.models.modules import KDLSQModule
 from kdlsq_pl.quant.modules import quantize_bert, quantizers
 from test_quant_insert import quant_cfg
 

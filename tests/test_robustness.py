@@ -72,7 +72,7 @@ def test_resume_checkpoint_rejects_a_bad_interval(tmp_path):
 
 def test_corrupt_resume_checkpoint_is_reported_not_used(tmp_path):
     from kdlsq_pl.errors import ConfigError
-    from kdlsq_pl.pipeline import fit
+    from kdlsq_pl.stages.common import fit
 
     (tmp_path / "resume.ckpt").write_bytes(b"PK\x03\x04 truncated")
     dm = pl.LightningDataModule.from_datasets(train_dataset=loader().dataset, batch_size=8)

@@ -10,8 +10,10 @@ import torch
 
 from conftest import compose_cfg
 from kdlsq_pl.models.loading import TeacherStore, resolve_model_path
-from kdlsq_pl.pipeline import build_datamodule, run, teacher_recipe
-from kdlsq_pl.student import build_student_module, quant_callbacks
+from kdlsq_pl.pipeline import run
+from kdlsq_pl.stages.common import build_datamodule
+from kdlsq_pl.stages.teacher import teacher_recipe
+from kdlsq_pl.stages.student import build_student_module, quant_callbacks
 
 SMALL = ("task=rte", "data.limit_train_examples=32", "data.limit_eval_examples=32", "data.batch_size=16")
 
@@ -96,3 +98,11 @@ def test_student_checkpoint_round_trip_same_logits(store, tmp_path):
     state = torch.load(ckpt.last_model_path, weights_only=True)["state_dict"]
     assert not any(k.startswith("teacher.") for k in state)  # the teacher is not duplicated into checkpoints
     assert any(k.endswith("weight_quantizer.scale") for k in state)
+    # the load is strict for everything but the teacher: a checkpoint missing one step size is refused
+    ckpt_obj = torch.load(ckpt.last_model_path, weights_only=True)
+    missing = next(k for k in ckpt_obj["state_dict"] if k.endswith("weight_quantizer.scale"))
+    del ckpt_obj["state_dict"][missing]
+    torch.save(ckpt_obj, tmp_path / "broken.ckpt")
+    trainer3 = pl.Trainer(logger=False, callbacks=quant_callbacks(cfg), enable_progress_bar=False)
+    with pytest.raises(RuntimeError, match=f"Missing key.*{missing.removeprefix('student.')}"):
+        trainer3.validate(build_student_module(cfg, teacher_dir), datamodule=dm, ckpt_path=str(tmp_path / "broken.ckpt"), verbose=False)

@@ -16,10 +16,10 @@ from kdlsq_pl.distill.teacher_cache import TeacherCache, build_teacher_cache, ca
 from kdlsq_pl.errors import ConfigError
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
-from kdlsq_pl.module import KDLSQModule
-from kdlsq_pl.pipeline import build_datamodule
+from kdlsq_pl.models.modules import KDLSQModule
+from kdlsq_pl.stages.common import build_datamodule
 from kdlsq_pl.quant.modules import quantize_bert
-from kdlsq_pl.student import build_student_module, quant_callbacks
+from kdlsq_pl.stages.student import build_student_module, quant_callbacks
 from test_quant_insert import quant_cfg
 
 SMALL = ("task=rte", "data.limit_train_examples=32", "data.limit_eval_examples=16", "data.batch_size=8")

@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 from conftest import GLUE
-from kdlsq_pl import pipeline
+from kdlsq_pl.stages import teacher as teacher_stage
 from kdlsq_pl.models.loading import TeacherStore, recipe_digest, resolve_model_path
-from kdlsq_pl.pipeline import teacher_recipe
+from kdlsq_pl.stages.teacher import teacher_recipe
 
 SMALL = ("task=rte", "data.limit_train_examples=32", "data.limit_eval_examples=32")
 
@@ -61,18 +61,18 @@ def test_changed_recipe_trains_new_teacher_unchanged_reuses(make_cfg, monkeypatc
 
     def fake_train(cfg, model_path, out_dir, recipe=None):  # stands in for the fine-tune: publishes a record only
         trained.append(recipe_digest(recipe))
-        store = pipeline.teacher_store(cfg)
+        store = teacher_stage.teacher_store(cfg)
         path = store.path(recipe)
         path.mkdir(parents=True)
         (path / "teacher.json").write_text('{"value": 1.0}')
         return path, store.record(recipe)
 
-    monkeypatch.setattr(pipeline, "train_teacher", fake_train)
+    monkeypatch.setattr(teacher_stage, "train_teacher", fake_train)
     cfg = make_cfg(*SMALL)
     model_path = resolve_model_path(cfg.model.name_or_path)
-    first, _ = pipeline.ensure_teacher(cfg, model_path, tmp_path / "out")
-    again, _ = pipeline.ensure_teacher(make_cfg(*SMALL, "seed=3", "quant=w4a8"), model_path, tmp_path / "out")
+    first, _ = teacher_stage.ensure_teacher(cfg, model_path, tmp_path / "out")
+    again, _ = teacher_stage.ensure_teacher(make_cfg(*SMALL, "seed=3", "quant=w4a8"), model_path, tmp_path / "out")
     assert again == first and len(trained) == 1  # a student of another seed or bit-width reuses it
-    other, _ = pipeline.ensure_teacher(make_cfg(*SMALL, "task.teacher.pooling=mean"), model_path, tmp_path / "out")
+    other, _ = teacher_stage.ensure_teacher(make_cfg(*SMALL, "task.teacher.pooling=mean"), model_path, tmp_path / "out")
     assert other != first and len(trained) == 2 and other.parent == first.parent
     assert TeacherStore(cfg.teacher.store).has(teacher_recipe(cfg, model_path))

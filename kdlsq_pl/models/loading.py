@@ -134,7 +134,7 @@ def recipe_digest(recipe: Mapping[str, Any]) -> str:
 class TeacherStore:
     """Fine-tuned teachers on disk, one ``save_pretrained`` directory per recipe.
 
-    A recipe (``kdlsq_pl.pipeline.teacher_recipe``) is everything that shapes the teacher: model and
+    A recipe (``kdlsq_pl.stages.teacher.teacher_recipe``) is everything that shapes the teacher: model and
     the digest of its files, task, teacher seed, the teacher hyper-parameters (pooling included), max
     length, data options and the digest of the data files. Layout:
     ``<root>/<model_key>/<task>/seed<seed>-<recipe digest>/`` with the model, its tokenizer and

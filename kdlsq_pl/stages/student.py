@@ -22,8 +22,10 @@ from kdlsq_pl.distill.teacher_cache import ensure_teacher_cache
 from kdlsq_pl.export import export_packed, load_student_checkpoint, packable
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
-from kdlsq_pl.module import KDLSQModule
-from kdlsq_pl.pipeline import build_datamodule, build_trainer, ensure_teacher, finish_loggers, fit, fmt, print_summary
+from kdlsq_pl.models.modules import KDLSQModule
+from kdlsq_pl.report import fmt, print_summary
+from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit
+from kdlsq_pl.stages.teacher import ensure_teacher
 from kdlsq_pl.quant.modules import model_size_bytes, quantize_bert
 
 

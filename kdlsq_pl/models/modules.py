@@ -210,7 +210,6 @@ class KDLSQModule(GLUEModule):
         self.student = student.train()
         self.loss = loss
         self.optim = dict(optim)
-        self.strict_loading = False  # checkpoints hold the student only; the teacher comes from the store
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -262,3 +261,11 @@ class KDLSQModule(GLUEModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints hold the student only (the teacher comes from the store): put the loaded teacher's own
+        tensors in for the ``teacher.`` keys, so the strict load still fails on anything else missing (a
+        quantizer's step size, a student weight)."""
+        super().on_load_checkpoint(checkpoint)
+        if self.teacher is not None:
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

@@ -1,0 +1,104 @@
+"""The teacher stage: fine-tune the full-precision teacher once per recipe and publish it to the teacher store."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+
+from kdlsq_pl import cell_name
+from kdlsq_pl.models.loading import TeacherStore, load_classifier
+from kdlsq_pl.models.modules import TeacherModule
+from kdlsq_pl.results import git_commit
+from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit, restore_best
+
+log = logging.getLogger("kdlsq_pl")
+
+
+#: Bumped when what a teacher recipe holds changes, so teachers are never matched across formats.
+RECIPE_FORMAT = 1
+
+
+def teacher_recipe(cfg: DictConfig, model_path: str) -> dict:
+    """Everything that shapes the fine-tuned teacher: the key of the teacher store.
+
+    The model (name and, for a local directory, the digest of its config and weight files), the task
+    config (columns, labels, metric, max length and ``task.teacher``: lr, epochs, batch size, warm-up,
+    weight decay, pooling, dropout), the teacher seed, the data options that change training
+    (``group_by_length``, ``padding``, row limits) and the digest of the task's data files (or the hub
+    dataset's name when no local copy is used).
+    """
+    from kdlsq_pl.data.tsv import resolve_glue_dir, task_files
+    from kdlsq_pl.models.loading import files_digest, model_digest
+
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    glue_root = resolve_glue_dir(cfg.data.glue_dir)
+    if glue_root is not None:
+        data = {split: files_digest([path]) for split, path in task_files(task, glue_root).items()}
+    else:
+        data = {"hub": task.get("hub")}
+    return {"format": RECIPE_FORMAT, "model": str(cfg.model.name_or_path), "model_digest": model_digest(model_path),
+            "task": cfg.task.name, "seed": int(cfg.teacher.seed), "task_config": task,
+            "data": {k: cfg.data[k] for k in ("group_by_length", "padding", "limit_train_examples", "limit_eval_examples")},
+            "data_files": data}
+
+
+def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path, recipe: dict | None = None) -> tuple[Path, dict]:
+    """Fine-tune the full-precision teacher on ``cfg.task`` and save the best dev checkpoint to the store.
+
+    Hyper-parameters come from ``cfg.task.teacher`` (lr, epochs, batch size, warm-up, weight decay, pooling,
+    classifier dropout); the seed is ``cfg.teacher.seed``. Returns the teacher directory and its record
+    (dev metrics x100, wall time in seconds, the recipe).
+    """
+    t0 = time.time()
+    recipe = recipe or teacher_recipe(cfg, model_path)
+    tcfg = cfg.task.teacher
+    seed = int(cfg.teacher.seed)
+    pl.seed_everything(seed, workers=True)
+    dm = build_datamodule(cfg, model_path, tcfg.batch_size, seed=seed)
+    model = load_classifier(model_path, cfg.task, head=OmegaConf.to_container(tcfg, resolve=True))
+    module = TeacherModule(model, cfg.task, lr=tcfg.lr, weight_decay=tcfg.weight_decay, warmup_ratio=tcfg.warmup_ratio)
+    trainer = build_trainer(cfg, out_dir, cell_name("teacher", "", cfg.task.name, "", seed), max_epochs=tcfg.epochs, val_check_interval=1.0)
+    try:
+        fit(trainer, module, dm)
+        best_ckpt = restore_best(trainer, module)
+        module.best, module.last = {}, {}
+        trainer.validate(module, datamodule=dm, verbose=False)
+    finally:
+        finish_loggers(trainer)
+    record = {"task": cfg.task.name, "model": str(cfg.model.name_or_path), "seed": seed,
+              "metric": cfg.task.metric, "value": module.last.get(cfg.task.metric), "metrics": dict(module.last),
+              "hparams": OmegaConf.to_container(tcfg, resolve=True), "wall_time_s": round(time.time() - t0, 1),
+              "checkpoint": best_ckpt, "git_commit": git_commit()}
+    path = teacher_store(cfg).save(module.model, dm.tokenizer, record, recipe)
+    return path, teacher_store(cfg).record(recipe)
+
+
+def teacher_store(cfg: DictConfig) -> TeacherStore:
+    """The teacher store; smoke runs (``trainer.fast_dev_run``) use ``<store>/fast_dev_run`` so they never mix with real teachers."""
+    root = Path(cfg.teacher.store)
+    return TeacherStore(root / "fast_dev_run" if cfg.trainer.get("fast_dev_run") else root)
+
+
+def ensure_teacher(cfg: DictConfig, model_path: str, out_dir: Path) -> tuple[Path, dict]:
+    """The stored teacher of this config's recipe (``teacher_recipe``), training it first if the store has none.
+
+    A file lock per recipe makes parallel grid cells wait for one training instead of racing to train
+    the same teacher.
+    """
+    store = teacher_store(cfg)
+    recipe = teacher_recipe(cfg, model_path)
+    path = store.path(recipe)
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock)):
+        if store.has(recipe) and not cfg.teacher.retrain:
+            log.info("teacher: reusing %s", path)
+            return path, store.record(recipe)
+        log.info("teacher: none in the store for this recipe (model=%s, task=%s, seed=%s, digest %s); training it first",
+                 recipe["model"], recipe["task"], recipe["seed"], path.name.rsplit("-", 1)[-1])
+        return train_teacher(cfg, model_path, out_dir / "teacher", recipe)
