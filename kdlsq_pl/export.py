@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,6 +23,7 @@ from torch import nn
 
 from kdlsq_pl.quant.lsq import LSQQuantizer
 from kdlsq_pl.quant.modules import QuantEmbedding, QuantLinear, quantize_bert
+from kdlsq_pl.results import atomic_output
 
 PACKED_FILE = "model.packed.safetensors"
 META_FILE = "packed.json"
@@ -110,14 +109,12 @@ def export_packed(student: nn.Module, quant: Mapping[str, Any], out_dir: str | P
         codes = torch.clamp(torch.round(tensor.detach() / s.reshape(shape)), -q.Q_N, q.Q_P).to(torch.int64) + q.Q_N
         tensors[f"{name}.codes"] = pack_codes(codes, q.bits)
         bits[name] = {"bits": q.bits, "Q_N": q.Q_N, "shape": list(tensor.shape)}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    save_file(tensors, str(tmp / PACKED_FILE))
-    (tmp / META_FILE).write_text(json.dumps({"quant": dict(quant), "packed": bits}, indent=2))
-    student.config.to_json_file(str(tmp / "config.json"))
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; export to a new folder (nothing is overwritten)")
-    os.replace(tmp, out_dir)
+    with atomic_output(out_dir, directory=True, replace=False) as tmp:
+        save_file(tensors, str(tmp / PACKED_FILE))
+        (tmp / META_FILE).write_text(json.dumps({"quant": dict(quant), "packed": bits}, indent=2))
+        student.config.to_json_file(str(tmp / "config.json"))
     return {"packed_bytes": (out_dir / PACKED_FILE).stat().st_size, "out_dir": str(out_dir)}
 
 

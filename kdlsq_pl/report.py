@@ -21,7 +21,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from kdlsq_pl.results import RESULT_FILE
+from kdlsq_pl.results import RESULT_FILE, atomic_output
 
 TASK_ORDER = ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
 TASK_LABEL = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
@@ -161,9 +161,8 @@ def write_csv(records: list[dict], path: Path) -> None:
     """One row per run (``CSV_FIELDS``), written to a temporary file and renamed into place."""
     rows = [{k: rec.get(k, "") for k in CSV_FIELDS} | {"method": rec.get("method", "teacher" if rec.get("stage") == "teacher" else "kdlsq")}
             for rec in records]
-    tmp = path.with_suffix(".csv.tmp")
-    pd.DataFrame(rows, columns=CSV_FIELDS).to_csv(tmp, index=False)
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        pd.DataFrame(rows, columns=CSV_FIELDS).to_csv(tmp, index=False)
 
 
 def plot(info: dict, path: Path) -> None:
@@ -220,9 +219,8 @@ def report(root: str | Path, out: str | Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     header, rows, info = build_table(records)
     text = f"# Results\n\nDev metrics x100 from {len(records)} result records under `{root}` (best dev value per run).\n\n" + markdown(header, rows)
-    tmp = out / "RESULTS.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "RESULTS.md")
+    with atomic_output(out / "RESULTS.md") as tmp:
+        tmp.write_text(text)
     write_csv(records, out / "results.csv")
     if info["tasks"]:
         plot(info, out / "results.png")

@@ -6,11 +6,13 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 RESULT_FILE = "result.json"
@@ -38,20 +40,54 @@ def versions() -> dict[str, str]:
     return out
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` through a temporary file in the same directory and ``os.replace``."""
+@contextmanager
+def atomic_output(path: str | Path, *, directory: bool = False, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary file (or, with ``directory``, folder) beside ``path`` to write into; when the block
+    ends without an error, rename it onto ``path`` (``os.replace``: readers see the old or the new, never a
+    half-written one); when it raises, remove it and re-raise. Files end up mode 0644, folders 0755.
+
+    Args:
+        replace: an existing ``path`` is replaced (a folder by renaming the old one aside first, then
+            deleting it); ``False`` raises ``FileExistsError`` instead and leaves ``path`` as it was.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``replace`` is false.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if directory:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    else:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield tmp
+        if path.exists() and not replace:
+            raise FileExistsError(f"{path} exists; write to a new path (nothing is overwritten)")
+        tmp.chmod(0o755 if directory else 0o644)
+        if directory and path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if directory:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`atomic_output`), synced to disk before the rename."""
+    path = Path(path)
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

@@ -24,9 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -38,6 +36,7 @@ from torch import nn
 from kdlsq_pl.errors import ConfigError
 from kdlsq_pl.models.attention import capture_attention_scores
 from kdlsq_pl.models.loading import files_digest
+from kdlsq_pl.results import atomic_output
 
 log = logging.getLogger("kdlsq_pl")
 
@@ -222,9 +221,7 @@ def build_teacher_cache(teacher: nn.Module, dataset, collate, out_dir: str | Pat
                           "keep fewer layers (teacher_cache.hidden_layers / attn_layers), fewer tokens "
                           "(teacher_cache.max_tokens) or raise max_gb")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_output(out_dir, directory=True) as tmp:  # readable by other users of a shared cache
         nh, na = len(hidden_layers), len(attn_layers)
         hidden_off = np.concatenate([[0], np.cumsum(nh * D * tokens)])
         attn_off = np.concatenate([[0], np.cumsum(na * H * tokens * tokens)])
@@ -259,11 +256,6 @@ def build_teacher_cache(teacher: nn.Module, dataset, collate, out_dir: str | Pat
                 "hidden_layers": hidden_layers, "attn_layers": attn_layers, "max_tokens": max_tokens, "dtype": dtype,
                 "bytes": sum(f.stat().st_size for f in tmp.iterdir()), **dict(extra_meta or {})}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        tmp.chmod(0o755)  # mkdtemp makes it private; other users of a shared cache must read it
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

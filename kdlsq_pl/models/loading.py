@@ -12,7 +12,6 @@ import importlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -164,19 +163,12 @@ class TeacherStore:
     def save(self, model: "PreTrainedModel", tokenizer: Any, record: dict, recipe: Mapping[str, Any]) -> Path:
         """Write model, tokenizer and record (with the recipe and its digest) to a temporary directory, then
         rename it into place."""
+        from kdlsq_pl.results import atomic_output
+
         final = self.path(recipe)
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        record = {**record, "recipe": dict(recipe), "recipe_digest": recipe_digest(recipe)}
-        (tmp / "teacher.json").write_text(json.dumps(record, indent=2, default=str))
-        if final.exists():
-            old = final.with_name(f"{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        with atomic_output(final, directory=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            record = {**record, "recipe": dict(recipe), "recipe_digest": recipe_digest(recipe)}
+            (tmp / "teacher.json").write_text(json.dumps(record, indent=2, default=str))
         return final
