@@ -64,3 +64,28 @@ def test_training_step_loss_parts_match_kdloss(module, minilm_path):
     assert total.item() == pytest.approx(ref_total.item(), rel=1e-5)
     assert logged["train/loss_attn"] == pytest.approx(parts["attn"].item(), rel=1e-5) and parts["attn"] > 0
     assert total.requires_grad
+
+
+def test_best_metrics_are_one_evaluation_row():
+    """``best_row`` holds every metric of the evaluation with the best task metric (F1 here), not the running
+    maximum of each metric: hand-made predictions where accuracy peaks in one evaluation and F1 in another."""
+    from types import SimpleNamespace
+
+    from kdlsq_pl.models.modules import GLUEModule
+
+    m = GLUEModule(TASK)
+    m._trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, global_step=0)
+    m.log = lambda *a, **k: None
+    labels = torch.tensor([1, 1, 1, 0, 0, 0])
+
+    def evaluate(preds):
+        m.eval_logits = lambda batch: torch.nn.functional.one_hot(torch.tensor(preds), 2).float()
+        m.validation_step({"labels": labels}, 0)
+        m.on_validation_epoch_end()
+
+    evaluate([1, 0, 0, 0, 0, 0])  # acc 4/6 = 66.67; F1: P 1, R 1/3 -> 50.00
+    evaluate([1, 1, 1, 1, 1, 1])  # acc 3/6 = 50.00; F1: P 1/2, R 1 -> 66.67
+    evaluate([1, 1, 0, 1, 1, 1])  # acc 2/6 = 33.33; F1: P 2/5, R 2/3 -> 50.00
+    assert m.best_row == pytest.approx({"f1": 200 / 3, "acc": 50.0})
+    assert m.best == pytest.approx({"f1": 200 / 3, "acc": 200 / 3})  # running maxima from different evaluations
+    assert m.last == pytest.approx({"f1": 50.0, "acc": 100 / 3})

@@ -52,7 +52,8 @@ class GLUEModule(pl.LightningModule):
         self.dev_keys = list(task["dev_files"])
         self.val_metrics = nn.ModuleList([build_metrics(task) for _ in self.dev_keys])
         self.warmup_ratio = warmup_ratio
-        self.best: dict[str, float] = {}
+        self.best: dict[str, float] = {}  # running maximum of each metric (logged as val/<metric>_best)
+        self.best_row: dict[str, float] = {}  # every metric of the evaluation with the best task metric (the best checkpoint's)
         self.last: dict[str, float] = {}
 
     def setup(self, stage: str) -> None:
@@ -91,8 +92,11 @@ class GLUEModule(pl.LightningModule):
             collection.reset()
         if self.trainer.sanity_checking:
             return
+        values = {name: value if math.isfinite(value) else 0.0 for name, value in values.items()}
+        primary = self.metric_name(self.task["metric"], 0)
+        if primary in values and values[primary] > self.best_row.get(primary, -math.inf):  # strictly better, as ModelCheckpoint
+            self.best_row = dict(values)
         for name, value in values.items():
-            value = value if math.isfinite(value) else 0.0
             self.last[name] = value
             self.best[name] = max(self.best.get(name, -math.inf), value)
             self.log(f"val/{name}", value, prog_bar=name == self.task["metric"])
@@ -110,13 +114,16 @@ class GLUEModule(pl.LightningModule):
             if key.startswith("val/") and not name.endswith("_best"):
                 self.last[name] = float(value)
                 self.best[name] = float(self.trainer.callback_metrics.get(f"{key}_best", value))
+        self.best_row = self.best_row or dict(self.best)  # other processes' rows are not returned: the running maxima
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["glue_best"], checkpoint["glue_last"] = dict(self.best), dict(self.last)
+        checkpoint["glue_best_row"] = dict(self.best_row)
         checkpoint["torch_rng_state"] = torch.get_rng_state()  # dropout masks continue as if never stopped
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.best = dict(checkpoint.get("glue_best", {}))
+        self.best_row = dict(checkpoint.get("glue_best_row", {}))
         self.last = dict(checkpoint.get("glue_last", {}))
         self._rng_to_restore = checkpoint.get("torch_rng_state")
 

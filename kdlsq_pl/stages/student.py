@@ -109,7 +109,7 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
             post_training_quantize(cfg, module, dm)
             trainer.validate(module, datamodule=dm, verbose=False)
         final = dict(module.last)
-        best = dict(module.best)
+        best = dict(module.best_row)  # the metrics of the best checkpoint's evaluation, one row
         size = model_size_bytes(module.student)
         for lg in trainer.loggers:
             lg.log_metrics({"model/size_bytes": size["size_bytes"], "model/compression_ratio": size["compression_ratio"],

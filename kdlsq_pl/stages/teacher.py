@@ -66,7 +66,7 @@ def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path, recipe: dict 
     try:
         fit(trainer, module, dm)
         best_ckpt = restore_best(trainer, module)
-        module.best, module.last = {}, {}
+        module.best, module.best_row, module.last = {}, {}, {}
         trainer.validate(module, datamodule=dm, verbose=False)
     finally:
         finish_loggers(trainer)
