@@ -164,8 +164,16 @@ def smoke_store(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["ternarybert", "q8bert", "lsq", "ptq"])
-def test_each_method_runs_on_real_rte(tmp_path, smoke_store, method):
+def test_each_method_runs_on_real_rte(tmp_path, smoke_store, method, monkeypatch):
+    from kdlsq_pl.stages import student as student_stage
+    seen = {}
+    build_module, build_trainer = student_stage.build_student_module, student_stage.build_trainer
+    monkeypatch.setattr(student_stage, "build_student_module", lambda *a, **k: seen.setdefault("module", build_module(*a, **k)))
+    monkeypatch.setattr(student_stage, "build_trainer", lambda *a, **k: seen.setdefault("trainer", build_trainer(*a, **k)))
     record = run(compose_cfg(tmp_path, *FAST, f"method={method}", f"teacher.store={smoke_store}"))
+    # lsq, q8bert and ptq use no teacher term: no teacher is loaded; ptq takes no training step
+    assert (seen["module"].teacher is None) == (method in ("q8bert", "lsq", "ptq"))
+    assert (seen["trainer"].global_step == 0) == (method == "ptq")
     assert record["teacher_dir"].startswith(str(smoke_store))
     assert record["status"] == "finished" and record["method"] == method and 0.0 <= record["best"] <= 100.0
     assert record["quant"] == ("w8a8" if method == "q8bert" else "w2a8")
