@@ -67,6 +67,10 @@ def test_baselines_experiment_and_method_cells():
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cpu = compose("config", overrides=["experiment=cpu"], return_hydra_config=True)
     assert cfg.hydra.sweep.dir == cpu.hydra.sweep.dir and cfg.hydra.sweep.dir.endswith("/grid/cpu")
+    assert cpu.hydra.sweeper.params.task == "mrpc,stsb,cola" and cpu.hydra.sweeper.params.seed == "1,2,3"
+    with initialize_config_dir(str(CONF), version_base="1.3"):  # the improved recipe's rows join the same folder
+        improved = compose("config", overrides=["experiment=improved"], return_hydra_config=True)
+    assert improved.hydra.sweep.dir == cpu.hydra.sweep.dir and improved.hydra.sweeper.params.method == "kdlsq_per_channel"
     assert cell_name("student", "kdlsq", "mrpc", "w2a8", 42) == "w2a8_mrpc_s42"
     assert cell_name("student", "q8bert", "mrpc", "w8a8", 1) == "q8bert_w8a8_mrpc_s1"
     assert cell_name("teacher", "ptq", "rte", "w2a8", 3) == "teacher_rte_s3"
