@@ -35,7 +35,7 @@ from torch import nn
 
 from kdlsq_pl.errors import ConfigError
 from kdlsq_pl.models.attention import capture_attention_scores
-from kdlsq_pl.models.loading import files_digest
+from kdlsq_pl.models.loading import model_digest, weight_files
 from kdlsq_pl.results import atomic_output
 
 log = logging.getLogger("kdlsq_pl")
@@ -44,7 +44,6 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 META_FILE = "meta.json"
 #: Bumped whenever the files' layout or what is captured changes, so older caches are never read.
 CACHE_FORMAT = 1
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
 def teacher_digest(teacher_dir: str | Path) -> str:
@@ -55,10 +54,9 @@ def teacher_digest(teacher_dir: str | Path) -> str:
         ConfigError: the folder holds no weight file.
     """
     teacher_dir = Path(teacher_dir)
-    files = sorted(f for pattern in WEIGHT_PATTERNS for f in teacher_dir.glob(pattern))
-    if not files:
+    if not weight_files(teacher_dir):
         raise ConfigError(f"teacher_cache: no weights (*.safetensors or *.bin) in the teacher folder {teacher_dir}")
-    return files_digest([teacher_dir / "config.json", *files])
+    return model_digest(teacher_dir)
 
 
 def cache_key(teacher_digest: str, task: str, max_length: int, data_key: str, selection: Mapping[str, Any]) -> str:

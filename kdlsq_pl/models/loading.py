@@ -116,13 +116,18 @@ def files_digest(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def weight_files(path: Path) -> list[Path]:
+    """A model directory's weight files (safetensors or ``.bin``, sharded or not), sorted."""
+    return sorted(f for pattern in ("*.safetensors", "*.bin") for f in path.glob(pattern))
+
+
 def model_digest(path: str | Path) -> str | None:
-    """:func:`files_digest` of a local model directory's ``config.json`` and weight files; ``None`` for a hub id
-    (its name is its identity)."""
+    """:func:`files_digest` of a local model directory's ``config.json`` and weight files (the teacher store's
+    and the teacher cache's identity of a model); ``None`` for a hub id (its name is its identity)."""
     path = Path(path)
     if not path.is_dir():
         return None
-    return files_digest([path / "config.json", *sorted(f for pattern in ("*.safetensors", "*.bin") for f in path.glob(pattern))])
+    return files_digest([path / "config.json", *weight_files(path)])
 
 
 def recipe_digest(recipe: Mapping[str, Any]) -> str:
