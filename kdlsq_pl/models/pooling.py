@@ -12,8 +12,6 @@ checkpoints see the same module paths as with BERT's pooler).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -100,7 +98,3 @@ def apply_pooling(model: nn.Module, pooling: str | None = None, pooler_dense: bo
     encoder.register_forward_pre_hook(_stash_attention_mask, with_kwargs=True)
     return model
 
-
-def pooling_of(config: Any) -> tuple[str, bool]:
-    """``(pooling, pooler_dense)`` recorded in a model config (BERT's defaults when absent)."""
-    return getattr(config, "classifier_pooling", "cls"), bool(getattr(config, "classifier_pooler_dense", True))

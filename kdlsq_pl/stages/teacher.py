@@ -74,8 +74,9 @@ def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path, recipe: dict 
               "metric": cfg.task.metric, "value": module.last.get(cfg.task.metric), "metrics": dict(module.last),
               "hparams": OmegaConf.to_container(tcfg, resolve=True), "wall_time_s": round(time.time() - t0, 1),
               "checkpoint": best_ckpt, "git_commit": git_commit()}
-    path = teacher_store(cfg).save(module.model, dm.tokenizer, record, recipe)
-    return path, teacher_store(cfg).record(recipe)
+    store = teacher_store(cfg)
+    path = store.save(module.model, dm.tokenizer, record, recipe)
+    return path, store.record(recipe)
 
 
 def teacher_store(cfg: DictConfig) -> TeacherStore:
