@@ -23,7 +23,7 @@ from kdlsq_pl.data.glue import GLUEDataModule  # noqa: E402
 from kdlsq_pl.metrics import build_metrics, predictions  # noqa: E402
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION  # noqa: E402
 from kdlsq_pl.models.loading import load_classifier, model_key  # noqa: E402
-from kdlsq_pl.quant.modules import quantize_bert  # noqa: E402
+from kdlsq_pl.quant.modules import quantize_  # noqa: E402
 
 
 def newest_teacher(task_dir: Path) -> Path:
@@ -67,7 +67,7 @@ def main() -> None:
             q["weight"]["init"], q["act"]["init"] = w_init, a_init
             t = time.time()
             model = load_classifier(str(teacher_dir), task, ATTN_IMPLEMENTATION)
-            quantize_bert(model, q)
+            quantize_(model, q)
             calibrate(model, [calib])
             print(f"{args.quant} weight init {w_init:<10} act init {a_init:<10} {task['metric']} {evaluate(model):6.2f}  ({time.time() - t:.0f} s)")
 

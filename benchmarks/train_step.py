@@ -43,7 +43,7 @@ from kdlsq_pl.distill.losses import KDLoss  # noqa: E402
 from kdlsq_pl.distill.teacher_cache import TeacherCache, build_teacher_cache  # noqa: E402
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION, capture_attention_scores  # noqa: E402
 from kdlsq_pl.models.loading import load_classifier, resolve_model_path  # noqa: E402
-from kdlsq_pl.quant.modules import quantize_bert  # noqa: E402
+from kdlsq_pl.quant.modules import quantize_  # noqa: E402
 
 
 FUSED = {"kernel": True}  # --torch-quantizer sets False: the unfused torch formula, to compare
@@ -149,7 +149,7 @@ def outputs(model, batch: dict, need: bool = True) -> dict:
 
 def student_setup(path: str, task: dict, quant: str, calib: dict, device: torch.device):
     student = load_classifier(path, task, ATTN_IMPLEMENTATION)
-    quantize_bert(student, quant_cfg(quant))
+    quantize_(student, quant_cfg(quant))
     calibrate(student, [calib])
     return student.to(device).train()
 

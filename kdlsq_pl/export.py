@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdlsq_pl.quant.lsq import LSQQuantizer
-from kdlsq_pl.quant.modules import QuantEmbedding, QuantLinear, quantize_bert
+from kdlsq_pl.quant.modules import QuantEmbedding, QuantLinear, quantize_
 from kdlsq_pl.results import atomic_output
 
 PACKED_FILE = "model.packed.safetensors"
@@ -130,7 +130,7 @@ def load_packed(path: str | Path) -> nn.Module:
     config = AutoConfig.from_pretrained(path)
     config._attn_implementation = ATTN_IMPLEMENTATION
     model = apply_pooling(AutoModelForSequenceClassification.from_config(config, attn_implementation=ATTN_IMPLEMENTATION))
-    quantize_bert(model, meta["quant"])
+    quantize_(model, meta["quant"])
     tensors = load_file(str(path / PACKED_FILE))
     state = {k: v for k, v in tensors.items() if not k.endswith(".codes")}
     qweights = _quantized_weights(model)
@@ -146,31 +146,32 @@ def load_packed(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-@torch.no_grad()
 def evaluate_dev(models: Mapping[str, nn.Module], cfg, tokenizer_path: str) -> dict[str, dict]:
-    """Dev metrics (x100) of each model on ``cfg.task``'s first dev split, and the largest absolute logit
-    difference of each against the first model (``max_abs_logit_diff``)."""
-    from kdlsq_pl.data.glue import GLUEDataModule, model_inputs
-    from kdlsq_pl.metrics import build_metrics, predictions
+    """Dev metrics (x100, named as in training: ``f1``, ``acc``; ``acc_m``/``acc_mm`` for MNLI) of each model on
+    ``cfg.task``'s dev splits, by the stages' own validation loop (``GLUEModule`` under ``Trainer.validate``),
+    plus the largest absolute logit difference of each against the first model (``max_abs_logit_diff``)."""
+    import pytorch_lightning as pl
+    from omegaconf import DictConfig, OmegaConf
 
-    task = dict(cfg.task)
+    from kdlsq_pl.data.glue import GLUEDataModule
+    from kdlsq_pl.models.modules import TeacherModule
+
+    task = OmegaConf.to_container(cfg.task, resolve=True) if isinstance(cfg.task, DictConfig) else dict(cfg.task)
     dm = GLUEDataModule(task, tokenizer_path, cfg.data.glue_dir, cfg.paths.cache_dir, eval_batch_size=cfg.data.eval_batch_size,
-                        max_length=cfg.task.max_length)
-    dm.setup("validate")
-    loaders = dm.val_dataloader()
-    loader = loaders[0] if isinstance(loaders, list) else loaders
-    regression = not task["labels"]
+                        max_length=cfg.task.max_length, limit_eval_examples=cfg.data.get("limit_eval_examples"))
     out, ref = {}, None
     for name, model in models.items():
-        model.eval()
-        metrics, logits = build_metrics(task), []
-        for batch in loader:
-            z = model(**model_inputs(batch)).logits
-            metrics.update(predictions(z, regression), batch["labels"])
-            logits.append(z)
+        was_training = model.training
+        module = TeacherModule(model, task, lr=0.0, weight_decay=0.0, warmup_ratio=0.0)
+        logits: list[torch.Tensor] = []
+        forward = module.eval_logits
+        module.eval_logits = lambda batch, forward=forward, logits=logits: logits.append(forward(batch)) or logits[-1]
+        pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False).validate(module, datamodule=dm, verbose=False)
+        model.train(was_training)  # as it came (the Trainer restores the module's mode, TeacherModule set train)
         z = torch.cat(logits)
         ref = z if ref is None else ref
-        out[name] = {k: 100.0 * float(v) for k, v in metrics.compute().items()} | {"max_abs_logit_diff": float((z - ref).abs().max())}
+        out[name] = dict(module.last) | {"max_abs_logit_diff": float((z - ref).abs().max())}
     return out
 
 
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = OmegaConf.create(record["config"])
     student = load_classifier(record["teacher_dir"], cfg.task, attn_implementation=ATTN_IMPLEMENTATION)
     quant = OmegaConf.to_container(cfg.quant, resolve=True)
-    quantize_bert(student, quant)
+    quantize_(student, quant)
     load_student_checkpoint(student, record["checkpoint"])
     info = export_packed(student, quant, args.out or run / "packed")
     fp32 = record.get("fp32_bytes")

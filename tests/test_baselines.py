@@ -14,7 +14,7 @@ from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
 from kdlsq_pl.pipeline import run
 from kdlsq_pl.quant.baselines import DynamicMaxQuantizer, EMAMaxQuantizer, TWNQuantizer, ternarize
-from kdlsq_pl.quant.modules import QuantEmbedding, model_size_bytes, quantize_bert, quantizers
+from kdlsq_pl.quant.modules import QuantEmbedding, model_size_bytes, quantize_, lsq_quantizers
 
 W = torch.tensor([[0.1, -0.5, 0.9], [-0.05, 0.3, -1.2]])
 
@@ -98,13 +98,13 @@ def rte_batch(minilm_path, rows: slice) -> dict:
 def ptq_model(minilm_path, init: str):
     cfg = compose_cfg(GLUE, "method=ptq", "quant=w4a8", f"quant.act.init={init}", f"quant.weight.init={init}")
     model = load_classifier(minilm_path, {"labels": ["entailment", "not_entailment"]}, attn_implementation=ATTN_IMPLEMENTATION)
-    quantize_bert(model, OmegaConf.to_container(cfg.quant, resolve=True))
+    quantize_(model, OmegaConf.to_container(cfg.quant, resolve=True))
     return model
 
 
 def capture_inputs(model, names, batches):
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    qs = quantizers(model)
+    qs = lsq_quantizers(model)
     hooks = [qs[n].register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach().clone())) for n in names]
     calibrate(model, batches)
     for h in hooks:
@@ -120,7 +120,7 @@ def test_ptq_calibration_ranges_equal_the_calibration_tensors(minilm_path, init)
              "bert.encoder.layer.3.output.dense.input_quantizer",
              "bert.encoder.layer.5.attention.self.kdlsq_act_quant.probs"]
     seen = capture_inputs(model, names, batches)
-    qs = quantizers(model)
+    qs = lsq_quantizers(model)
     for n in names:
         assert len(seen[n]) == 2  # one input per calibration batch
         if init == "minmax":  # the range of all calibration tensors together
@@ -141,7 +141,7 @@ def test_baseline_sizes(minilm_path):
     for method in ("kdlsq", "ternarybert", "q8bert"):
         cfg = compose_cfg(GLUE, f"method={method}", "quant=w2a8")
         model = load_classifier(minilm_path, {"labels": ["a", "b"]}, attn_implementation=ATTN_IMPLEMENTATION)
-        quantize_bert(model, OmegaConf.to_container(cfg.quant, resolve=True))
+        quantize_(model, OmegaConf.to_container(cfg.quant, resolve=True))
         sizes[method] = model_size_bytes(model)
     rows = model.bert.embeddings.word_embeddings.num_embeddings
     n_lsq_scales = 39 + 61  # weight and activation step sizes of the LSQ student, 4 bytes each

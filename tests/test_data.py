@@ -144,3 +144,66 @@ def test_group_by_length_cuts_padding_on_real_mrpc(tmp_path, minilm_path):
         padded[grouped] = sum(b["input_ids"].numel() for b in batches)
     real = sum(len(x) for x in dm.splits["train"].with_format(None)["input_ids"])
     assert padded[True] < 0.85 * padded[False] and padded[True] >= real
+
+
+def test_hub_class_ids_are_remapped_to_our_label_order(monkeypatch):
+    """The hub's MNLI ids are 0 entailment, 1 neutral, 2 contradiction; ours follow the TSV label list
+    (contradiction, entailment, neutral): hub [0, 1, 2, 0] -> ours [1, 2, 0, 1]. STS-B scores stay floats."""
+    import datasets
+
+    import kdlsq_pl.data.glue as glue
+    calls = []
+
+    def fake_load(path, name, split):
+        calls.append((path, name, split))
+        if name == "mnli":
+            return datasets.Dataset.from_dict({"premise": ["p0", "p1", "p2", "p3"], "hypothesis": ["h0", "h1", "h2", "h3"],
+                                               "label": [0, 1, 2, 0]})
+        return datasets.Dataset.from_dict({"sentence1": ["a"], "sentence2": ["b"], "label": [3.8]})
+
+    monkeypatch.setattr(glue.datasets, "load_dataset", fake_load)
+    rows = glue.load_hub_split(task("mnli"), "validation_matched")
+    assert rows == {"text_a": ["p0", "p1", "p2", "p3"], "text_b": ["h0", "h1", "h2", "h3"], "label": [1, 2, 0, 1], "idx": [0, 1, 2, 3]}
+    assert glue.load_hub_split(task("stsb"), "validation")["label"] == [3.8]
+    assert calls == [("nyu-mll/glue", "mnli", "validation_matched"), ("nyu-mll/glue", "stsb", "validation")]
+
+
+def test_mnli_matched_and_mismatched_dev_give_two_loaders_and_two_metrics(tmp_path, minilm_path):
+    """MNLI's two dev files become two validation loaders, reported as val/acc_m and val/acc_mm; the best
+    evaluation is chosen by acc_m (task.metric). Predictions are made up by hand per loader."""
+    from types import SimpleNamespace
+
+    from kdlsq_pl.models.modules import GLUEModule
+
+    head = "index promptID pairID genre s1bp s2bp s1p s2p sentence1 sentence2 label1 gold_label".split()
+    dev_head = head[:10] + ["label1", "label2", "label3", "label4", "label5", "gold_label"]
+    row = lambda i, lab, n: "\t".join([str(i), "1", "1", "fiction", "(", "(", "(", "(", f"premise {i}", f"hyp {i}"] + [lab] * (n - 10))  # noqa: E731
+    _write(tmp_path / "MNLI" / "train.tsv", ["\t".join(head), row(0, "neutral", 12)])
+    _write(tmp_path / "MNLI" / "dev_matched.tsv", ["\t".join(dev_head)] + [row(i, lab, 16) for i, lab in enumerate(
+        ["entailment", "neutral", "contradiction", "entailment"])])  # ids 1, 2, 0, 1
+    _write(tmp_path / "MNLI" / "dev_mismatched.tsv", ["\t".join(dev_head)] + [row(i, lab, 16) for i, lab in enumerate(
+        ["contradiction", "contradiction"])])  # ids 0, 0
+    t = task("mnli")
+    dm = GLUEDataModule(t, minilm_path, glue_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), eval_batch_size=8)
+    dm.setup("validate")
+    loaders = dm.val_dataloader()
+    assert isinstance(loaders, list) and len(loaders) == 2
+    batches = [next(iter(loader)) for loader in loaders]
+    assert sorted(batches[0]["labels"].tolist()) == [0, 1, 1, 2] and batches[1]["labels"].tolist() == [0, 0]
+
+    m = GLUEModule(t)
+    m._trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, global_step=0)
+    m.log = lambda *a, **k: None
+
+    def evaluate(pred_m, pred_mm):  # predicted class per example, in each batch's order
+        for i, (batch, preds) in enumerate(zip(batches, (pred_m, pred_mm))):
+            m.eval_logits = lambda b, preds=preds: torch.nn.functional.one_hot(torch.tensor(preds), 3).float()
+            m.validation_step(batch, 0, dataloader_idx=i)
+        m.on_validation_epoch_end()
+
+    y_m = batches[0]["labels"].tolist()
+    evaluate(y_m[:3] + [(y_m[3] + 1) % 3], [1, 1])  # acc_m 3/4, acc_mm 0/2
+    assert m.last == pytest.approx({"acc_m": 75.0, "acc_mm": 0.0})
+    evaluate([(y + 1) % 3 for y in y_m[:2]] + y_m[2:], [0, 0])  # acc_m 2/4, acc_mm 2/2
+    assert m.last == pytest.approx({"acc_m": 50.0, "acc_mm": 100.0})
+    assert m.best_row == pytest.approx({"acc_m": 75.0, "acc_mm": 0.0})  # chosen by acc_m, one row

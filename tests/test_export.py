@@ -9,7 +9,7 @@ from kdlsq_pl.callbacks.quantization import calibrate
 from kdlsq_pl.export import export_packed, load_packed, pack_codes, unpack_codes
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
-from kdlsq_pl.quant.modules import quantize_bert
+from kdlsq_pl.quant.modules import quantize_
 from test_quant_insert import quant_cfg
 
 
@@ -41,7 +41,7 @@ def test_export_reload_exact_logits_and_size(tmp_path, minilm_path, quant):
     torch.manual_seed(0)
     student = load_classifier(minilm_path, {"labels": ["0", "1"]}, ATTN_IMPLEMENTATION)
     cfg = quant_cfg(quant)
-    quantize_bert(student, cfg)
+    quantize_(student, cfg)
     calibrate(student, [batch])
     student.eval()
     with torch.no_grad():
@@ -57,3 +57,35 @@ def test_export_reload_exact_logits_and_size(tmp_path, minilm_path, quant):
     assert ratio >= (12 if quant == "w2a8" else 6.5)
     with pytest.raises(FileExistsError):
         export_packed(student, cfg, tmp_path / "packed")
+
+
+def test_evaluate_dev_equals_a_hand_count_on_real_rte_dev(tmp_path, minilm_path):
+    """``evaluate_dev`` (the stages' validation loop under Trainer.validate) on the first 32 real RTE dev rows: the
+    accuracy equals a hand count of one-pair-at-a-time predictions, and the logit difference a hand maximum."""
+    from conftest import GLUE, compose_cfg
+    from kdlsq_pl.export import evaluate_dev
+    from transformers import AutoTokenizer
+
+    cfg = compose_cfg(tmp_path, "task=rte", "data.limit_eval_examples=32")
+    torch.manual_seed(0)
+    fp32 = load_classifier(minilm_path, cfg.task, ATTN_IMPLEMENTATION).eval()
+    w8 = load_classifier(minilm_path, cfg.task, ATTN_IMPLEMENTATION)
+    w8.load_state_dict(fp32.state_dict())
+    quantize_(w8, quant_cfg("w8a8"))
+    w8.eval()
+    got = evaluate_dev({"fp32": fp32, "w8a8": w8}, cfg, minilm_path)
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    rows = [line.split("\t") for line in (GLUE / "RTE" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:33]]
+    assert len(rows) == 32
+    right, diff = {"fp32": 0, "w8a8": 0}, 0.0
+    with torch.no_grad():
+        for _, a, b, label in rows:
+            enc = tok(a, b, return_tensors="pt", truncation=True, max_length=128)
+            z = {n: m(**enc).logits[0] for n, m in (("fp32", fp32), ("w8a8", w8))}
+            for n in z:
+                right[n] += int(z[n].argmax()) == ["entailment", "not_entailment"].index(label.strip())
+            diff = max(diff, float((z["w8a8"] - z["fp32"]).abs().max()))
+    assert got["fp32"]["acc"] == pytest.approx(100 * right["fp32"] / 32, abs=1e-4)
+    assert got["w8a8"]["acc"] == pytest.approx(100 * right["w8a8"] / 32, abs=1e-4)
+    assert got["fp32"]["max_abs_logit_diff"] == 0.0
+    assert got["w8a8"]["max_abs_logit_diff"] == pytest.approx(diff, rel=1e-3, abs=1e-5) and diff > 0

@@ -19,9 +19,13 @@ needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which
 def run(v, s, q_n, q_p, fused, grad, **kw):
     """(output, d/dv, d/ds) of fake_quantize on copies of v (as a leaf weight or an activation) and s."""
     leaf = kw.pop("leaf", False)
+    expect_fused = kw.pop("expect_fused", fused)
     v = v.detach().clone().requires_grad_()
     s = s.detach().clone().requires_grad_()
     out = fake_quantize(v if leaf else v * 1.0, s, q_n, q_p, fused=fused, **kw)
+    # the autograd node is the Function's ctx: it records which path ran (a failed build must not turn a
+    # kernel-vs-torch comparison into torch-vs-torch)
+    assert out.grad_fn.fused is expect_fused, f"fused path ran: {out.grad_fn.fused}, expected {expect_fused}"
     out.backward(grad)
     return out.detach(), v.grad, s.grad
 
@@ -101,6 +105,7 @@ def test_quantizer_module_matches_torch_and_nan_passes_through():
         q.initialize(torch.nan_to_num(x))
         xi = x.clone().requires_grad_()
         out = q(xi * 1.0)
+        assert out.grad_fn.fused is fused
         torch.nan_to_num(out).sum().backward()
         grads.append((out.detach(), xi.grad, q.scale.grad))
     assert torch.isnan(grads[0][0][0, 0, 0])
@@ -124,7 +129,7 @@ def test_falls_back_to_torch_when_the_build_fails(monkeypatch, caplog):
     torch.manual_seed(0)
     v, grad, s = torch.randn(50), torch.randn(50), torch.tensor(0.3)
     with caplog.at_level("WARNING", logger="kdlsq_pl.kernels"):
-        got = run(v, s, 3, 3, True, grad)
+        got = run(v, s, 3, 3, True, grad, expect_fused=False)
     assert kernels.cpu_kernels() is None
     assert "fused CPU kernels unavailable" in caplog.text
     assert_same(got, run(v, s, 3, 3, False, grad))

@@ -78,11 +78,29 @@ def test_soft_cross_entropy_bad_reduction():
         soft_cross_entropy(torch.zeros(1, 2), torch.zeros(1, 2), reduction="sum")
 
 
-def test_soft_cross_entropy_grad_only_through_student():
-    s = torch.tensor(S_LOGITS, requires_grad=True)
-    t = torch.tensor(T_LOGITS, requires_grad=True)
-    soft_cross_entropy(s, t.detach()).backward()
-    assert s.grad is not None and s.grad.abs().sum() > 0
+def test_kdloss_gradients_reach_the_student_only_and_equal_closed_forms():
+    """Teacher tensors that require grad (KDLoss must detach them itself) get no gradient; the student's
+    gradients equal the closed forms: soft CE (mean over B x C) d/dz_S = (softmax(z_S) - softmax(z_T)) / (B C);
+    MSE over N elements d/dh_S = 2 (h_S - h_T) / N per layer (attention entries above the threshold)."""
+    torch.manual_seed(0)
+    B, H, T, D = 2, 2, 4, 5
+    s_logits = torch.tensor(S_LOGITS, requires_grad=True)
+    t_logits = torch.tensor(T_LOGITS, requires_grad=True)
+    s_hid = [torch.randn(B, T, D, requires_grad=True) for _ in range(3)]
+    t_hid = [torch.randn(B, T, D, requires_grad=True) for _ in range(3)]
+    s_att = [torch.randn(B, H, T, T, requires_grad=True) for _ in range(2)]
+    t_att = [torch.randn(B, H, T, T, requires_grad=True) for _ in range(2)]
+    loss = KDLoss(pred=1.0, attn=1.0, hidden=1.0, gt=0.0)
+    total, _ = loss({"logits": s_logits, "hidden_states": s_hid, "attention_scores": s_att},
+                    {"logits": t_logits, "hidden_states": t_hid, "attention_scores": t_att}, labels=None)
+    total.backward()
+    assert all(t.grad is None for t in [t_logits, *t_hid, *t_att])
+    expected = (torch.softmax(s_logits.detach(), -1) - torch.softmax(t_logits.detach(), -1)) / (2 * 3)
+    assert torch.allclose(s_logits.grad, expected, atol=1e-7)
+    for s, t in zip(s_hid, t_hid):
+        assert torch.allclose(s.grad, 2 * (s.detach() - t.detach()) / s.numel(), atol=1e-7)
+    for s, t in zip(s_att, t_att):
+        assert torch.allclose(s.grad, 2 * (s.detach() - t.detach()) / s.numel(), atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- attention

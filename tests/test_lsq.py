@@ -17,12 +17,18 @@ from kdlsq_pl.quant.lsq import LSQQuantizer, fake_quantize, kl_clip_value, kl_cl
 BITS = list(range(2, 9))
 
 
+#: (Q_N, Q_P) written out for bits 2..8: the released KDLSQ symmetric grid (2 bits = ternary), the LSQ paper's
+#: signed grid (one more negative level), and the unsigned grid (both grids).
+RANGES = {
+    ("symmetric", True): [(1, 1), (3, 3), (7, 7), (15, 15), (31, 31), (63, 63), (127, 127)],
+    ("lsq", True): [(2, 1), (4, 3), (8, 7), (16, 15), (32, 31), (64, 63), (128, 127)],
+    ("symmetric", False): [(0, 3), (0, 7), (0, 15), (0, 31), (0, 63), (0, 127), (0, 255)],
+    ("lsq", False): [(0, 3), (0, 7), (0, 15), (0, 31), (0, 63), (0, 127), (0, 255)],
+}
+
+
 def expected_range(bits: int, signed: bool, grid: str) -> tuple[int, int]:
-    if not signed:
-        return 0, 2**bits - 1
-    if grid == "lsq":
-        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
-    return 2 ** (bits - 1) - 1, 2 ** (bits - 1) - 1
+    return RANGES[grid, signed][bits - 2]
 
 
 def set_step(q: LSQQuantizer, s) -> None:

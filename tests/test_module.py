@@ -9,7 +9,7 @@ from kdlsq_pl.distill.losses import KDLoss
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
 from kdlsq_pl.models.modules import KDLSQModule
-from kdlsq_pl.quant.modules import quantize_bert, quantizers
+from kdlsq_pl.quant.modules import quantize_, lsq_quantizers
 from test_quant_insert import quant_cfg
 
 TASK = {"labels": ["0", "1"], "metrics": ["f1", "acc"], "metric": "f1", "dev_files": {"dev": "dev.tsv"}}
@@ -22,14 +22,14 @@ def module(minilm_path):
     teacher = load_classifier(minilm_path, TASK, ATTN_IMPLEMENTATION)
     student = load_classifier(minilm_path, TASK, ATTN_IMPLEMENTATION)
     student.load_state_dict(teacher.state_dict())
-    quantize_bert(student, quant_cfg("w2a8"))
+    quantize_(student, quant_cfg("w2a8"))
     return KDLSQModule(teacher, student, TASK, KDLoss(pred=1, attn=1, hidden=1), OPTIM)
 
 
 def test_parameter_groups_as_released(module):
     groups = module.parameter_groups()
     settings = sorted((g["lr"], g["weight_decay"], len(g["params"])) for g in groups)
-    qs = quantizers(module.student)
+    qs = lsq_quantizers(module.student)
     n_weight_q = sum(q.kind == "weight" for q in qs.values())
     n_act_q = sum(q.kind == "activation" for q in qs.values())
     no_decay = [n for n, p in module.student.named_parameters() if ("bias" in n or "LayerNorm" in n) and "quantizer" not in n]
@@ -60,9 +60,17 @@ def test_training_step_loss_parts_match_kdloss(module, minilm_path):
     t = module._outputs(module.teacher, batch)
     s = module._outputs(module.student, batch)
     assert len(s["attention_scores"]) == 6 and len(s["hidden_states"]) == 7
-    ref_total, parts = module.loss(s, t, batch["labels"])
-    assert total.item() == pytest.approx(ref_total.item(), rel=1e-5)
-    assert logged["train/loss_attn"] == pytest.approx(parts["attn"].item(), rel=1e-5) and parts["attn"] > 0
+    # the three released terms by hand (METHODS.md section 1): soft CE averaged over B x C entries, the sum over
+    # layers of the MSE of attention scores (entries <= -100, i.e. masked keys, zeroed in each model), the sum
+    # over the L + 1 hidden states of their MSE
+    pred = (-torch.softmax(t["logits"], -1) * torch.log_softmax(s["logits"], -1)).mean()
+    zero_masked = lambda x: torch.where(x <= -100.0, torch.zeros_like(x), x)  # noqa: E731
+    attn = sum(((zero_masked(a) - zero_masked(b)) ** 2).mean() for a, b in zip(s["attention_scores"], t["attention_scores"]))
+    hidden = sum(((a - b) ** 2).mean() for a, b in zip(s["hidden_states"], t["hidden_states"]))
+    assert logged["train/loss_pred"] == pytest.approx(pred.item(), rel=1e-5)
+    assert logged["train/loss_attn"] == pytest.approx(attn.item(), rel=1e-5) and attn > 0
+    assert logged["train/loss_hidden"] == pytest.approx(hidden.item(), rel=1e-5) and hidden > 0
+    assert total.item() == pytest.approx((pred + attn + hidden).item(), rel=1e-5)
     assert total.requires_grad
 
 

@@ -11,7 +11,7 @@ from kdlsq_pl.errors import ConfigError
 from kdlsq_pl.export import export_packed, load_packed
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
-from kdlsq_pl.quant.modules import QuantLinear, quantize_bert
+from kdlsq_pl.quant.modules import QuantLinear, quantize_
 from test_quant_insert import quant_cfg
 
 TASK = {"labels": ["0", "1"]}
@@ -82,7 +82,7 @@ def test_pooling_saved_in_config_and_reloaded(minilm_path, batch, tmp_path):
 def test_quantizers_cover_mean_pooling_path_and_packed_export(minilm_path, batch, tmp_path):
     m = model(minilm_path, "mean")
     cfg = quant_cfg("w2a8")
-    quantize_bert(m, cfg)
+    quantize_(m, cfg)
     dense = m.bert.pooler.dense
     assert isinstance(dense, QuantLinear) and dense.input_quantizer is not None
     calibrate(m, [batch])
@@ -99,7 +99,7 @@ def test_quantizers_cover_mean_pooling_path_and_packed_export(minilm_path, batch
 
 def test_no_dense_pooling_leaves_no_pooler_quantizer(minilm_path):
     m = model(minilm_path, "mean", False)
-    ins = quantize_bert(m, quant_cfg("w2a8"))
+    ins = quantize_(m, quant_cfg("w2a8"))
     assert not any("pooler" in k for k in [*ins.weight, *ins.act])
 
 

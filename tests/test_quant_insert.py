@@ -11,7 +11,7 @@ from conftest import CONF
 from kdlsq_pl.callbacks.quantization import StepSizeFreeze, calibrate
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
-from kdlsq_pl.quant.modules import QuantEmbedding, QuantLinear, model_size_bytes, quantize_bert, quantizers
+from kdlsq_pl.quant.modules import QuantEmbedding, QuantLinear, model_size_bytes, quantize_, lsq_quantizers
 
 TASK = {"labels": ["entailment", "not_entailment"]}
 
@@ -42,7 +42,7 @@ def student(minilm_path):
 
 def test_count_and_placement(minilm_path):
     model = student(minilm_path)
-    ins = quantize_bert(model, quant_cfg())
+    ins = quantize_(model, quant_cfg())
     n_layers = model.config.num_hidden_layers
     # weights: 6 Linears per layer + pooler + word and position embeddings
     assert len(ins.weight) == 6 * n_layers + 1 + 2
@@ -66,22 +66,22 @@ def test_count_and_placement(minilm_path):
     keys = set(model.state_dict())
     assert "bert.encoder.layer.0.attention.self.query.weight" in keys and "classifier.weight" in keys
     with pytest.raises(ValueError, match="already quantized"):
-        quantize_bert(model, quant_cfg())
+        quantize_(model, quant_cfg())
 
 
 def test_fp32_inserts_nothing_and_w8a8_bits(minilm_path):
     model = student(minilm_path)
-    assert not quantize_bert(model, quant_cfg("fp32")).all()
+    assert not quantize_(model, quant_cfg("fp32")).all()
     model = student(minilm_path)
-    ins = quantize_bert(model, quant_cfg("w8a8"))
+    ins = quantize_(model, quant_cfg("w8a8"))
     assert {q.bits for q in ins.all().values()} == {8}
 
 
 def test_calibration_initialises_everything_and_averages(minilm_path, batch):
     model = student(minilm_path)
-    quantize_bert(model, quant_cfg())
+    quantize_(model, quant_cfg())
     calibrate(model, [batch])
-    qs = quantizers(model)
+    qs = lsq_quantizers(model)
     assert all(q.is_initialized for q in qs.values())
     one = {n: q.scale.detach().clone() for n, q in qs.items()}
     # averaging over two identical batches gives the same activation step sizes
@@ -105,7 +105,7 @@ def test_quantized_logits_differ_and_w8_is_close(minilm_path, batch):
     for name in ("w8a8", "w2a8"):
         model = student(minilm_path).eval()
         model.load_state_dict(ref.state_dict())
-        quantize_bert(model, quant_cfg(name))
+        quantize_(model, quant_cfg(name))
         calibrate(model, [batch])
         with torch.no_grad():
             out[name] = model(**batch).logits
@@ -115,8 +115,8 @@ def test_quantized_logits_differ_and_w8_is_close(minilm_path, batch):
 
 def test_model_size_by_hand(minilm_path):
     model = student(minilm_path)
-    quantize_bert(model, quant_cfg())
-    qs = quantizers(model)
+    quantize_(model, quant_cfg())
+    qs = lsq_quantizers(model)
     quantized_numel = sum(m.weight.numel() for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding)))
     total_numel = sum(p.numel() for p in model.parameters()) - len(qs)  # scalar step sizes are not model weights
     size = model_size_bytes(model)
@@ -127,7 +127,7 @@ def test_model_size_by_hand(minilm_path):
 
 def test_step_size_freeze(minilm_path):
     model = student(minilm_path)
-    quantize_bert(model, quant_cfg())
+    quantize_(model, quant_cfg())
 
     class T:  # the two trainer attributes the callback reads
         global_step, current_epoch = 5, 0
@@ -137,7 +137,7 @@ def test_step_size_freeze(minilm_path):
 
     cb = StepSizeFreeze(at_step=5)
     cb.on_train_batch_start(T, M, None, 0)
-    assert all(not q.scale.requires_grad for q in quantizers(model).values())
+    assert all(not q.scale.requires_grad for q in lsq_quantizers(model).values())
     assert all(p.requires_grad for n, p in model.named_parameters() if "quantizer" not in n and "kdlsq_act_quant" not in n)
 
 

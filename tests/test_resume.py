@@ -1,5 +1,5 @@
 """Kill a real student run mid-epoch with SIGKILL, restart it with the same command, and get exactly
-the metrics of an uninterrupted run (slow: ``make test-slow``)."""
+the metrics and the final weights of an uninterrupted run (slow: ``make test-slow``)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,13 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     print("uninterrupted:", expected["metrics"], expected["best_metrics"], "resumed:", got["metrics"], got["best_metrics"])
     assert got["metrics"] == expected["metrics"] and got["best_metrics"] == expected["best_metrics"]
     assert not (tmp_path / "resumed" / "checkpoints" / "resume.ckpt").exists()  # removed once finished
-    # both saw every step: the best checkpoint's step and the metric history agree
+    # both saw every step: the best checkpoint's step and the metric history agree, and the final student
+    # (last.ckpt, written after step 12, three steps past the kill) is the same tensor for tensor, bit for bit
     a = torch.load(tmp_path / "full" / "checkpoints" / "best.ckpt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "best.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] and a["glue_best"] == b["glue_best"]
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 12 and a["state_dict"].keys() == b["state_dict"].keys()
+    assert any(k.endswith("weight_quantizer.scale") for k in a["state_dict"])  # the step sizes are compared too
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])

@@ -18,7 +18,7 @@ from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
 from kdlsq_pl.models.modules import KDLSQModule
 from kdlsq_pl.stages.common import build_datamodule
-from kdlsq_pl.quant.modules import quantize_bert
+from kdlsq_pl.quant.modules import quantize_
 from kdlsq_pl.stages.student import build_student_module, quant_callbacks
 from test_quant_insert import quant_cfg
 
@@ -53,7 +53,7 @@ def setup(tmp_path_factory, minilm_path):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     student = load_classifier(str(root / "teacher"), cfg.task, ATTN_IMPLEMENTATION)
-    quantize_bert(student, quant_cfg("w2a8"))
+    quantize_(student, quant_cfg("w2a8"))
     calibrate(student, [batch])
     return root, cfg, teacher, dm, student.eval()
 

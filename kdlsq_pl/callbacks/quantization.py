@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 
 from kdlsq_pl.data.glue import model_inputs
-from kdlsq_pl.quant.modules import is_quantized, quantize_bert, quantizers
+from kdlsq_pl.quant.modules import is_quantized, quantize_, lsq_quantizers
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,12 @@ class QuantizationCallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.inserted is None and not is_quantized(pl_module.student):
-            self.inserted = quantize_bert(pl_module.student, self.quant)
+            self.inserted = quantize_(pl_module.student, self.quant)
             log.info("quantization: %d weight and %d activation quantizers inserted (%s)",
                      len(self.inserted.weight), len(self.inserted.act), self.quant.get("name"))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        qs = quantizers(pl_module.student)
+        qs = lsq_quantizers(pl_module.student)
         if not qs or all(q.is_initialized for q in qs.values()):
             return
         loader = trainer.datamodule.calibration_dataloader()
@@ -65,7 +65,7 @@ def calibrate(student: torch.nn.Module, batches: list[Mapping[str, torch.Tensor]
     """
     if not batches:
         raise ValueError("calibrate: no calibration batch (the training set is empty)")
-    pending = {n: q for n, q in quantizers(student).items() if not q.is_initialized}
+    pending = {n: q for n, q in lsq_quantizers(student).items() if not q.is_initialized}
     acts = {n: q for n, q in pending.items() if q.kind == "activation"}
     sums = {n: torch.zeros_like(q.scale) for n, q in acts.items()}
     was_training = student.training
@@ -102,7 +102,7 @@ class StepSizeFreeze(pl.Callback):
         due = (self.at_step is not None and trainer.global_step >= self.at_step) or \
               (self.at_epoch is not None and trainer.current_epoch >= self.at_epoch)
         if due and self.frozen_at is None:
-            for q in quantizers(pl_module.student).values():
+            for q in lsq_quantizers(pl_module.student).values():
                 q.freeze()
             self.frozen_at = trainer.global_step
             log.info("step sizes frozen at global step %d (epoch %d)", trainer.global_step, trainer.current_epoch)

@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 
 from kdlsq_pl.errors import NumericalError
-from kdlsq_pl.quant.modules import quantizers
+from kdlsq_pl.quant.modules import lsq_quantizers
 
 log = logging.getLogger("kdlsq_pl")
 RESUME_FILE = "resume.ckpt"
@@ -82,7 +82,7 @@ class NumericsGuard(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         model = getattr(pl_module, "student", None)
-        for name, q in quantizers(model).items() if model is not None else ():
+        for name, q in lsq_quantizers(model).items() if model is not None else ():
             s = q.scale.detach()
             if not torch.isfinite(s).all():
                 raise NumericalError(f"step size of student.{name} is {s.flatten()[~torch.isfinite(s.flatten())][0].item()} "

@@ -22,6 +22,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from kdlsq_pl.data.tsv import DEFAULT_GLUE_DIRS, read_glue_tsv, resolve_glue_dir, task_files  # noqa: F401
 from kdlsq_pl.errors import ConfigError
+from kdlsq_pl.options import Padding, allowed
 
 log = logging.getLogger(__name__)
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -163,8 +164,8 @@ class GLUEDataModule(pl.LightningDataModule):
         self.seed = seed
         self.group_by_length = group_by_length
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        if padding not in ("dynamic", "max_length"):
-            raise ConfigError(f"data.padding={padding!r} is not allowed; allowed: dynamic, max_length")
+        if padding not in allowed(Padding):
+            raise ConfigError(f"data.padding={padding!r} is not allowed; allowed: {', '.join(allowed(Padding))}")
         self.collator = DataCollatorWithPadding(self.tokenizer, padding="max_length" if padding == "max_length" else True,
                                                 max_length=max_length if padding == "max_length" else None)
         self.splits: dict[str, datasets.Dataset] = {}

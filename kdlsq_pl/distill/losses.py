@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdlsq_pl.options import Reduction, allowed
+
 __all__ = [
     "KDLoss",
     "attention_score_mse",
@@ -33,7 +35,7 @@ __all__ = [
     "soft_cross_entropy",
 ]
 
-_REDUCTIONS = ("mean", "batchmean")
+_REDUCTIONS = allowed(Reduction)  # the config schema's values (loss.pred_reduction)
 _REGRESSION_TARGETS = ("label", "teacher")
 
 

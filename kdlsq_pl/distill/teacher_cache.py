@@ -37,10 +37,11 @@ from kdlsq_pl.errors import ConfigError
 from kdlsq_pl.models.attention import capture_attention_scores
 from kdlsq_pl.models.loading import model_digest, weight_files
 from kdlsq_pl.results import atomic_output
+from kdlsq_pl.options import CacheDtype, allowed
 
 log = logging.getLogger("kdlsq_pl")
 
-DTYPES = {"float16": np.float16, "float32": np.float32}
+DTYPES = {name: np.dtype(name).type for name in allowed(CacheDtype)}
 META_FILE = "meta.json"
 #: Bumped whenever the files' layout or what is captured changes, so older caches are never read.
 CACHE_FORMAT = 1
@@ -270,7 +271,9 @@ def ensure_teacher_cache(cache_cfg: Mapping[str, Any], teacher_dir: Path, dm, lo
         hidden, attn: whether the loss distils hidden states / attention scores; a term it does not use
             is not stored, whatever the selection says.
     """
-    num_layers = int(json.loads((Path(teacher_dir) / "config.json").read_text())["num_hidden_layers"])
+    from transformers import AutoConfig
+
+    num_layers = int(AutoConfig.from_pretrained(str(teacher_dir)).num_hidden_layers)  # DistilBERT: n_layers
     selection = normalise_selection(cache_cfg, num_layers, dm.max_length)
     if not hidden:
         selection["hidden_layers"] = []

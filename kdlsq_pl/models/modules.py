@@ -18,19 +18,21 @@ from transformers import get_linear_schedule_with_warmup
 from kdlsq_pl.data.glue import model_inputs
 from kdlsq_pl.metrics import build_metrics, predictions
 from kdlsq_pl.models.attention import capture_attention_scores
-from kdlsq_pl.quant.modules import quantizers
+from kdlsq_pl.models.layout import no_decay_parameter_names
+from kdlsq_pl.quant.modules import lsq_quantizers
 
 log = logging.getLogger("kdlsq_pl")
 
-NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")
-
-
-def decay_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: ``weight_decay`` on weights, none on biases and LayerNorm (BERT's recipe)."""
-    named = [(n, p) for n, p in named if p.requires_grad]
+def decay_groups(model: nn.Module, lr: float, weight_decay: float, exclude: Iterable[nn.Parameter] = ()) -> list[dict]:
+    """AdamW parameter groups of ``model``'s trainable parameters (minus ``exclude``): ``weight_decay`` on
+    weights, none on biases and LayerNorm parameters (BERT's recipe; LayerNorms found by type,
+    :func:`kdlsq_pl.models.layout.no_decay_parameter_names`)."""
+    skip = {id(p) for p in exclude}
+    no_decay = no_decay_parameter_names(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in skip]
     return [
-        {"params": [p for n, p in named if not any(k in n for k in NO_DECAY)], "lr": lr, "weight_decay": weight_decay},
-        {"params": [p for n, p in named if any(k in n for k in NO_DECAY)], "lr": lr, "weight_decay": 0.0},
+        {"params": [p for n, p in named if n not in no_decay], "lr": lr, "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n in no_decay], "lr": lr, "weight_decay": 0.0},
     ]
 
 
@@ -93,7 +95,7 @@ class GLUEModule(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         values = {name: value if math.isfinite(value) else 0.0 for name, value in values.items()}
-        primary = self.metric_name(self.task["metric"], 0)
+        primary = self.task["metric"]  # already the logged name: f1, or acc_m for MNLI
         if primary in values and values[primary] > self.best_row.get(primary, -math.inf):  # strictly better, as ModelCheckpoint
             self.best_row = dict(values)
         for name, value in values.items():
@@ -170,7 +172,7 @@ class TeacherModule(GLUEModule):
         return self.model(**model_inputs(batch)).logits
 
     def parameter_groups(self) -> list[dict]:
-        return decay_groups(self.model.named_parameters(), self.lr, self.weight_decay)
+        return decay_groups(self.model, self.lr, self.weight_decay)
 
 
 class KDLSQModule(GLUEModule):
@@ -253,11 +255,9 @@ class KDLSQModule(GLUEModule):
 
     def parameter_groups(self) -> list[dict]:
         """Model weights (decay except bias/LayerNorm), weight step sizes, activation step sizes."""
-        qs = quantizers(self.student)
-        scale_ids = {id(q.scale) for q in qs.values()}
-        weights = [(n, p) for n, p in self.student.named_parameters() if id(p) not in scale_ids]
+        qs = lsq_quantizers(self.student)
         o = self.optim
-        groups = decay_groups(weights, o["lr"], o["weight_decay"])
+        groups = decay_groups(self.student, o["lr"], o["weight_decay"], exclude=[q.scale for q in qs.values()])
         for kind, lr, wd in (("weight", o["weight_step_lr"], o["weight_step_weight_decay"]),
                              ("activation", o["act_step_lr"], o["act_step_weight_decay"])):
             params = [q.scale for q in qs.values() if q.kind == kind]

@@ -37,7 +37,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from kdlsq_pl import options
 from kdlsq_pl.kernels import cpu_kernels, lsq_kernel_applies
+from kdlsq_pl.options import allowed
 
 __all__ = [
     "ALLOWED_GRIDS",
@@ -53,12 +55,13 @@ __all__ = [
     "quant_range",
 ]
 
-ALLOWED_GRIDS = ("symmetric", "lsq")
-ALLOWED_PARAMS = ("clip", "step")
-ALLOWED_RANGE_TESTS = ("unrounded", "rounded")
-ALLOWED_INITS = ("lsq", "percentile", "kl", "minmax")
-ALLOWED_KINDS = ("weight", "activation")
-MIN_BITS, MAX_BITS = 2, 8
+# the allowed values are the config's (kdlsq_pl.options, checked by kdlsq_pl.schema): the CLI and the library agree
+ALLOWED_GRIDS = allowed(options.Grid)
+ALLOWED_PARAMS = allowed(options.Param)
+ALLOWED_RANGE_TESTS = allowed(options.RangeTest)
+ALLOWED_INITS = allowed(options.Init)
+ALLOWED_KINDS = allowed(options.Kind)
+MIN_BITS, MAX_BITS = options.MIN_BITS, options.MAX_BITS
 
 #: Lower bound on the effective step size ``s`` (see :func:`fake_quantize`).
 DEFAULT_EPS = 1e-8
@@ -407,8 +410,9 @@ class LSQQuantizer(nn.Module):
         init: rule used by :meth:`initialize`: ``"lsq"``, ``"percentile"``, ``"kl"``,
             ``"minmax"``.
         percentile: upper percentile ``p`` in (50, 100] for ``init="percentile"``.
-        kind: ``"weight"`` or ``"activation"``; descriptive only (shown in the repr,
-            for callers that treat the two differently).
+        kind: ``"weight"`` or ``"activation"``. It decides how the quantizer is treated: the
+            optimizer group of its step size (``optim.weight_step_lr`` or ``optim.act_step_lr``) and
+            whether calibration re-initialises it from activation batches (``calibrate``).
         num_channels: number of channels; required when ``per_channel=True``.
         eps: lower bound on the effective step size.
         fused_kernel: use the fused C++ kernel on CPU (bit-identical, faster); see :func:`fake_quantize`.

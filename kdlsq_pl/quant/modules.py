@@ -13,18 +13,18 @@ state dict is the Hugging Face one plus ``*_quantizer.*`` entries.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdlsq_pl import options
+from kdlsq_pl.models.layout import quantizable_modules
 from kdlsq_pl.quant.baselines import DynamicMaxQuantizer, EMAMaxQuantizer, TWNQuantizer
 from kdlsq_pl.quant.lsq import LSQQuantizer
+from kdlsq_pl.options import allowed
 
-#: Linears inside each BERT layer that are quantized (attribute paths from ``BertLayer``).
-LAYER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
-                 "attention.output.dense", "intermediate.dense", "output.dense")
 #: Attention activations quantized inside the attention function (``kdlsq_pl.models.attention``).
 ATTENTION_ACTS = ("query", "key", "value", "probs")
 
@@ -81,7 +81,7 @@ class Inserted:
 
 
 #: ``quant.weight.quantizer`` / ``quant.act.quantizer`` values: LSQ (KDLSQ, LSQ, PTQ) and the baselines'.
-QUANTIZERS = ("lsq", "twn", "dynamic_max", "ema_max")
+QUANTIZERS = tuple(dict.fromkeys(allowed(options.WeightQuantizer) + allowed(options.ActQuantizer)))
 
 
 def make_quantizer(bits: int, opts: Mapping[str, Any], kind: str, num_channels: int | None = None,
@@ -119,26 +119,40 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def quantize_bert(model: nn.Module, quant: Mapping[str, Any]) -> Inserted:
-    """Replace a Hugging Face BERT classifier's modules with fake-quantized ones, in place.
+#: ``filter_fn(module, fqn) -> bool`` of :func:`quantize_`: whether the module at dotted path ``fqn`` is replaced.
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def quantize_(model: nn.Module, quant: Mapping[str, Any], filter_fn: FilterFn | None = None) -> Inserted:
+    """Replace a BERT-family classifier's modules with fake-quantized ones, in place (torchao's ``quantize_`` shape).
+
+    The one insertion path: the training callback (``QuantizationCallback.setup``), PTQ, the packed export's
+    reload and the benchmarks all call it. What is replaced comes from the model's own structure
+    (:func:`kdlsq_pl.models.layout.quantizable_modules`): word and position embeddings (``QuantEmbedding``,
+    ``embedding_bits``), every layer Linear and the head's pooler-role Linear (``QuantLinear``, ``weight_bits``
+    with an ``act_bits`` input quantizer), and the Q/K/V/probability quantizers of each attention module
+    (``quantize_attention``).
 
     Args:
-        model: ``BertForSequenceClassification`` (or any model with a ``.bert`` BertModel), loaded
-            with ``attn_implementation="kdlsq_eager"`` so the attention quantizers take effect.
-        quant: ``weight_bits``, ``embedding_bits``, ``act_bits`` (2..8, or 32 to leave that role in
-            full precision) and quantizer options ``weight`` / ``act``; ``quantize_attention``.
+        model: a ``*ForSequenceClassification`` (or bare encoder) of a type in ``layout.LAYOUTS`` (BERT,
+            RoBERTa, DistilBERT), loaded with ``attn_implementation="kdlsq_eager"`` so the attention
+            quantizers take effect.
+        quant: ``weight_bits``, ``embedding_bits``, ``act_bits`` (2..8, or 32 to leave that role in full
+            precision), quantizer options ``weight`` / ``act``, ``quantize_attention``, ``fused_kernel``.
+        filter_fn: ``filter_fn(module, fqn)``; a module (embedding, Linear or attention module) is
+            replaced only where it returns true. ``None``: every one.
 
     Returns:
         ``Inserted`` with every quantizer by its dotted module path.
 
     Raises:
-        ValueError: the model has no ``bert`` encoder, or is already quantized.
+        ConfigError: the model type has no layout, or computes attention outside transformers' interface (DeBERTa).
+        ValueError: the model is already quantized.
     """
-    bert = getattr(model, "bert", None)
-    if bert is None:
-        raise ValueError(f"{type(model).__name__} has no .bert encoder; quantize_bert supports BERT classifiers")
     if is_quantized(model):
         raise ValueError("model is already quantized")
+    targets = quantizable_modules(model)
+    keep = (lambda path: True) if filter_fn is None else (lambda path: bool(filter_fn(model.get_submodule(path), path)))
     wb, eb, ab = int(quant["weight_bits"]), int(quant["embedding_bits"]), int(quant["act_bits"])
     fused = bool(quant.get("fused_kernel", True))
     inserted = Inserted()
@@ -150,41 +164,41 @@ def quantize_bert(model: nn.Module, quant: Mapping[str, Any]) -> Inserted:
         inserted.act[path] = q
         return q
 
-    def linear(path: str) -> None:
-        lin = model.get_submodule(path)
-        if wb >= 32 and ab >= 32:
-            return
-        wq = make_quantizer(wb, quant["weight"], "weight", lin.out_features, fused_kernel=fused) if wb < 32 else nn.Identity()
-        if wb < 32:
-            inserted.weight[f"{path}.weight_quantizer"] = wq
-        _set(model, path, QuantLinear(lin, wq, act(f"{path}.input_quantizer")))
-
     if eb < 32:
-        for name in ("word_embeddings", "position_embeddings"):
-            path = f"bert.embeddings.{name}"
+        for i, path in enumerate(targets["embeddings"]):
+            if not keep(path):
+                continue
             emb = model.get_submodule(path)
-            per_row = name == "word_embeddings" and bool(quant["weight"].get("embedding_per_row", False))
+            per_row = i == 0 and bool(quant["weight"].get("embedding_per_row", False))  # the word embedding
             q = make_quantizer(eb, quant["weight"], "weight", emb.num_embeddings, per_row=per_row, fused_kernel=fused)
             inserted.weight[f"{path}.weight_quantizer"] = q
             _set(model, path, QuantEmbedding(emb, q))
-    for i, _ in enumerate(bert.encoder.layer):
-        for sub in LAYER_LINEARS:
-            linear(f"bert.encoder.layer.{i}.{sub}")
-        if quant.get("quantize_attention", True) and ab < 32:
-            attn = model.get_submodule(f"bert.encoder.layer.{i}.attention.self")
-            attn.kdlsq_act_quant = nn.ModuleDict({k: act(f"bert.encoder.layer.{i}.attention.self.kdlsq_act_quant.{k}") for k in ATTENTION_ACTS})
-    if getattr(getattr(bert, "pooler", None), "dense", None) is not None:  # [CLS] or mean pooling (models.pooling)
-        linear("bert.pooler.dense")
+    if wb < 32 or ab < 32:
+        for path in targets["linears"]:
+            if not keep(path):
+                continue
+            lin = model.get_submodule(path)
+            wq = make_quantizer(wb, quant["weight"], "weight", lin.out_features, fused_kernel=fused) if wb < 32 else nn.Identity()
+            if wb < 32:
+                inserted.weight[f"{path}.weight_quantizer"] = wq
+            _set(model, path, QuantLinear(lin, wq, act(f"{path}.input_quantizer")))
+    if quant.get("quantize_attention", True) and ab < 32:
+        for path in targets["attention"]:
+            if keep(path):
+                model.get_submodule(path).kdlsq_act_quant = nn.ModuleDict(
+                    {k: act(f"{path}.kdlsq_act_quant.{k}") for k in ATTENTION_ACTS})
     return inserted
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """Whether ``quantize_bert`` has already run on ``model`` (any quantizer family)."""
+    """Whether ``quantize_`` has already run on ``model`` (any quantizer family)."""
     return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
 
 
-def quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
-    """Every ``LSQQuantizer`` (the learned-step-size ones) in ``model`` by dotted path."""
+def lsq_quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
+    """Every ``LSQQuantizer`` in ``model`` by dotted path: the quantizers with a learned step size (the ones
+    that are calibrated, frozen, NaN-checked and get step-size optimizer groups). The baselines' quantizers
+    (TWN, dynamic max, EMA max) have no learned parameter and are not included."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LSQQuantizer)}
 
 
@@ -197,7 +211,7 @@ def model_size_bytes(model: nn.Module) -> dict[str, float]:
     """
     quantized = {id(m.weight): m.weight_quantizer for m in model.modules()
                  if isinstance(m, (QuantLinear, QuantEmbedding)) and hasattr(m.weight_quantizer, "bits")}
-    scales = {id(q.scale) for q in quantizers(model).values()}
+    scales = {id(q.scale) for q in lsq_quantizers(model).values()}
     size = fp32 = 0.0
     for p in model.parameters():
         if id(p) in scales:  # step sizes: stored in FP32 beside the codes, absent from the FP32 model

@@ -21,12 +21,13 @@ from kdlsq_pl.distill.losses import KDLoss
 from kdlsq_pl.distill.teacher_cache import ensure_teacher_cache
 from kdlsq_pl.export import export_packed, load_student_checkpoint, packable
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
+from kdlsq_pl.models.layout import layout_for
 from kdlsq_pl.models.loading import load_classifier
 from kdlsq_pl.models.modules import KDLSQModule
 from kdlsq_pl.report import fmt, print_summary
 from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit
 from kdlsq_pl.stages.teacher import ensure_teacher
-from kdlsq_pl.quant.modules import model_size_bytes, quantize_bert
+from kdlsq_pl.quant.modules import model_size_bytes, quantize_
 
 
 def is_full_precision(quant: DictConfig) -> bool:
@@ -69,7 +70,7 @@ def quant_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 def post_training_quantize(cfg: DictConfig, module: KDLSQModule, dm) -> None:
     """PTQ: insert quantizers into the (teacher-initialised) student and calibrate every step size on
     ``cfg.quant.calibration_batches`` random training batches; no training (METHODS.md section 2)."""
-    quantize_bert(module.student, OmegaConf.to_container(cfg.quant, resolve=True))
+    quantize_(module.student, OmegaConf.to_container(cfg.quant, resolve=True))
     dm.setup("fit")
     calibrate(module.student, list(islice(iter(dm.calibration_dataloader()), int(cfg.quant.calibration_batches))))
 
@@ -93,6 +94,9 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     The fields: teacher metric, student best and final metric (x100), bits, size in bytes at those
     bits and the compression ratio against FP32, the teacher directory and the stage wall time (s).
     """
+    if not is_full_precision(cfg.quant):  # an encoder the surgery cannot reach fails before its teacher is trained
+        from transformers import AutoConfig
+        layout_for(AutoConfig.from_pretrained(model_path).model_type)
     teacher_dir, teacher = ensure_teacher(cfg, model_path, out_dir)
     t0 = time.time()
     pl.seed_everything(cfg.seed, workers=True)
