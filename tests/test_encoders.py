@@ -136,3 +136,23 @@ def test_fast_dev_run_student_on_each_encoder(tiny_dirs, tmp_path, model_type, e
     assert record["status"] == "finished" and record["stage"] == "student"
     assert math.isfinite(record["best"]) and 0.0 <= record["best"] <= 100.0
     assert 10 < record["compression_ratio"] < 17  # 2-bit weights and embeddings (tiny models: FP32 head and LayerNorms weigh more)
+
+
+def test_filter_fn_keeps_the_modules_it_rejects_in_full_precision(tiny_dirs):
+    """``filter_fn(module, fqn)`` (torchao's signature): layer 0 left out keeps its 6 Linears as nn.Linear and its
+    attention without quantizers; everything else is quantized as without a filter."""
+    model = _load(tiny_dirs["bert"])
+    seen = []
+
+    def keep(module, fqn):
+        seen.append((type(module).__name__, fqn))
+        return "layer.0." not in fqn
+
+    ins = quantize_(model, quant_cfg("w2a8"), filter_fn=keep)
+    layer0 = model.bert.encoder.layer[0]
+    assert all(type(m) is nn.Linear for m in layer0.modules() if isinstance(m, nn.Linear))
+    assert not hasattr(layer0.attention.self, "kdlsq_act_quant")
+    assert hasattr(model.bert.encoder.layer[1].attention.self, "kdlsq_act_quant")
+    assert len(ins.weight) == 15 - 6 and len(ins.act) == 21 - 6 - 4
+    assert ("Embedding", "bert.embeddings.word_embeddings") in seen and ("BertSelfAttention", "bert.encoder.layer.0.attention.self") in seen
+    assert len(seen) == 2 + 13 + 2  # embeddings, Linears, attention modules: each asked once
