@@ -20,7 +20,10 @@ pytestmark = pytest.mark.slow
 ARGS = ["task=rte", "quant=w2a8", "data.limit_train_examples=48", "data.limit_eval_examples=32",
         "data.batch_size=8", "trainer.max_epochs=2", "task.teacher.epochs=1",
         "callbacks.resume_checkpoint.every_n_train_steps=4", "callbacks.progress_bar=null",
-        "+callbacks.kill._target_=killer.KillAtStep"]
+        "+callbacks.kill._target_=killer.KillAtStep",
+        # the weights after the last step (the run itself keeps only best.ckpt): compared tensor for tensor below
+        "+callbacks.final._target_=pytorch_lightning.callbacks.ModelCheckpoint", "+callbacks.final.filename=final",
+        "+callbacks.final.dirpath=${paths.output_dir}/final", "+callbacks.final.save_on_train_epoch_end=true"]
 
 
 def run_cli(root, out, kill_at=None):
@@ -30,6 +33,15 @@ def run_cli(root, out, kill_at=None):
         env["KDLSQ_TEST_KILL_AT_STEP"] = str(kill_at)
     cmd = [sys.executable, str(REPO / "run.py"), f"paths.root_dir={root}", f"hydra.run.dir={out}", "logger=csv", *ARGS]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+
+
+def final_student(run):
+    """The student's end-of-training checkpoint in ``<run>/final`` (the first run there also trained the teacher,
+    whose own final checkpoint sits beside it)."""
+    ckpts = [torch.load(p, weights_only=True) for p in sorted((run / "final").glob("*.ckpt"))]
+    students = [c for c in ckpts if any(k.startswith("student.") for k in c["state_dict"])]
+    assert len(students) == 1, [sorted(c["state_dict"])[:1] for c in ckpts]
+    return students[0]
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
@@ -50,12 +62,11 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     assert got["metrics"] == expected["metrics"] and got["best_metrics"] == expected["best_metrics"]
     assert not (tmp_path / "resumed" / "checkpoints" / "resume.ckpt").exists()  # removed once finished
     # both saw every step: the best checkpoint's step and the metric history agree, and the final student
-    # (last.ckpt, written after step 12, three steps past the kill) is the same tensor for tensor, bit for bit
+    # (final.ckpt, written after step 12, three steps past the kill) is the same tensor for tensor, bit for bit
     a = torch.load(tmp_path / "full" / "checkpoints" / "best.ckpt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "best.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] and a["glue_best"] == b["glue_best"]
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    a, b = final_student(tmp_path / "full"), final_student(tmp_path / "resumed")
     assert a["global_step"] == b["global_step"] == 12 and a["state_dict"].keys() == b["state_dict"].keys()
     assert any(k.endswith("weight_quantizer.scale") for k in a["state_dict"])  # the step sizes are compared too
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
