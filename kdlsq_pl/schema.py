@@ -197,34 +197,36 @@ def _field_type(loc: tuple) -> Any:
     return ann
 
 
-def _unwrap(ann: Any) -> Any:
-    """``Optional[X]`` -> ``X``; ``Annotated[X, ...]`` -> ``X``."""
+def _levels(ann: Any):
+    """Each level of an annotation from the outside in: ``Optional[Annotated[int, Ge(1)]]`` yields the Optional,
+    the Annotated, then ``int``."""
     while True:
+        yield ann
         if get_origin(ann) is Annotated:
             ann = get_args(ann)[0]
         elif get_origin(ann) is Union:
             ann = next(a for a in get_args(ann) if a is not type(None))
         else:
-            return ann
+            return
+
+
+def _unwrap(ann: Any) -> Any:
+    """``Optional[X]`` -> ``X``; ``Annotated[X, ...]`` -> ``X``."""
+    *_, inner = _levels(ann)
+    return inner
 
 
 def _bounds(ann: Any) -> str:
     lo = hi = None
     lo_open = False
-    while ann is not None:
-        if get_origin(ann) is Annotated:
-            for m in get_args(ann)[1:]:
-                if isinstance(m, Ge):
-                    lo = m.ge
-                elif isinstance(m, Gt):
-                    lo, lo_open = m.gt, True
-                elif isinstance(m, Le):
-                    hi = m.le
-            ann = get_args(ann)[0]
-        elif get_origin(ann) is Union:
-            ann = next(a for a in get_args(ann) if a is not type(None))
-        else:
-            break
+    for level in _levels(ann):
+        for m in get_args(level)[1:] if get_origin(level) is Annotated else ():
+            if isinstance(m, Ge):
+                lo = m.ge
+            elif isinstance(m, Gt):
+                lo, lo_open = m.gt, True
+            elif isinstance(m, Le):
+                hi = m.le
     if lo is not None and hi is not None:
         return f"{lo}..{hi}" if not lo_open else f"> {lo} and <= {hi}"
     if lo is not None:
