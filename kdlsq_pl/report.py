@@ -56,8 +56,13 @@ def fmt_cell(values: Iterable[float], n_expected: int | None = None) -> str:
 
 
 def bits_label(rec: dict) -> str:
+    """``2-2-8`` (weight, embedding, activation bits); a mixed-precision model (``bit_overrides`` in its record)
+    adds its average bits per weight: ``2-2-8, mixed (2.41 avg)``."""
     b = rec.get("bits") or {}
-    return f"{b.get('weight_bits', '?')}-{b.get('embedding_bits', '?')}-{b.get('act_bits', '?')}"
+    label = f"{b.get('weight_bits', '?')}-{b.get('embedding_bits', '?')}-{b.get('act_bits', '?')}"
+    if rec.get("bit_overrides") and rec.get("avg_weight_bits") is not None:
+        label += f", mixed ({rec['avg_weight_bits']:.2f} avg)"
+    return label
 
 
 TEACHER = "teacher (FP32)"
@@ -70,8 +75,9 @@ def build_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], di
     +- sample std of the finished runs' best dev values over seeds, with the number of seeds. The teacher
     row counts each distinct teacher once (by ``teacher_dir``: the students of three seeds share one), from
     the students' ``teacher_metric``, or teacher-stage records where no student names a teacher.
-    ``info``: ``cells`` (``(key, task) -> values``), ``tasks``, ``meta`` (bits, size, ratio, weight bits and
-    the packed file size per key).
+    ``info``: ``cells`` (``(key, task) -> values``), ``tasks``, ``meta`` (bits, size, ratio, weight bits (the
+    average over weights for a mixed-precision model) and the real file size per key: the packed export, the
+    FP32 ``model.safetensors`` for the teacher; ``-`` in the table where no file was written).
     """
     records = list(records)
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -96,7 +102,8 @@ def build_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], di
         key = f"{rec.get('method', 'kdlsq')} {rec.get('quant', '?')}"
         if key not in meta or (meta[key]["size"] is None and rec.get("size_bytes")):  # a failed record has no size or bits
             meta[key] = {"bits": bits_label(rec), "size": rec.get("size_bytes"), "ratio": rec.get("compression_ratio"),
-                         "wbits": (rec.get("bits") or {}).get("weight_bits", 32), "file": rec.get("packed_bytes") or rec.get("size_bytes")}
+                         "wbits": rec.get("avg_weight_bits") or (rec.get("bits") or {}).get("weight_bits", 32),
+                         "file": rec.get("packed_bytes"), "mixed": bool(rec.get("bit_overrides"))}
         if rec.get("status") == "finished" and rec.get("best") is not None:
             cells[(key, task)].append(rec["best"])
         else:
@@ -109,7 +116,7 @@ def build_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], di
         cells[(TEACHER, task)].append(value)
     task_list = [t for t in TASK_ORDER if t in tasks] + sorted(tasks - set(TASK_ORDER))
     metric = {r["task"]: r.get("metric", "") for r in records if r.get("task")}
-    header = ["model", "W-E-A bits", "size (MB)", "vs FP32"] + [f"{TASK_LABEL.get(t, t)} ({metric.get(t, '')})" for t in task_list] + ["avg"]
+    header = ["model", "W-E-A bits", "size (MB)", "file (MB)", "vs FP32"] + [f"{TASK_LABEL.get(t, t)} ({metric.get(t, '')})" for t in task_list] + ["avg"]
     fp32_bytes = next((r["fp32_bytes"] for r in records if r.get("fp32_bytes")), None)
     meta.setdefault(TEACHER, {}).update(bits="32-32-32", size=fp32_bytes, ratio=1.0 if fp32_bytes else None, wbits=32)
     meta[TEACHER].setdefault("file", fp32_bytes)
@@ -118,7 +125,7 @@ def build_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], di
     for key in [TEACHER] + sorted((k for k in meta if k != TEACHER), key=lambda k: (-meta[k]["wbits"], k)):
         info = meta[key]
         row = [key, info["bits"], f"{info['size'] / 1e6:.1f}" if info.get("size") else "-",
-               f"{info['ratio']:.1f}x" if info.get("ratio") else "-"]
+               f"{info['file'] / 1e6:.2f}" if info.get("file") else "-", f"{info['ratio']:.1f}x" if info.get("ratio") else "-"]
         means = []
         for t in task_list:
             vals = cells.get((key, t), [])
@@ -167,7 +174,8 @@ def write_csv(records: list[dict], path: Path) -> None:
 
 def plot(info: dict, path: Path) -> None:
     """Two rows of panels, one column per task. Top: metric against weight bits per method, mean with the
-    sample std over seeds as error bars, the teacher as a dashed line. Bottom: metric against the real file
+    sample std over seeds as error bars (a mixed-precision setting: its own point at its average weight bits), the
+    teacher as a dashed line. Bottom: metric against the real file
     size (MB, log scale: the packed export, FP32 safetensors for the teacher), every method and the teacher."""
     import matplotlib
     matplotlib.use("Agg")
@@ -185,7 +193,8 @@ def plot(info: dict, path: Path) -> None:
                 continue
             std = vals.std(ddof=1) if len(vals) > 1 else 0.0
             if key != TEACHER:
-                by_method[key.split(" ")[0]].append((meta["wbits"], vals.mean(), std))
+                # a mixed-precision setting is its own point (at its average bits), not a point on the method's line
+                by_method[key if meta.get("mixed") else key.split(" ")[0]].append((meta["wbits"], vals.mean(), std))
             if meta.get("file"):
                 bottom.errorbar([meta["file"] / 1e6], [vals.mean()], yerr=[std], marker="s" if key == TEACHER else "o",
                                 capsize=3, linestyle="none", label=key)

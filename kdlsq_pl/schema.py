@@ -114,6 +114,7 @@ class Quant(_Section):
     weight_bits: Bits
     embedding_bits: Bits
     act_bits: Bits
+    overrides: Optional[dict[str, Bits]] = None  # mixed precision: glob over module paths -> weight bits (quantize_ checks the matches)
     weight: WeightSide
     act: ActSide
     quantize_attention: bool

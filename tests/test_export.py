@@ -89,3 +89,48 @@ def test_evaluate_dev_equals_a_hand_count_on_real_rte_dev(tmp_path, minilm_path)
     assert got["w8a8"]["acc"] == pytest.approx(100 * right["w8a8"] / 32, abs=1e-4)
     assert got["fp32"]["max_abs_logit_diff"] == 0.0
     assert got["w8a8"]["max_abs_logit_diff"] == pytest.approx(diff, rel=1e-3, abs=1e-5) and diff > 0
+
+
+def test_mixed_precision_export_reloads_exactly_and_its_file_is_the_sum_of_its_parts(tmp_path, minilm_path):
+    import json
+    import struct
+
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from test_quant_insert import MIXED, mixed_expected_bits
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    batch = dict(tok(["A man plays a guitar.", "Two dogs run."], ["Music.", "Animals in the snow."], padding=True, return_tensors="pt"))
+    torch.manual_seed(0)
+    student = load_classifier(minilm_path, {"labels": ["0", "1"]}, ATTN_IMPLEMENTATION)
+    cfg = quant_cfg("w2a8") | {"overrides": MIXED}
+    quantize_(student, cfg)
+    calibrate(student, [batch])
+    student.eval()
+    with torch.no_grad():
+        before = student(**batch).logits
+    info = export_packed(student, cfg, tmp_path / "packed")
+    reloaded = load_packed(tmp_path / "packed")
+    with torch.no_grad():
+        assert torch.equal(before, reloaded(**batch).logits)
+    meta = json.loads((tmp_path / "packed" / "packed.json").read_text())
+    expected = {name: b for name, b in mixed_expected_bits(6).items() if b < 32}
+    assert {k.removesuffix(".weight"): v["bits"] for k, v in meta["packed"].items()} == expected
+    # the file: 8-byte header length + JSON header + every tensor's bytes; the codes take ceil(numel / (8 // bits))
+    # bytes at 2 and 4 bits and numel at 8; the rest are FP32 values (4 bytes) and the quantizers' bool flags (1 byte)
+    path = tmp_path / "packed" / "model.packed.safetensors"
+    header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    parts = 0
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if key.endswith(".codes"):
+                name = key.removesuffix(".weight.codes")
+                numel = int(torch.tensor(meta["packed"][name + ".weight"]["shape"]).prod())
+                per = {2: 4, 4: 2, 8: 1}[expected[name]]
+                assert t.numel() == -(-numel // per)
+                parts += -(-numel // per)
+            else:
+                assert t.dtype in (torch.float32, torch.bool), key
+                parts += (4 if t.dtype == torch.float32 else 1) * t.numel()
+    assert info["packed_bytes"] == path.stat().st_size == 8 + header_len + parts

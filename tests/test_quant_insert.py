@@ -11,6 +11,7 @@ from conftest import CONF
 from kdlsq_pl.callbacks.quantization import StepSizeFreeze, calibrate
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
+from kdlsq_pl.errors import ConfigError
 from kdlsq_pl.quant.modules import QuantEmbedding, QuantLinear, model_size_bytes, quantize_, lsq_quantizers
 
 TASK = {"labels": ["entailment", "not_entailment"]}
@@ -123,6 +124,59 @@ def test_model_size_by_hand(minilm_path):
     assert size["fp32_bytes"] == 4 * total_numel
     assert size["size_bytes"] == quantized_numel * 2 / 8 + 4 * (total_numel - quantized_numel) + 4 * len(qs)
     assert 14 < size["compression_ratio"] < 17
+
+
+LAYER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                 "intermediate.dense", "output.dense")
+MIXED = {"*.embeddings.*": 4, "*.layer.0.*": 4, "*.layer.0.intermediate.*": 8,  # the last matching pattern wins
+         "bert.encoder.layer.5.output.dense": 8, "bert.pooler.dense": 32}
+
+
+def mixed_expected_bits(n_layers: int) -> dict[str, int]:
+    """MIXED's weight bits per module, written out by hand."""
+    bits = {"bert.embeddings.word_embeddings": 4, "bert.embeddings.position_embeddings": 4, "bert.pooler.dense": 32}
+    for i in range(n_layers):
+        for s in LAYER_LINEARS:
+            bits[f"bert.encoder.layer.{i}.{s}"] = 4 if i == 0 else 2
+    bits["bert.encoder.layer.0.intermediate.dense"] = 8
+    bits["bert.encoder.layer.5.output.dense"] = 8
+    return bits
+
+
+def test_overrides_put_the_stated_bits_on_exactly_the_matching_modules(minilm_path):
+    model = student(minilm_path)
+    ins = quantize_(model, quant_cfg() | {"overrides": MIXED})
+    expected = mixed_expected_bits(model.config.num_hidden_layers)
+    got = {n: getattr(m.weight_quantizer, "bits", 32) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    assert got == expected
+    # the pooler's weight stays FP32 (no weight quantizer), its input is still quantized at act_bits
+    assert isinstance(model.bert.pooler.dense.weight_quantizer, nn.Identity) and model.bert.pooler.dense.input_quantizer.bits == 8
+    assert "bert.pooler.dense.weight_quantizer" not in ins.weight and len(ins.weight) == len(expected) - 1
+    assert all(q.bits == 8 for q in ins.act.values())  # activations keep act_bits
+
+
+def test_mixed_size_and_average_bits_by_hand(minilm_path):
+    model = student(minilm_path)
+    quantize_(model, quant_cfg() | {"overrides": MIXED})
+    d, vocab, pos, ffn, L = 384, 30522, 512, 1536, 6
+    emb = (vocab + pos) * d
+    attn, inter, out = 4 * d * d, ffn * d, d * ffn
+    # values per bit-width as MIXED states them: 4 bits = embeddings + layer 0's Q, K, V, O and output.dense;
+    # 8 bits = layer 0's intermediate.dense + layer 5's output.dense; 2 bits = the rest of layers 1-5
+    coded = {4: emb + attn + out, 8: inter + out, 2: (L - 1) * (attn + inter + out) - out}
+    pooler = d * d
+    total = emb + L * (attn + inter + out) + pooler
+    assert sum(coded.values()) + pooler == total
+    size = model_size_bytes(model)
+    assert size["avg_weight_bits"] == pytest.approx((sum(b * n for b, n in coded.items()) + 32 * pooler) / total, rel=1e-12)
+    qs = lsq_quantizers(model)
+    rest = sum(p.numel() for p in model.parameters()) - len(qs) - sum(coded.values())  # FP32 values (pooler included)
+    assert size["size_bytes"] == sum(b * n / 8 for b, n in coded.items()) + 4 * rest + 4 * len(qs)
+
+
+def test_override_matching_nothing_is_an_error_naming_it(minilm_path):
+    with pytest.raises(ConfigError, match=r"quant.overrides: pattern '\*.layer.6.\*' matches no quantized module"):
+        quantize_(student(minilm_path), quant_cfg() | {"overrides": {"*.layer.0.*": 4, "*.layer.6.*": 4}})
 
 
 def test_step_size_freeze(minilm_path):

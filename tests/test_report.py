@@ -39,16 +39,16 @@ def test_table_shape_values_and_failures(tmp_path):
     text = report(root, tmp_path / "rep")
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     header, rows = lines[0], {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[1:]}
-    assert header == "| model | W-E-A bits | size (MB) | vs FP32 | MRPC (f1) | STS-B (pearson) | avg |"
+    assert header == "| model | W-E-A bits | size (MB) | file (MB) | vs FP32 | MRPC (f1) | STS-B (pearson) | avg |"
     assert list(rows) == ["teacher (FP32)", "kdlsq w8a8", "kdlsq w2a8"]
     t = rows["teacher (FP32)"]
-    assert t[4] == f"{statistics.mean([87.0, 86.0]):.2f} +- {statistics.stdev([87.0, 86.0]):.2f} (n=2)" and t[5] == "88.00 (n=1)"
+    assert t[5] == f"{statistics.mean([87.0, 86.0]):.2f} +- {statistics.stdev([87.0, 86.0]):.2f} (n=2)" and t[6] == "88.00 (n=1)"
     w2 = rows["kdlsq w2a8"]
-    assert w2[1:4] == ["2-2-8", f"{FP32 / 16 / 1e6:.1f}", "16.0x"]
-    assert w2[4] == "81.00 +- 1.41 (n=2)" and w2[5] == "85.50 (n=1 of 2)" and w2[6].rstrip(" |") == f"{(81.0 + 85.5) / 2:.2f}"
+    assert w2[1:5] == ["2-2-8", f"{FP32 / 16 / 1e6:.1f}", "-", "16.0x"]  # no packed file in these records
+    assert w2[5] == "81.00 +- 1.41 (n=2)" and w2[6] == "85.50 (n=1 of 2)" and w2[7].rstrip(" |") == f"{(81.0 + 85.5) / 2:.2f}"
     w8 = rows["kdlsq w8a8"]
-    assert w8[1:4] == ["8-8-8", f"{FP32 / 4 / 1e6:.1f}", "4.0x"]
-    assert w8[4] == "86.50 (n=1 of 2)" and w8[5] == "FAILED (2)" and w8[6].rstrip(" |") == "-"
+    assert w8[1:5] == ["8-8-8", f"{FP32 / 4 / 1e6:.1f}", "-", "4.0x"]
+    assert w8[5] == "86.50 (n=1 of 2)" and w8[6] == "FAILED (2)" and w8[7].rstrip(" |") == "-"
     csv_rows = (tmp_path / "rep" / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 8 and (tmp_path / "rep" / "results.png").stat().st_size > 1000
 
@@ -73,6 +73,20 @@ def test_mean_std_over_three_seeds_by_hand_and_shared_teacher_counted_once(tmp_p
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[1:] if line.startswith("| ") and "---" not in line}
     mean = (84.0 + 85.0 + 87.0) / 3  # 85.333
     std = (((84.0 - mean) ** 2 + (85.0 - mean) ** 2 + (87.0 - mean) ** 2) / 2) ** 0.5  # sample std: 1.5275
-    assert rows["kdlsq w2a8"][4] == f"{mean:.2f} +- {std:.2f} (n=3)" == "85.33 +- 1.53 (n=3)"
-    assert rows["kdlsq w8a8"][4] == "88.00 (n=1 of 3)"  # fewer seeds than the fullest cell: it says so
-    assert rows["teacher (FP32)"][4] == "88.60 (n=1)"  # one teacher, not three copies of it
+    assert rows["kdlsq w2a8"][5] == f"{mean:.2f} +- {std:.2f} (n=3)" == "85.33 +- 1.53 (n=3)"
+    assert rows["kdlsq w8a8"][5] == "88.00 (n=1 of 3)"  # fewer seeds than the fullest cell: it says so
+    assert rows["teacher (FP32)"][5] == "88.60 (n=1)"  # one teacher, not three copies of it
+
+
+def test_mixed_precision_row_shows_its_average_bits_and_packed_file(tmp_path):
+    root = tmp_path / "outputs"
+    write(root, "u", **student("mrpc", "w2a8", 2, 1, 84.0, 86.0), packed_bytes=6_050_000)
+    mixed = student("mrpc", "w2a8_emb4", 2, 1, 85.0, 86.0)
+    # 12.0M embedding values at 4 bits, 10.6M Linear weights at 2: (12.0 * 4 + 10.6 * 2) / 22.6 = 3.0619...
+    write(root, "m", **mixed, bit_overrides={"*.embeddings.*": 4}, avg_weight_bits=(12.0 * 4 + 10.6 * 2) / 22.6,
+          packed_bytes=11_900_000)
+    text = report(root, tmp_path / "rep")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[1:] if line.startswith("| ") and "---" not in line}
+    assert rows["kdlsq w2a8_emb4"][1] == "2-2-8, mixed (3.06 avg)" and rows["kdlsq w2a8_emb4"][3] == "11.90"
+    assert rows["kdlsq w2a8"][1] == "2-2-8" and rows["kdlsq w2a8"][3] == "6.05"
+    assert list(rows)[1:] == ["teacher (FP32)", "kdlsq w2a8_emb4", "kdlsq w2a8"]  # by (average) weight bits, highest first

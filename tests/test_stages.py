@@ -93,6 +93,21 @@ def test_student_stage_reuses_teacher(store, tmp_path, caplog):
     assert record["best"] == pytest.approx(hand_dev_accuracy(load_packed(packed.parent), record["teacher_dir"]), abs=1e-6)
 
 
+def test_mixed_precision_student_records_its_bits_and_exports_them(store, tmp_path):
+    root, _, _ = store
+    cfg = compose_cfg(tmp_path, *SMALL, "task.teacher.epochs=1", "quant=w2a8_emb4", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+                      "trainer.limit_val_batches=1", "callbacks.model_checkpoint=null", f"teacher.store={root}/teachers")
+    record = run(cfg)
+    assert record["status"] == "finished" and record["quant"] == "w2a8_emb4" and record["bit_overrides"] == {"*.embeddings.*": 4}
+    d = 384
+    emb, linears = (30522 + 512) * d, 6 * (4 * d * d + 2 * 1536 * d) + d * d  # the MiniLM's tables; its Linears + pooler
+    assert record["avg_weight_bits"] == pytest.approx((4 * emb + 2 * linears) / (emb + linears), rel=1e-12)
+    packed = json.loads((tmp_path / "out" / "packed" / "packed.json").read_text())["packed"]
+    assert {k: v["bits"] for k, v in packed.items() if "embeddings" in k} == {
+        "bert.embeddings.word_embeddings.weight": 4, "bert.embeddings.position_embeddings.weight": 4}
+    assert {v["bits"] for k, v in packed.items() if "embeddings" not in k} == {2}
+
+
 def test_student_checkpoint_round_trip_same_logits(store, tmp_path):
     """A student restored from a Lightning checkpoint (quantizers re-inserted by the callback) gives the same logits."""
     root, _, _ = store

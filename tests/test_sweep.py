@@ -40,11 +40,12 @@ def test_four_records_and_report_copies_them(grid):
     assert sorted((r["task"], r["quant"], r["status"]) for r in recs) == [
         ("rte", "w2a8", "finished"), ("rte", "w8a8", "finished"), ("wnli", "w2a8", "finished"), ("wnli", "w8a8", "finished")]
     header, rows, _ = build_table(recs)
-    assert header == ["model", "W-E-A bits", "size (MB)", "vs FP32", "RTE (acc)", "WNLI (acc)", "avg"]
+    assert header == ["model", "W-E-A bits", "size (MB)", "file (MB)", "vs FP32", "RTE (acc)", "WNLI (acc)", "avg"]
     table = {r[0]: r for r in rows}
     assert list(table) == ["teacher (FP32)", "kdlsq w8a8", "kdlsq w2a8"]
     for r in recs:
-        col = 4 if r["task"] == "rte" else 5
+        col = 5 if r["task"] == "rte" else 6
+        assert table[f"kdlsq {r['quant']}"][3] == f"{r['packed_bytes'] / 1e6:.2f}"  # the packed export's real size
         assert table[f"kdlsq {r['quant']}"][col] == f"{r['best']:.2f} (n=1)"
         assert table["teacher (FP32)"][col] == f"{r['teacher_metric']:.2f} (n=1)"
 

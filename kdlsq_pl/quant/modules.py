@@ -13,6 +13,7 @@ state dict is the Hugging Face one plus ``*_quantizer.*`` entries.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any, Callable, Mapping
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdlsq_pl import options
+from kdlsq_pl.errors import ConfigError
 from kdlsq_pl.models.layout import quantizable_modules
 from kdlsq_pl.quant.baselines import DynamicMaxQuantizer, EMAMaxQuantizer, TWNQuantizer
 from kdlsq_pl.quant.lsq import LSQQuantizer
@@ -123,6 +125,31 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
 FilterFn = Callable[[nn.Module, str], bool]
 
 
+def weight_bits_by_module(model: nn.Module, quant: Mapping[str, Any]) -> dict[str, int]:
+    """The weight bits of every embedding and Linear the surgery reaches, by dotted module path.
+
+    ``embedding_bits`` for the embedding tables, ``weight_bits`` for the Linears, then ``quant["overrides"]``
+    (``{glob pattern: bits}``, matched with ``fnmatch.fnmatchcase`` against the path, ``*`` crossing dots; the
+    last matching pattern wins; the released code's per-layer bits dictionary in glob form). 32 means the
+    weight stays full precision. Cheap: reads module names only, so a ``meta``-device model works.
+
+    Raises:
+        ConfigError: a pattern that matches none of these modules (one line naming it and listing examples).
+    """
+    targets = quantizable_modules(model)
+    bits = {p: int(quant["embedding_bits"]) for p in targets["embeddings"]}
+    bits |= {p: int(quant["weight_bits"]) for p in targets["linears"]}
+    for pattern, b in (quant.get("overrides") or {}).items():
+        hits = [p for p in bits if fnmatchcase(p, pattern)]
+        if not hits:
+            examples = ", ".join([targets["embeddings"][0], targets["linears"][0], targets["linears"][-1]])
+            raise ConfigError(f"quant.overrides: pattern {pattern!r} matches no quantized module; allowed: a glob over "
+                              f"embedding and Linear paths such as {examples}")
+        for p in hits:
+            bits[p] = int(b)
+    return bits
+
+
 def quantize_(model: nn.Module, quant: Mapping[str, Any], filter_fn: FilterFn | None = None) -> Inserted:
     """Replace a BERT-family classifier's modules with fake-quantized ones, in place (torchao's ``quantize_`` shape).
 
@@ -131,14 +158,16 @@ def quantize_(model: nn.Module, quant: Mapping[str, Any], filter_fn: FilterFn | 
     (:func:`kdlsq_pl.models.layout.quantizable_modules`): word and position embeddings (``QuantEmbedding``,
     ``embedding_bits``), every layer Linear and the head's pooler-role Linear (``QuantLinear``, ``weight_bits``
     with an ``act_bits`` input quantizer), and the Q/K/V/probability quantizers of each attention module
-    (``quantize_attention``).
+    (``quantize_attention``). ``quant["overrides"]`` sets the weight bits of single modules
+    (:func:`weight_bits_by_module`: mixed precision).
 
     Args:
         model: a ``*ForSequenceClassification`` (or bare encoder) of a type in ``layout.LAYOUTS`` (BERT,
             RoBERTa, DistilBERT), loaded with ``attn_implementation="kdlsq_eager"`` so the attention
             quantizers take effect.
         quant: ``weight_bits``, ``embedding_bits``, ``act_bits`` (2..8, or 32 to leave that role in full
-            precision), quantizer options ``weight`` / ``act``, ``quantize_attention``, ``fused_kernel``.
+            precision), ``overrides`` (optional), quantizer options ``weight`` / ``act``, ``quantize_attention``,
+            ``fused_kernel``.
         filter_fn: ``filter_fn(module, fqn)``; a module (embedding, Linear or attention module) is
             replaced only where it returns true. ``None``: every one.
 
@@ -146,14 +175,16 @@ def quantize_(model: nn.Module, quant: Mapping[str, Any], filter_fn: FilterFn | 
         ``Inserted`` with every quantizer by its dotted module path.
 
     Raises:
-        ConfigError: the model type has no layout, or computes attention outside transformers' interface (DeBERTa).
+        ConfigError: the model type has no layout, or computes attention outside transformers' interface (DeBERTa);
+            an override pattern matches no module.
         ValueError: the model is already quantized.
     """
     if is_quantized(model):
         raise ValueError("model is already quantized")
     targets = quantizable_modules(model)
+    bits = weight_bits_by_module(model, quant)
     keep = (lambda path: True) if filter_fn is None else (lambda path: bool(filter_fn(model.get_submodule(path), path)))
-    wb, eb, ab = int(quant["weight_bits"]), int(quant["embedding_bits"]), int(quant["act_bits"])
+    ab = int(quant["act_bits"])
     fused = bool(quant.get("fused_kernel", True))
     inserted = Inserted()
 
@@ -164,24 +195,23 @@ def quantize_(model: nn.Module, quant: Mapping[str, Any], filter_fn: FilterFn | 
         inserted.act[path] = q
         return q
 
-    if eb < 32:
-        for i, path in enumerate(targets["embeddings"]):
-            if not keep(path):
-                continue
-            emb = model.get_submodule(path)
-            per_row = i == 0 and bool(quant["weight"].get("embedding_per_row", False))  # the word embedding
-            q = make_quantizer(eb, quant["weight"], "weight", emb.num_embeddings, per_row=per_row, fused_kernel=fused)
-            inserted.weight[f"{path}.weight_quantizer"] = q
-            _set(model, path, QuantEmbedding(emb, q))
-    if wb < 32 or ab < 32:
-        for path in targets["linears"]:
-            if not keep(path):
-                continue
-            lin = model.get_submodule(path)
-            wq = make_quantizer(wb, quant["weight"], "weight", lin.out_features, fused_kernel=fused) if wb < 32 else nn.Identity()
-            if wb < 32:
-                inserted.weight[f"{path}.weight_quantizer"] = wq
-            _set(model, path, QuantLinear(lin, wq, act(f"{path}.input_quantizer")))
+    for i, path in enumerate(targets["embeddings"]):
+        if bits[path] >= 32 or not keep(path):
+            continue
+        emb = model.get_submodule(path)
+        per_row = i == 0 and bool(quant["weight"].get("embedding_per_row", False))  # the word embedding
+        q = make_quantizer(bits[path], quant["weight"], "weight", emb.num_embeddings, per_row=per_row, fused_kernel=fused)
+        inserted.weight[f"{path}.weight_quantizer"] = q
+        _set(model, path, QuantEmbedding(emb, q))
+    for path in targets["linears"]:
+        wb = bits[path]
+        if (wb >= 32 and ab >= 32) or not keep(path):
+            continue
+        lin = model.get_submodule(path)
+        wq = make_quantizer(wb, quant["weight"], "weight", lin.out_features, fused_kernel=fused) if wb < 32 else nn.Identity()
+        if wb < 32:
+            inserted.weight[f"{path}.weight_quantizer"] = wq
+        _set(model, path, QuantLinear(lin, wq, act(f"{path}.input_quantizer")))
     if quant.get("quantize_attention", True) and ab < 32:
         for path in targets["attention"]:
             if keep(path):
@@ -205,14 +235,22 @@ def lsq_quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
 def model_size_bytes(model: nn.Module) -> dict[str, float]:
     """Storage of ``model`` at its bit-widths, in bytes (int codes packed at ``bits`` per value).
 
-    Quantized tensors cost ``numel * bits / 8``, every step size (or TWN/max scale) 4 bytes; everything else (biases,
-    LayerNorm, token-type embedding, classifier) 4 bytes per value. Returns ``size_bytes``,
-    ``fp32_bytes`` and ``compression_ratio`` (FP32 / quantized).
+    Quantized tensors cost ``numel * bits / 8`` at their own bits (mixed precision included), every step size (or
+    TWN/max scale) 4 bytes; everything else (biases, LayerNorm, token-type embedding, classifier) 4 bytes per value.
+    Returns ``size_bytes``, ``fp32_bytes``, ``compression_ratio`` (FP32 / quantized) and ``avg_weight_bits``: the
+    bits per value over the weights the surgery reaches (``layout.quantizable_modules``: embedding tables and
+    Linear weights; 32 for those left in full precision), weighted by their sizes.
+
+    Raises:
+        ConfigError: a model type without a layout (:func:`kdlsq_pl.models.layout.layout_for`).
     """
     quantized = {id(m.weight): m.weight_quantizer for m in model.modules()
                  if isinstance(m, (QuantLinear, QuantEmbedding)) and hasattr(m.weight_quantizer, "bits")}
     scales = {id(q.scale) for q in lsq_quantizers(model).values()}
     size = fp32 = 0.0
+    targets = quantizable_modules(model)
+    coded = [(m.weight.numel(), getattr(getattr(m, "weight_quantizer", None), "bits", 32))
+             for m in map(model.get_submodule, targets["embeddings"] + targets["linears"])]
     for p in model.parameters():
         if id(p) in scales:  # step sizes: stored in FP32 beside the codes, absent from the FP32 model
             size += 4 * p.numel()
@@ -222,4 +260,7 @@ def model_size_bytes(model: nn.Module) -> dict[str, float]:
         size += p.numel() * q.bits / 8 if q is not None else 4 * p.numel()
         if q is not None and not isinstance(q, LSQQuantizer):  # the baselines' scales: one per row or tensor
             size += 4 * (p.shape[0] if getattr(q, "rowwise", False) else 1)
-    return {"size_bytes": size, "fp32_bytes": fp32, "compression_ratio": fp32 / size if size else float("nan")}
+    n = sum(k for k, _ in coded)
+    avg = sum(k * b for k, b in coded) / n if n else 32.0
+    return {"size_bytes": size, "fp32_bytes": fp32, "compression_ratio": fp32 / size if size else float("nan"),
+            "avg_weight_bits": avg}

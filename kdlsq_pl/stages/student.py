@@ -27,11 +27,32 @@ from kdlsq_pl.models.modules import KDLSQModule
 from kdlsq_pl.report import fmt, print_summary
 from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit
 from kdlsq_pl.stages.teacher import ensure_teacher
-from kdlsq_pl.quant.modules import model_size_bytes, quantize_
+from kdlsq_pl.quant.modules import model_size_bytes, quantize_, weight_bits_by_module
 
 
 def is_full_precision(quant: DictConfig) -> bool:
-    return min(int(quant.weight_bits), int(quant.embedding_bits), int(quant.act_bits)) >= 32
+    """Whether ``quant`` quantizes nothing: every role and every override at 32 bits."""
+    overrides = [int(b) for b in (quant.get("overrides") or {}).values()]
+    return min([int(quant.weight_bits), int(quant.embedding_bits), int(quant.act_bits), *overrides]) >= 32
+
+
+def check_surgery(model_path: str, quant: DictConfig) -> None:
+    """Fail in one line before any teacher is trained when the quantizer surgery cannot reach the model: an
+    unsupported model type, or a ``quant.overrides`` pattern matching no module (checked on a ``meta``-device
+    skeleton of the model: no weights are read).
+
+    Raises:
+        ConfigError: from :func:`layout_for` or :func:`weight_bits_by_module`.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model_path)
+    layout_for(config.model_type)
+    if quant.get("overrides"):
+        with torch.device("meta"):
+            skeleton = AutoModelForSequenceClassification.from_config(config)
+        weight_bits_by_module(skeleton, OmegaConf.to_container(quant, resolve=True))
 
 
 def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQModule:
@@ -94,9 +115,8 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     The fields: teacher metric, student best and final metric (x100), bits, size in bytes at those
     bits and the compression ratio against FP32, the teacher directory and the stage wall time (s).
     """
-    if not is_full_precision(cfg.quant):  # an encoder the surgery cannot reach fails before its teacher is trained
-        from transformers import AutoConfig
-        layout_for(AutoConfig.from_pretrained(model_path).model_type)
+    if not is_full_precision(cfg.quant):  # what the surgery cannot reach fails before its teacher is trained
+        check_surgery(model_path, cfg.quant)
     teacher_dir, teacher = ensure_teacher(cfg, model_path, out_dir)
     t0 = time.time()
     pl.seed_everything(cfg.seed, workers=True)
@@ -124,6 +144,7 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
     fields = {
         "bits": {k: int(cfg.quant[k]) for k in ("weight_bits", "embedding_bits", "act_bits")},
+        "bit_overrides": OmegaConf.to_container(cfg.quant.overrides) if cfg.quant.get("overrides") else {}, "avg_weight_bits": size["avg_weight_bits"],
         "teacher_metric": teacher.get("value"), "teacher_metrics": teacher.get("metrics"), "teacher_dir": str(teacher_dir),
         "metrics": final, "best_metrics": best, "best": best.get(metric), "final": final.get(metric),
         "size_bytes": size["size_bytes"], "fp32_bytes": size["fp32_bytes"], "compression_ratio": size["compression_ratio"],
@@ -135,6 +156,7 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     print_summary(f"{method} {cfg.quant.name} on {cfg.task.name} ({metric}, dev)", [
         ("teacher (FP32)", fmt(teacher.get("value"))), ("student best", fmt(fields["best"])),
         ("student final", fmt(fields["final"])), ("size (MB)", f"{size['size_bytes'] / 1e6:.2f}"),
+        ("average weight bits", f"{size['avg_weight_bits']:.2f}"),
         ("compression vs FP32", f"{size['compression_ratio']:.1f}x"),
         *([("packed file (MB)", f"{fields['packed_bytes'] / 1e6:.2f} ({fields['packed_compression_ratio']:.1f}x smaller)")]
           if "packed_bytes" in fields else []), ("student wall time (s)", f"{fields['student_wall_time_s']:.0f}")])
