@@ -108,6 +108,19 @@ def test_mixed_precision_student_records_its_bits_and_exports_them(store, tmp_pa
     assert {v["bits"] for k, v in packed.items() if "embeddings" not in k} == {2}
 
 
+def test_infer_reproduces_the_recorded_metric_and_labels_a_pair(store, tmp_path):
+    from kdlsq_pl.infer import evaluate, label_text
+    root, _, _ = store
+    cfg = compose_cfg(tmp_path, *SMALL, "task.teacher.epochs=1", "quant=w8a8", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+                      "trainer.limit_val_batches=2", "callbacks.model_checkpoint=null", f"teacher.store={root}/teachers")
+    record = run(cfg)
+    fake = evaluate(tmp_path / "out", "fake", limit=32)
+    assert fake["dev"]["examples"] == 32 and fake["dev"]["metrics"]["acc"] == pytest.approx(record["best"], abs=1e-6)
+    integer = evaluate(tmp_path / "out", "integer", limit=32)
+    assert integer["dev"]["examples"] == 32 and abs(integer["dev"]["metrics"]["acc"] - record["best"]) <= 100 * 4 / 32
+    assert label_text(tmp_path / "out", "integer", "A man plays a guitar.", "Someone makes music.") in ("entailment", "not_entailment")
+
+
 def test_student_checkpoint_round_trip_same_logits(store, tmp_path):
     """A student restored from a Lightning checkpoint (quantizers re-inserted by the callback) gives the same logits."""
     root, _, _ = store

@@ -1,0 +1,148 @@
+"""Run a trained student: its dev metric and latency, or its label for a sentence (pair).
+
+Usage::
+
+    python -m kdlsq_pl.infer <run dir> [--engine integer|fake] [--limit N] [--batch-size 32]
+    python -m kdlsq_pl.infer <run dir> --engine integer --text "A man plays." --text-pair "Someone makes music."
+
+``<run dir>`` is a student run folder (``result.json`` + ``checkpoints/``; its ``packed/`` export is used when
+present, so what runs is what ships). Engines: ``fake`` is the fake-quantized student in float (what training
+evaluated); ``integer`` is :class:`kdlsq_pl.integer.engine.IntegerEngine`, integer-only from token ids to logits,
+built with two training batches as calibration batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+ENGINES = ("integer", "fake")
+
+
+def load_student(run: Path):
+    """``(student, record)`` of a run folder: the packed export when it exists, else the best checkpoint.
+
+    Raises:
+        FileNotFoundError: no ``result.json`` in ``run`` (one line naming the path).
+    """
+    from omegaconf import OmegaConf
+
+    from kdlsq_pl.export import load_packed, load_student_checkpoint
+    from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
+    from kdlsq_pl.models.loading import load_classifier
+    from kdlsq_pl.quant.modules import quantize_
+
+    if not (run / "result.json").is_file():
+        raise FileNotFoundError(f"{run}: no result.json; allowed: a student run folder (outputs/runs/... or a grid cell)")
+    record = json.loads((run / "result.json").read_text())
+    if record.get("stage") != "student":
+        raise ValueError(f"{run}: a {record.get('stage')} run; allowed: a student run")
+    if (run / "packed" / "packed.json").is_file():
+        return load_packed(run / "packed"), record
+    cfg = OmegaConf.create(record["config"])
+    student = load_classifier(record["teacher_dir"], cfg.task, attn_implementation=ATTN_IMPLEMENTATION)
+    quantize_(student, OmegaConf.to_container(cfg.quant, resolve=True))
+    return load_student_checkpoint(student, record["checkpoint"]).eval(), record
+
+
+def build_engine(name: str, student, calibration: list[dict]):
+    """A callable ``(input_ids, attention_mask, token_type_ids) -> float logits [B, C]`` for engine ``name``."""
+    if name == "fake":
+        return lambda ids, mask, tt: student(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits
+    from kdlsq_pl.integer.engine import IntegerEngine
+
+    engine = IntegerEngine.from_student(student, calibration)
+    return lambda ids, mask, tt: engine(ids, mask, tt).to(torch.float64) * engine.logit_scale
+
+
+@torch.no_grad()
+def evaluate(run: Path, engine_name: str, limit: int | None = None, batch_size: int = 32) -> dict:
+    """Dev metrics (x100) of ``engine_name`` on the run's task, with the wall time (s) and ms per example."""
+    from omegaconf import OmegaConf
+
+    from kdlsq_pl.data.glue import GLUEDataModule
+    from kdlsq_pl.metrics import build_metrics, predictions
+
+    student, record = load_student(run)
+    cfg = OmegaConf.create(record["config"])
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    dm = GLUEDataModule(task, record["teacher_dir"], cfg.data.glue_dir, cfg.paths.cache_dir, batch_size=batch_size,
+                        eval_batch_size=batch_size, max_length=task["max_length"], limit_eval_examples=limit)
+    dm.setup("fit")
+    calibration = list(islice(iter(dm.calibration_dataloader()), 2))
+    forward = build_engine(engine_name, student, calibration)
+    out = {"engine": engine_name, "task": task["name"], "quant": record.get("quant"), "recorded_best": record.get("best")}
+    is_regression = not task["labels"]
+    for key in dm.dev_keys:
+        metrics, n, seconds = build_metrics(task), 0, 0.0
+        for batch in dm._loader(key, shuffle=False):
+            t0 = time.perf_counter()
+            logits = forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            seconds += time.perf_counter() - t0
+            metrics.update(predictions(logits, is_regression), batch["labels"])
+            n += len(batch["labels"])
+        values = {k: 100.0 * float(v) for k, v in metrics.compute().items()}
+        out[key] = {"metrics": values, "examples": n, "seconds": seconds, "ms_per_example": 1000.0 * seconds / max(n, 1)}
+    return out
+
+
+@torch.no_grad()
+def label_text(run: Path, engine_name: str, text: str, text_pair: str | None) -> str:
+    """The predicted label of one sentence (pair): the task's label string, or the regression value."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from kdlsq_pl.data.glue import GLUEDataModule
+
+    student, record = load_student(run)
+    cfg = OmegaConf.create(record["config"])
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    tok = AutoTokenizer.from_pretrained(record["teacher_dir"])
+    calibration = []
+    if engine_name == "integer":
+        dm = GLUEDataModule(task, record["teacher_dir"], cfg.data.glue_dir, cfg.paths.cache_dir, max_length=task["max_length"])
+        dm.setup("fit")
+        calibration = list(islice(iter(dm.calibration_dataloader()), 2))
+    forward = build_engine(engine_name, student, calibration)
+    enc = tok(text, text_pair, truncation=True, max_length=task["max_length"], return_tensors="pt")
+    logits = forward(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids", torch.zeros_like(enc["input_ids"])))
+    if not task["labels"]:
+        return f"{float(logits[0, 0]):.4f}"
+    return str(task["labels"][int(logits[0].argmax())])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Evaluate a trained student on its dev split, or label a sentence (pair).")
+    ap.add_argument("run", help="a student run folder (result.json, checkpoints/, packed/)")
+    ap.add_argument("--engine", default="integer", help=f"one of {', '.join(ENGINES)} (default integer)")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N dev examples only")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--text", default=None, help="print the label of this sentence instead of evaluating")
+    ap.add_argument("--text-pair", default=None, help="the second sentence of a pair task")
+    args = ap.parse_args(argv)
+    if args.engine not in ENGINES:
+        print(f"error: --engine={args.engine!r} is not allowed; allowed: {', '.join(ENGINES)}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        if args.text is not None:
+            print(label_text(Path(args.run), args.engine, args.text, args.text_pair))
+            return
+        result = evaluate(Path(args.run), args.engine, args.limit, args.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for key in (k for k in result if isinstance(result[k], dict)):
+        r = result[key]
+        metrics = ", ".join(f"{k} {v:.2f}" for k, v in r["metrics"].items())
+        print(f"{result['engine']} engine, {result['task']} {key} ({r['examples']} examples): {metrics}; "
+              f"{r['seconds']:.1f} s, {r['ms_per_example']:.1f} ms/example (recorded best: {result['recorded_best']})")
+
+
+if __name__ == "__main__":
+    main()

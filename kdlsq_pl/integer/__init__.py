@@ -1,0 +1,1 @@
+"""Integer-only inference of a trained student (I-BERT operators, integer engine)."""

@@ -1,0 +1,287 @@
+"""An integer-only inference engine built from a trained KDLSQ student (I-BERT's dataflow, METHODS.md section 3).
+
+The student's learned step sizes become the quantization scales: every quantized weight is stored as its int8
+codes (2- and 4-bit codes widened to int8), every Linear's input is requantized onto its input quantizer's grid
+(int8 codes), Q, K, V and the attention probabilities onto theirs. Matrix products are int8 x int8 -> int32 by
+``torch._int_mm`` (oneDNN on CPU) for the Linears and int32 batched ``matmul`` for the two attention products;
+biases are int32 on the accumulator's scale; requantization between them is dyadic (``ops.Requantize``: an integer
+multiplier and a right shift). GELU, softmax and LayerNorm are I-BERT's integer operators (``ops``), the pooler's
+tanh is ``2 sigmoid(2x) - 1`` with the sigmoid as a two-way integer softmax, and the classifier head's weights
+(full precision in the student) are 16-bit integers. Embeddings are integer tables summed in integers. Between
+the token ids and the logits no floating-point operation runs: every float scale is folded into integer
+constants when the engine is built (:meth:`IntegerEngine.from_student`), where one float forward of the student
+on calibration batches also fixes the scales of the tensors the student keeps in full precision (the residual
+sums entering each LayerNorm, the GELU input and the pooler's tanh input).
+
+Supported: BERT-layout encoders (BERT, MiniLM) whose embeddings, Linears and attention activations all carry
+LSQ quantizers of at most 8 bits (``quant=w2a8 | w4a8 | w8a8``, per tensor or per channel), with the ``cls`` or
+``mean`` pooling of ``kdlsq_pl.models.pooling``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from kdlsq_pl.errors import ConfigError
+from kdlsq_pl.integer.ops import INT, IntGELU, IntLayerNorm, IntSoftmax, Requantize
+from kdlsq_pl.quant.lsq import LSQQuantizer
+
+#: Bits of the residual sums entering a LayerNorm (I-BERT: 22), of the GELU and tanh inputs, of LayerNorm
+#: outputs (over their hard bound ``max|gamma| sqrt(n) + max|beta|``), and of the classifier's weights.
+RESIDUAL_BITS, ACT_BITS, LN_OUT_BITS, HEAD_BITS = 22, 20, 20, 16
+#: Calibrated ranges are widened by this factor before a scale is fixed; values beyond are clamped.
+MARGIN = 2.0
+
+
+def _lsq(q: nn.Module, what: str) -> LSQQuantizer:
+    if not isinstance(q, LSQQuantizer) or q.bits > 8:
+        raise ConfigError(f"integer engine: {what} needs an LSQ quantizer of 2..8 bits; got {type(q).__name__}"
+                          f"{' at ' + str(q.bits) + ' bits' if hasattr(q, 'bits') else ''}; allowed: a KDLSQ/LSQ student")
+    return q
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+class IntLinear:
+    """A quantized Linear as int8 codes: ``acc = Q_in(x) @ W_codes^T + b_int`` (int32 accumulation, int64 out).
+
+    Built from a ``QuantLinear`` and the scale of its integer input; ``acc`` has the per-output-channel scale
+    ``s_in * s_w`` (``scale_out``, float64 ``[out]``, for the next folding).
+    """
+
+    def __init__(self, linear: nn.Module, scale_in):
+        wq = _lsq(linear.weight_quantizer, "weight")
+        aq = _lsq(linear.input_quantizer, "Linear input")
+        s_w = _f64(wq.step_size).reshape(-1)
+        w = _f64(linear.weight)
+        codes = torch.clamp(torch.round(w / s_w.reshape(-1, 1) if s_w.numel() > 1 else w / s_w), -wq.Q_N, wq.Q_P)
+        self.w_t = codes.to(torch.int8).t().contiguous()  # [in, out]
+        s_a = float(aq.step_size)
+        self.in_rq = Requantize(scale_in, s_a, -aq.Q_N, aq.Q_P)
+        self.scale_out = s_a * s_w.expand(codes.shape[0]).clone()
+        bias = _f64(linear.bias) if linear.bias is not None else torch.zeros(codes.shape[0], dtype=torch.float64)
+        self.bias = torch.round(bias / self.scale_out).to(INT)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        codes = self.in_rq(x).to(torch.int8)
+        lead = codes.shape[:-1]
+        acc = torch._int_mm(codes.reshape(-1, codes.shape[-1]), self.w_t)
+        return acc.to(INT).reshape(*lead, -1) + self.bias
+
+
+def _ln_bound(ln: nn.LayerNorm) -> float:
+    return float(ln.weight.detach().abs().max()) * math.sqrt(ln.normalized_shape[-1]) + float(ln.bias.detach().abs().max())
+
+
+@dataclass
+class _Layer:
+    q: IntLinear
+    k: IntLinear
+    v: IntLinear
+    q_rq: Requantize
+    k_rq: Requantize
+    v_rq: Requantize
+    softmax: IntSoftmax
+    p_rq: Requantize
+    o: IntLinear
+    o_rq: Requantize
+    h_rq1: Requantize
+    ln1: IntLayerNorm
+    i: IntLinear
+    g_rq: Requantize
+    gelu: IntGELU
+    o2: IntLinear
+    o2_rq: Requantize
+    h_rq2: Requantize
+    ln2: IntLayerNorm
+    heads: int
+    clamp1: int
+    clamp2: int
+
+
+@torch.no_grad()
+def _calibrate_ranges(student: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
+    """Largest ``|value|`` of each full-precision tensor the engine must integerize, over a float forward of
+    ``student`` on ``batches``: LayerNorm inputs (residual sums), GELU inputs, the pooler's tanh input."""
+    ranges: dict[str, float] = {}
+    hooks = []
+
+    def keep(name, t):
+        ranges[name] = max(ranges.get(name, 0.0), float(t.detach().abs().max()))
+
+    for name, m in student.named_modules():
+        if isinstance(m, nn.LayerNorm):
+            hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: keep(name, args[0])))
+        if name.endswith("intermediate.dense") or name.endswith("pooler.dense"):
+            hooks.append(m.register_forward_hook(lambda mod, args, out, name=name: keep(name, out)))
+    was = student.training
+    student.eval()
+    try:
+        for b in batches:
+            student(**{k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    finally:
+        student.train(was)
+        for h in hooks:
+            h.remove()
+    return ranges
+
+
+class IntegerEngine:
+    """Integer-only inference of a quantized BERT classifier (see the module docstring).
+
+    Call it with ``input_ids`` ``[B, T]`` (int64), ``attention_mask`` ``[B, T]`` (1 = real token) and
+    ``token_type_ids`` ``[B, T]``; it returns the logits as integers ``[B, num_labels]`` (int64) whose real value
+    is ``logits * logit_scale`` (``logit_scale`` is a Python float; the argmax of the integers is the class).
+    """
+
+    def __init__(self):
+        raise TypeError("build an IntegerEngine with IntegerEngine.from_student(student, calibration_batches)")
+
+    @classmethod
+    @torch.no_grad()
+    def from_student(cls, student: nn.Module, calibration_batches: Iterable[Mapping[str, torch.Tensor]]) -> "IntegerEngine":
+        """Fold a quantized student (``quantize_`` + trained or calibrated step sizes) into an integer engine.
+
+        Args:
+            student: a BERT-layout ``*ForSequenceClassification`` with LSQ quantizers on every embedding, Linear and
+                attention activation.
+            calibration_batches: a few batches (``input_ids``, ``attention_mask``, ``token_type_ids``) for the scales
+                of the tensors the student keeps in full precision.
+
+        Raises:
+            ConfigError: a model the engine does not support (not BERT-layout, a quantizer that is not LSQ or is
+                wider than 8 bits, an unquantized module).
+        """
+        if student.config.model_type != "bert":
+            raise ConfigError(f"integer engine: model type {student.config.model_type!r} is not supported; allowed: bert")
+        self = object.__new__(cls)
+        ranges = _calibrate_ranges(student, list(calibration_batches))
+        bert = student.bert
+        emb = bert.embeddings
+        for name in ("word_embeddings", "position_embeddings"):
+            if not hasattr(getattr(emb, name), "weight_quantizer"):
+                raise ConfigError(f"integer engine: bert.embeddings.{name} is not quantized; allowed: a quantized student")
+
+        def table(e: nn.Module) -> torch.Tensor:
+            w = _f64(e.weight)
+            q = getattr(e, "weight_quantizer", None)
+            if q is None:
+                return w
+            s = _f64(_lsq(q, "embedding").step_size)
+            s = s.reshape(-1, 1) if s.numel() > 1 else s
+            return torch.clamp(torch.round(w / s), -q.Q_N, q.Q_P) * s
+
+        s_e = MARGIN * ranges["bert.embeddings.LayerNorm"] / 2 ** (RESIDUAL_BITS - 1)
+        self.word = torch.round(table(emb.word_embeddings) / s_e).to(INT)
+        self.position = torch.round(table(emb.position_embeddings) / s_e).to(INT)
+        self.token_type = torch.round(table(emb.token_type_embeddings) / s_e).to(INT)
+        self.clamp_e = 2 ** (RESIDUAL_BITS + 1)
+        s_h = _ln_bound(emb.LayerNorm) / 2 ** (LN_OUT_BITS - 1)
+        self.ln_e = IntLayerNorm(emb.LayerNorm.weight, emb.LayerNorm.bias, s_h)
+        self.layers = []
+        for idx, layer in enumerate(bert.encoder.layer):
+            att, prefix = layer.attention, f"bert.encoder.layer.{idx}"
+            aq = getattr(att.self, "kdlsq_act_quant", None)
+            if aq is None:
+                raise ConfigError(f"integer engine: {prefix}.attention has no activation quantizers; allowed: quantize_attention=true")
+            sq, sk, sv, sp = (_lsq(aq[k], f"attention {k}") for k in ("query", "key", "value", "probs"))
+            q, k, v = IntLinear(att.self.query, s_h), IntLinear(att.self.key, s_h), IntLinear(att.self.value, s_h)
+            s_score = float(sq.step_size) * float(sk.step_size) * float(att.self.scaling)
+            s_ctx = float(sp.step_size) * float(sv.step_size)
+            o = IntLinear(att.output.dense, s_ctx)
+            s_r1 = MARGIN * ranges[f"{prefix}.attention.output.LayerNorm"] / 2 ** (RESIDUAL_BITS - 1)
+            s_h1 = _ln_bound(att.output.LayerNorm) / 2 ** (LN_OUT_BITS - 1)
+            i = IntLinear(layer.intermediate.dense, s_h1)
+            s_g = MARGIN * ranges[f"{prefix}.intermediate.dense"] / 2 ** (ACT_BITS - 1)
+            gelu = IntGELU(s_g)
+            o2 = IntLinear(layer.output.dense, gelu.scale_out)
+            s_r2 = MARGIN * ranges[f"{prefix}.output.LayerNorm"] / 2 ** (RESIDUAL_BITS - 1)
+            s_h2 = _ln_bound(layer.output.LayerNorm) / 2 ** (LN_OUT_BITS - 1)
+            self.layers.append(_Layer(
+                q=q, k=k, v=v,
+                q_rq=Requantize(q.scale_out, float(sq.step_size), -sq.Q_N, sq.Q_P),
+                k_rq=Requantize(k.scale_out, float(sk.step_size), -sk.Q_N, sk.Q_P),
+                v_rq=Requantize(v.scale_out, float(sv.step_size), -sv.Q_N, sv.Q_P),
+                softmax=IntSoftmax(s_score), p_rq=Requantize(2.0 ** -16, float(sp.step_size), 0, sp.Q_P),
+                o=o, o_rq=Requantize(o.scale_out, s_r1), h_rq1=Requantize(s_h, s_r1),
+                ln1=IntLayerNorm(att.output.LayerNorm.weight, att.output.LayerNorm.bias, s_h1),
+                i=i, g_rq=Requantize(i.scale_out, s_g, -2 ** (ACT_BITS + 1), 2 ** (ACT_BITS + 1)), gelu=gelu,
+                o2=o2, o2_rq=Requantize(o2.scale_out, s_r2), h_rq2=Requantize(s_h1, s_r2),
+                ln2=IntLayerNorm(layer.output.LayerNorm.weight, layer.output.LayerNorm.bias, s_h2),
+                heads=att.self.num_attention_heads, clamp1=2 ** (RESIDUAL_BITS + 1), clamp2=2 ** (RESIDUAL_BITS + 1)))
+            s_h = s_h2
+        pooler = bert.pooler
+        self.pooling = getattr(pooler, "mode", "cls")
+        dense = getattr(pooler, "dense", None)
+        self.pool_dense = None
+        s_x = s_h
+        if dense is not None:
+            self.pool_dense = IntLinear(dense, s_h)
+            s_t = MARGIN * ranges["bert.pooler.dense"] / 2 ** (ACT_BITS - 1)
+            self.t_rq = Requantize(self.pool_dense.scale_out, s_t, -2 ** (ACT_BITS + 1), 2 ** (ACT_BITS + 1))
+            self.sigmoid = IntSoftmax(2.0 * s_t, out_bits=15, max_len=2)  # sigmoid(2x) = softmax([2x, 0])[0]
+            s_x = 2.0 ** -15
+        w = _f64(student.classifier.weight)
+        s_w = float(w.abs().max()) / 2 ** (HEAD_BITS - 1)
+        self.head_w_t = torch.round(w / s_w).to(INT).t().contiguous()  # [D, C]
+        self.logit_scale = s_x * s_w
+        self.head_b = torch.round(_f64(student.classifier.bias) / self.logit_scale).to(INT)
+        self.num_labels = w.shape[0]
+        return self
+
+    def _layer(self, L: _Layer, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, _ = h.shape
+
+        def heads(t):  # [B, T, D] -> [B, H, T, d]
+            return t.reshape(B, T, L.heads, -1).transpose(1, 2)
+
+        qc = heads(L.q_rq(L.q(h))).to(torch.int32)
+        kc = heads(L.k_rq(L.k(h))).to(torch.int32)
+        vc = heads(L.v_rq(L.v(h))).to(torch.int32)
+        scores = torch.matmul(qc, kc.transpose(-1, -2)).to(INT)  # [B, H, T, T], scale s_q s_k / sqrt(d)
+        probs = L.p_rq(L.softmax(scores, mask[:, None, None, :]))  # codes on the probability quantizer's grid
+        ctx = torch.matmul(probs.to(torch.int32), vc).to(INT).transpose(1, 2).reshape(B, T, -1)
+        res = torch.clamp(L.o_rq(L.o(ctx)) + L.h_rq1(h), -L.clamp1, L.clamp1)
+        h1 = L.ln1(res)
+        g = L.gelu(L.g_rq(L.i(h1)))
+        res2 = torch.clamp(L.o2_rq(L.o2(g)) + L.h_rq2(h1), -L.clamp2, L.clamp2)
+        return L.ln2(res2)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False):
+        """Integer logits ``[B, C]`` (int64); with ``output_hidden_states`` also the integer hidden states after the
+        embeddings and each layer, as ``(logits, [h_0 .. h_L])``, each ``[B, T, D]`` on its ``hidden_scales``."""
+        B, T = input_ids.shape
+        mask = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.to(torch.bool)
+        tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        e = self.word[input_ids] + self.position[:T].unsqueeze(0) + self.token_type[tt]
+        h = self.ln_e(torch.clamp(e, -self.clamp_e, self.clamp_e))
+        hidden = [h]
+        for L in self.layers:
+            h = self._layer(L, h, mask)
+            hidden.append(h)
+        if self.pooling == "cls":
+            pooled = h[:, 0]
+        else:  # mean over real tokens, rounded
+            m = mask.to(INT).unsqueeze(-1)
+            count = m.sum(1).clamp(min=1)
+            pooled = (2 * (h * m).sum(1) + count) // (2 * count)
+        if self.pool_dense is not None:
+            x = self.t_rq(self.pool_dense(pooled))
+            pair = torch.stack([x, torch.zeros_like(x)], dim=-1)
+            pooled = 2 * self.sigmoid(pair)[..., 0] - 2 ** 15  # tanh(x) = 2 sigmoid(2x) - 1, scale 2^-15
+        logits = torch.matmul(pooled, self.head_w_t) + self.head_b
+        return (logits, hidden) if output_hidden_states else logits
+
+    @property
+    def hidden_scales(self) -> list[float]:
+        """The float scale of each hidden state ``__call__`` returns (embeddings, then each layer)."""
+        return [self.ln_e.scale_out] + [L.ln2.scale_out for L in self.layers]

@@ -1,0 +1,96 @@
+"""The integer engine built from a quantized MiniLM: integer-only, Linears equal to hand integer products, close to
+the fake-quantized student, unsupported students refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import GLUE
+from kdlsq_pl.callbacks.quantization import calibrate
+from kdlsq_pl.errors import ConfigError
+from kdlsq_pl.integer.engine import IntegerEngine, IntLinear
+from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
+from kdlsq_pl.models.loading import load_classifier
+from kdlsq_pl.quant.modules import quantize_
+from test_integer_ops import NoFloat
+from test_quant_insert import quant_cfg
+
+
+@pytest.fixture(scope="module")
+def batches(minilm_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    rows = [line.split("\t") for line in (GLUE / "RTE" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:25]]
+    return [dict(tok([r[1] for r in rows[i:i + 8]], [r[2] for r in rows[i:i + 8]], padding=True, truncation=True,
+                     max_length=128, return_tensors="pt")) for i in range(0, 24, 8)]
+
+
+def quantized_student(minilm_path, batches, name="w8a8", per_channel=False):
+    torch.manual_seed(0)
+    student = load_classifier(minilm_path, {"labels": ["a", "b"]}, ATTN_IMPLEMENTATION)
+    cfg = quant_cfg(name)
+    cfg["weight"]["per_channel"] = per_channel
+    quantize_(student, cfg)
+    calibrate(student, batches[:1])
+    return student.eval()
+
+
+@pytest.fixture(scope="module")
+def w8(minilm_path, batches):
+    student = quantized_student(minilm_path, batches)
+    return student, IntegerEngine.from_student(student, batches[:2])
+
+
+def test_engine_runs_no_floating_point_op(w8, batches):
+    _, engine = w8
+    b = batches[2]
+    with NoFloat():
+        logits = engine(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    assert logits.dtype == torch.int64 and logits.shape == (8, 2)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_int_linear_equals_the_integer_product_by_hand(minilm_path, batches, per_channel):
+    student = quantized_student(minilm_path, batches, "w2a8", per_channel)
+    lin = student.bert.encoder.layer[1].intermediate.dense
+    s_x = 1e-3
+    x = torch.randint(-40000, 40000, (5, 7, 384), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    got = IntLinear(lin, s_x)(x)
+    # by hand: input codes round(x s_x / s_a) clamped to +-127; weight codes round(W / s_w) in {-1, 0, 1} at 2 bits;
+    # bias round(b / (s_a s_w)); the product in int64
+    s_a = float(lin.input_quantizer.step_size)
+    s_w = lin.weight_quantizer.step_size.double().reshape(-1, 1) if per_channel else float(lin.weight_quantizer.step_size)
+    xc = torch.clamp(torch.floor(x.double() * s_x / s_a + 0.5), -127, 127).long()
+    wc = torch.clamp(torch.round(lin.weight.double() / s_w), -1, 1).long()
+    assert set(wc.unique().tolist()) <= {-1, 0, 1}
+    bias = torch.round(lin.bias.double() / (s_a * torch.as_tensor(s_w, dtype=torch.float64).reshape(-1))).long()
+    want = torch.matmul(xc, wc.t()) + bias
+    assert torch.equal(got, want)
+
+
+def test_engine_tracks_the_fake_quantized_student(w8, batches):
+    """Layer by layer the integer hidden states stay close to the student's float ones (relative RMS error); the
+    differences are I-BERT's polynomial GELU and exp and the codes they flip."""
+    student, engine = w8
+    b = batches[2]
+    with torch.no_grad():
+        ref = student(**b, output_hidden_states=True)
+    logits, hidden = engine(b["input_ids"], b["attention_mask"], b["token_type_ids"], output_hidden_states=True)
+    m = b["attention_mask"].bool()
+    rel = [float((h.double() * s - r.double())[m].norm() / r.double()[m].norm())
+           for h, s, r in zip(hidden, engine.hidden_scales, ref.hidden_states)]
+    assert rel[0] < 1e-3  # the embedding sum and its LayerNorm: integer tables, no polynomial
+    assert rel[1] < 0.06 and max(rel) < 0.45
+    assert logits.shape == ref.logits.shape
+
+
+def test_engine_refuses_what_it_cannot_run(minilm_path, batches):
+    student = load_classifier(minilm_path, {"labels": ["a", "b"]}, ATTN_IMPLEMENTATION)
+    cfg = quant_cfg("w2a8")
+    cfg["weight"]["quantizer"] = "twn"
+    quantize_(student, cfg)
+    with pytest.raises(ConfigError, match="needs an LSQ quantizer"):
+        IntegerEngine.from_student(student.eval(), batches[:1])
+    with pytest.raises(ConfigError, match="is not quantized"):
+        IntegerEngine.from_student(load_classifier(minilm_path, {"labels": ["a", "b"]}).eval(), batches[:1])

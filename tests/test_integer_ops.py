@@ -1,0 +1,143 @@
+"""I-BERT's integer operators against exact arithmetic, closed forms and torch's float operators; no float op inside."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kdlsq_pl.integer.ops import INT, IntGELU, IntLayerNorm, IntSoftmax, Requantize, dyadic, int_sqrt
+
+
+class NoFloat(TorchDispatchMode):
+    """Fails on any aten op that takes or returns a floating-point tensor (the integer path must have none)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        flat = list(args) + list(kwargs.values()) + (list(out) if isinstance(out, (tuple, list)) else [out])
+        for t in flat:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                raise AssertionError(f"floating-point tensor in {func}: {t.dtype}")
+        return out
+
+
+def test_no_float_guard_catches_a_float_op():
+    with pytest.raises(AssertionError, match="floating-point"):
+        with NoFloat():
+            torch.ones(3, dtype=INT).float()
+
+
+@pytest.mark.parametrize("ratio", [1e-7, 3.3e-4, 0.5, 0.75, 1.0, 1.9999999999, 123.456, 2.0 ** 33 + 5])
+def test_dyadic_mantissa_and_error(ratio):
+    m, e = dyadic(ratio)
+    assert 2 ** 30 <= int(m) < 2 ** 31
+    assert abs(Fraction(int(m)) / Fraction(2) ** int(e) - Fraction(ratio)) <= Fraction(ratio) * Fraction(1, 2 ** 30)
+
+
+def test_dyadic_rejects_non_positive():
+    with pytest.raises(ValueError, match="positive finite"):
+        dyadic(torch.tensor([0.5, 0.0]))
+
+
+def test_requantize_equals_exact_rounding():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-(2 ** 31), 2 ** 31, (4000,), generator=g, dtype=INT)
+    for s_in, s_out in [(3.1e-5, 0.0123), (0.02, 0.0199), (1.0, 3e-3)]:
+        rq = Requantize(s_in, s_out)
+        m, e = int(rq.m), int(rq.e)
+        with NoFloat():
+            got = rq(q)
+        # round(q * m / 2^e), halves up, in exact rational arithmetic
+        want = [math.floor(Fraction(int(v) * m, 2 ** e) + Fraction(1, 2)) for v in q]
+        assert got.tolist() == want
+        # and the dyadic ratio is the float ratio to 31 bits: round(q * s_in / s_out) within a relative 2^-30, +-1
+        exact = torch.tensor([round(Fraction(int(v)) * Fraction(s_in) / Fraction(s_out)) for v in q[:200]])
+        assert bool(((got[:200] - exact).abs() <= exact.abs() // 2 ** 30 + 1).all())
+
+
+def test_requantize_per_channel_and_clamp():
+    rq = Requantize(torch.tensor([0.1, 0.2, 0.4]), 0.1, lo=-127, hi=127)
+    q = torch.tensor([[10, 10, 10], [1000, -1000, 3]], dtype=INT)
+    assert rq(q).tolist() == [[10, 20, 40], [127, -127, 12]]
+
+
+def test_int_sqrt_equals_isqrt_and_uses_no_float():
+    g = torch.Generator().manual_seed(1)
+    vals = [0, 1, 2, 3, 4, 15, 16, 17, 2 ** 31 - 1, 2 ** 31, (2 ** 31 - 1) ** 2, (2 ** 31 - 1) ** 2 - 1, 2 ** 62 - 1]
+    vals += torch.randint(0, 2 ** 62, (2000,), generator=g, dtype=INT).tolist()
+    vals += torch.randint(0, 1000, (500,), generator=g, dtype=INT).tolist()
+    n = torch.tensor(vals, dtype=INT)
+    with NoFloat():
+        got = int_sqrt(n)
+    assert got.tolist() == [math.isqrt(v) for v in vals]
+    with pytest.raises(ValueError, match="non-negative"):
+        int_sqrt(torch.tensor([-4], dtype=INT))
+
+
+def erf_poly(u: torch.Tensor) -> torch.Tensor:
+    """I-BERT's L(u) in float64, from the paper's equation."""
+    a, b = -0.2888, -1.769
+    return torch.sign(u) * (a * (torch.clamp(u.abs(), max=-b) + b) ** 2 + 1)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e-2, 0.03])
+def test_int_gelu_matches_the_polynomial_and_gelu(scale):
+    x = torch.linspace(-5, 5, 4001, dtype=torch.float64)
+    q = torch.round(x / scale).to(INT)
+    op = IntGELU(scale)
+    with NoFloat():
+        out = op(q)
+    got = out.to(torch.float64) * op.scale_out
+    xq = q.to(torch.float64) * scale
+    poly = xq / 2 * (1 + erf_poly(xq / math.sqrt(2)))
+    exact = torch.nn.functional.gelu(xq)
+    # against the polynomial: only the integer floors differ (about the input step at most, over [-5, 5])
+    assert (got - poly).abs().max() <= 3 * scale + 1e-3
+    # against the exact GELU: the polynomial's own error (about 0.02, the paper's) plus that rounding
+    poly_err = float((poly - exact).abs().max())
+    assert 0.005 < poly_err < 0.025
+    assert float((got - exact).abs().max()) <= poly_err + 3 * scale + 1e-3
+
+
+@pytest.mark.parametrize("scale", [2e-4, 2e-3, 2e-2])
+def test_int_softmax_matches_softmax_and_masks_exactly(scale):
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(4, 3, 9, 37, generator=g, dtype=torch.float64) * 4
+    q = torch.round(scores / scale).to(INT)
+    mask = torch.ones(4, 1, 1, 37, dtype=torch.bool)
+    mask[1, ..., 30:] = False
+    mask[3, ..., 5:] = False
+    op = IntSoftmax(scale, out_bits=16)
+    with NoFloat():
+        out = op(q, mask)
+    p = out.to(torch.float64) * op.scale_out
+    ref = torch.softmax((q.to(torch.float64) * scale).masked_fill(~mask, float("-inf")), dim=-1)
+    assert bool((out[~mask.expand_as(out)] == 0).all())
+    assert float((p - ref).abs().max()) < 0.01  # the exp polynomial's relative error (< 0.5%) and the floors
+    # rows sum to 1 up to the floor of each entry: at most one unit of 2^-16 per position
+    assert bool(((2 ** 16 - out.sum(-1)) >= 0).all()) and int((2 ** 16 - out.sum(-1)).max()) <= 37
+
+
+def test_int_softmax_refuses_a_coarse_scale():
+    with pytest.raises(ValueError, match="too coarse"):
+        IntSoftmax(0.05)
+
+
+def test_int_layernorm_matches_layer_norm():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 11, 384, generator=g, dtype=torch.float64) * 3 + 0.7
+    x[0, 0] *= 40  # an outlier row
+    s_in, s_out = float(x.abs().max()) / 2 ** 21, 2.0 ** -14
+    q = torch.round(x / s_in).to(INT)
+    gamma = torch.rand(384, generator=g, dtype=torch.float64) * 2 - 0.3
+    beta = torch.randn(384, generator=g, dtype=torch.float64) * 0.1
+    op = IntLayerNorm(gamma, beta, s_out)
+    with NoFloat():
+        out = op(q)
+    got = out.to(torch.float64) * s_out
+    ref = torch.nn.functional.layer_norm(q.to(torch.float64) * s_in, (384,), gamma, beta, eps=1e-12)
+    assert float((got - ref).abs().max()) < 2e-3
