@@ -118,6 +118,7 @@ class Quant(_Section):
     weight: WeightSide
     act: ActSide
     quantize_attention: bool
+    integer_ops: bool = False
     fused_kernel: bool
     calibration_batches: Count
     freeze_step_sizes_at_step: Optional[Index] = None

@@ -94,3 +94,23 @@ def test_engine_refuses_what_it_cannot_run(minilm_path, batches):
         IntegerEngine.from_student(student.eval(), batches[:1])
     with pytest.raises(ConfigError, match="is not quantized"):
         IntegerEngine.from_student(load_classifier(minilm_path, {"labels": ["a", "b"]}).eval(), batches[:1])
+
+
+def test_integer_ops_option_swaps_gelu_and_softmax(minilm_path, batches):
+    from kdlsq_pl.integer.ops import IBertGELU, ibert_softmax
+    from kdlsq_pl.models.attention import capture_attention_scores
+    torch.manual_seed(0)
+    student = load_classifier(minilm_path, {"labels": ["a", "b"]}, ATTN_IMPLEMENTATION)
+    quantize_(student, quant_cfg("w8a8") | {"integer_ops": True})
+    assert [n for n, m in student.named_modules() if isinstance(m, IBertGELU)] == [
+        f"bert.encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(6)]
+    calibrate(student, batches[:1])
+    student.eval()
+    b = batches[0]
+    with torch.no_grad(), capture_attention_scores() as scores:
+        out = student(**b, output_attentions=True)
+    # the probabilities the student used: the probability quantizer applied to I-BERT's softmax of its scores
+    pq = student.bert.encoder.layer[0].attention.self.kdlsq_act_quant["probs"]
+    visible = b["attention_mask"].bool()[:, None, None, :]
+    with torch.no_grad():
+        assert torch.equal(out.attentions[0], pq(ibert_softmax(scores[0], visible)))

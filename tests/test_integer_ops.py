@@ -141,3 +141,34 @@ def test_int_layernorm_matches_layer_norm():
     got = out.to(torch.float64) * s_out
     ref = torch.nn.functional.layer_norm(q.to(torch.float64) * s_in, (384,), gamma, beta, eps=1e-12)
     assert float((got - ref).abs().max()) < 2e-3
+
+
+def test_float_simulations_equal_the_integer_operators():
+    from kdlsq_pl.integer.ops import ibert_gelu, ibert_softmax
+    scale = 1e-4
+    x = torch.linspace(-6, 6, 3001, dtype=torch.float64)
+    q = torch.round(x / scale).to(INT)
+    op = IntGELU(scale)
+    assert float((op(q).double() * op.scale_out - ibert_gelu(q.double() * scale)).abs().max()) < 3e-4
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(3, 4, 21, generator=g, dtype=torch.float64) * 3
+    visible = torch.rand(3, 1, 21, generator=g) > 0.3
+    sq = torch.round(s / 1e-3).to(INT)
+    sm = IntSoftmax(1e-3)
+    p_int = sm(sq, visible).double() * sm.scale_out
+    p_sim = ibert_softmax(sq.double() * 1e-3, visible)
+    # the integer version floors b, c and each 2^-z shift: within 0.2% of the largest probability
+    assert float((p_int - p_sim).abs().max()) < 2e-3 and bool((p_sim[~visible.expand_as(p_sim)] == 0).all())
+    # the polynomial softmax is close to the exact one (the exp polynomial's error, well under 1%)
+    exact = torch.softmax((sq.double() * 1e-3).masked_fill(~visible, float("-inf")), -1)
+    assert float((p_sim - exact).abs().max()) < 5e-3
+
+
+def test_float_simulations_have_correct_gradients():
+    from kdlsq_pl.integer.ops import ibert_gelu, ibert_softmax
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(40, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    assert torch.autograd.gradcheck(ibert_gelu, (x,), eps=1e-6, atol=1e-5)
+    s = (torch.randn(2, 7, generator=g, dtype=torch.float64) * 0.7).requires_grad_(True)
+    visible = torch.tensor([[True] * 5 + [False] * 2, [True] * 7])
+    assert torch.autograd.gradcheck(lambda t: ibert_softmax(t, visible), (s,), eps=1e-6, atol=1e-5)

@@ -236,3 +236,43 @@ class IntLayerNorm:
         std = int_sqrt(var).clamp(min=1)
         y_hat = (y << self.NORM_BITS) // std
         return self.requant(y_hat * self.gamma_int) + self.beta_int
+
+
+# --- The same approximations in float, for training through them (``quant.integer_ops``) --------------------------
+
+def ibert_gelu(x: torch.Tensor) -> torch.Tensor:
+    """I-BERT's GELU approximation in float (differentiable): ``x/2 (1 + L(x / sqrt 2))``, ``L`` of :class:`IntGELU`.
+
+    What :class:`IntGELU` computes up to its integer floors; a student trained with it (``quant.integer_ops=true``)
+    learns around the polynomial the integer engine runs. Any shape; gradients by autograd (``L`` is piecewise
+    quadratic, with zero slope beyond ``|u| = -b``)."""
+    u = x / math.sqrt(2.0)
+    erf = torch.sign(u) * (IntGELU.A * (torch.clamp(u.abs(), max=-IntGELU.B) + IntGELU.B) ** 2 + 1.0)
+    return x / 2.0 * (1.0 + erf)
+
+
+def ibert_softmax(scores: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """I-BERT's softmax approximation in float over the last dimension (differentiable in ``scores``).
+
+    ``x = scores - max`` clamped at ``-30 ln2``, ``z = floor(-x / ln2)`` (no gradient), ``p = x + z ln2``,
+    ``exp(x) ~ (0.3585 (p + 1.353)^2 + 0.344) 2^-z``; positions with ``visible`` false get exactly 0.
+
+    Args:
+        scores: ``[..., T]`` float (the pre-softmax scores, an additive mask already added or not).
+        visible: bool broadcastable to ``scores``, or ``None`` (all visible).
+    """
+    x = scores - scores.amax(dim=-1, keepdim=True)  # the polynomial is not exactly shift-invariant: the max has a gradient
+    x = torch.clamp(x, min=IntSoftmax.N_CLAMP * -IntSoftmax.LN2)
+    z = torch.floor(-x.detach() / IntSoftmax.LN2)
+    p = x + z * IntSoftmax.LN2
+    e = (IntSoftmax.P_A * (p + IntSoftmax.P_B) ** 2 + IntSoftmax.P_C) * torch.exp2(-z)
+    if visible is not None:
+        e = torch.where(visible, e, torch.zeros_like(e))
+    return e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+
+
+class IBertGELU(torch.nn.Module):
+    """``nn.Module`` form of :func:`ibert_gelu`: replaces an encoder layer's GELU when ``quant.integer_ops=true``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ibert_gelu(x)

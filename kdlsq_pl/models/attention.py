@@ -38,6 +38,9 @@ If the attention module (``BertSelfAttention``) has an attribute ``kdlsq_act_qua
 * ``"query"``, ``"key"``, ``"value"``: to Q, K, V (``[B, H, T, d_head]``) before ``QK^T`` / ``PV``;
 * ``"probs"``: to the attention probabilities after softmax and dropout, before ``P @ V``.
 
+With ``module.kdlsq_integer_softmax`` true (``quant.integer_ops``) the softmax is I-BERT's polynomial
+approximation (``kdlsq_pl.integer.ops.ibert_softmax``), the one the integer engine computes.
+
 Score capture
 -------------
 Inside ``with capture_attention_scores() as scores:`` every call appends the pre-softmax
@@ -134,7 +137,11 @@ def kdlsq_attention_forward(
     if store is not None:
         store.append(scores)
 
-    probs = nn.functional.softmax(scores, dim=-1)
+    if getattr(module, "kdlsq_integer_softmax", False):  # quant.integer_ops: I-BERT's exp polynomial, as the integer engine
+        from kdlsq_pl.integer.ops import ibert_softmax
+        probs = ibert_softmax(scores, None if attention_mask is None else attention_mask == 0)
+    else:
+        probs = nn.functional.softmax(scores, dim=-1)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     probs = _maybe_quant(quantizers, "probs", probs)
 

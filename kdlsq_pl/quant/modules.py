@@ -12,6 +12,7 @@ state dict is the Hugging Face one plus ``*_quantizer.*`` entries.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Callable, Mapping
@@ -217,7 +218,37 @@ def quantize_(model: nn.Module, quant: Mapping[str, Any], filter_fn: FilterFn | 
             if keep(path):
                 model.get_submodule(path).kdlsq_act_quant = nn.ModuleDict(
                     {k: act(f"{path}.kdlsq_act_quant.{k}") for k in ATTENTION_ACTS})
+    if quant.get("integer_ops", False):
+        use_integer_ops(model)
     return inserted
+
+
+def use_integer_ops(model: nn.Module) -> int:
+    """Train through I-BERT's integer-operator approximations (``quant.integer_ops``): every GELU inside the encoder
+    layers becomes :class:`kdlsq_pl.integer.ops.IBertGELU` and every attention module computes I-BERT's softmax
+    (``kdlsq_integer_softmax``), in float, so the integer engine built from the student runs what it was trained
+    with. LayerNorm stays exact (the integer LayerNorm matches it to about 1e-3). Returns the number of GELUs
+    replaced.
+
+    Raises:
+        ConfigError: no GELU found in the encoder layers (a model whose FFN activation is not GELU).
+    """
+    from transformers.activations import GELUActivation
+
+    from kdlsq_pl.integer.ops import IBertGELU
+
+    targets = quantizable_modules(model)
+    for path in targets["attention"]:
+        model.get_submodule(path).kdlsq_integer_softmax = True
+    layers = {re.match(r"(.*\.layer\.\d+)\.", path).group(1) for path in targets["attention"]}  # the layer of each attention
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (GELUActivation, nn.GELU)) and any(name.startswith(p + ".") for p in layers):
+            _set(model, name, IBertGELU())
+            replaced += 1
+    if not replaced:
+        raise ConfigError("quant.integer_ops=true: no GELU in the encoder layers to replace; allowed: GELU encoders (BERT, RoBERTa, DistilBERT)")
+    return replaced
 
 
 def is_quantized(model: nn.Module) -> bool:
