@@ -10,20 +10,22 @@ from typing import Any, Mapping
 from omegaconf import OmegaConf
 
 
-def bits_name(weight_bits: int, embedding_bits: int, act_bits: int, overrides: Mapping[str, Any] | None = None) -> str:
+def bits_name(weight_bits: int, embedding_bits: int, act_bits: int, overrides: Mapping[str, Any] | None = None,
+              integer_ops: bool = False) -> str:
     """The field's short name of a bit setting: ``w2a8`` (embeddings at the weight width), ``w2e4a8``, ``fp32``.
 
     With per-module ``overrides`` (``quant.overrides``: pattern -> bits) the name gains ``_mp`` and six hex digits
     of the overrides' digest (``w2a8_mp3f0c1a``), so a mixed-precision cell never shares a folder with the
-    uniform one; the presets in ``conf/quant`` give theirs a readable ``name`` instead.
+    uniform one; the presets in ``conf/quant`` give theirs a readable ``name`` instead. A student trained through
+    I-BERT's integer operators (``quant.integer_ops``) ends in ``_ibert`` (``w8a8_ibert``).
     """
     w, e, a = int(weight_bits), int(embedding_bits), int(act_bits)
     base = "fp32" if min(w, e, a) >= 32 else (f"w{w}a{a}" if e == w else f"w{w}e{e}a{a}")
     if overrides:
         plain = OmegaConf.to_container(overrides) if OmegaConf.is_config(overrides) else dict(overrides)
         digest = hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:6]
-        return f"{base}_mp{digest}"
-    return base
+        base = f"{base}_mp{digest}"
+    return f"{base}_ibert" if integer_ops else base
 
 
 def cell_name(stage: str, method: str, task: str, quant: str, seed: int) -> str:
