@@ -1,5 +1,6 @@
-"""Fused CPU kernels for float32 tensors: LSQ fake quantization (``csrc/lsq_cpu.cpp``) and the attention-score
-MSE of the distillation loss (``csrc/attention_mse_cpu.cpp``).
+"""Fused CPU kernels: LSQ fake quantization (``csrc/lsq_cpu.cpp``) and the attention-score MSE of the distillation
+loss (``csrc/attention_mse_cpu.cpp``) for float32 tensors, and the integer engine's fused passes
+(``csrc/integer_cpu.cpp``: requantization, i-softmax, i-GELU, residual + integer LayerNorm).
 
 The unfused torch formula of :mod:`kdlsq_pl.quant.lsq` makes about four passes over a tensor forward and ten
 backward (div, round, clamp, mul; compares, where, round, sub, two masked fills, two muls); on CPU those
@@ -33,13 +34,14 @@ __all__ = ["SOURCES", "cpu_kernels", "lsq_kernel_applies"]
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("lsq_cpu.cpp", "attention_mse_cpu.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("lsq_cpu.cpp", "attention_mse_cpu.cpp", "integer_cpu.cpp")]
 _loaded: dict[str, Any] = {}
 
 
 def cpu_kernels() -> Any | None:
     """The ``torch.ops.kdlsq`` namespace (``lsq_forward``, ``lsq_backward``, ``attention_mse_forward``,
-    ``attention_mse_backward``), building it on first call.
+    ``attention_mse_backward``, ``int_requant``, ``int_softmax_requant``, ``int_gelu_requant``,
+    ``int_residual_layernorm``), building it on first call.
 
     Returns:
         ``torch.ops.kdlsq``, or None when the C++ build fails (no compiler, no ninja, non-Linux); the failure is

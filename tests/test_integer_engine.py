@@ -114,3 +114,19 @@ def test_integer_ops_option_swaps_gelu_and_softmax(minilm_path, batches):
     visible = b["attention_mask"].bool()[:, None, None, :]
     with torch.no_grad():
         assert torch.equal(out.attentions[0], pq(ibert_softmax(scores[0], visible)))
+
+
+@pytest.mark.parametrize("name, per_channel", [("w8a8", False), ("w2a8", True)])
+def test_fused_kernels_give_the_reference_integers(minilm_path, batches, name, per_channel):
+    from kdlsq_pl.kernels import cpu_kernels
+    if cpu_kernels() is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    student = quantized_student(minilm_path, batches, name, per_channel)
+    ref = IntegerEngine.from_student(student, batches[:2], fused=False)
+    fused = IntegerEngine.from_student(student, batches[:2], fused=True)
+    assert ref.kernels is None and fused.kernels is not None
+    for b in batches:  # padded batches of real RTE pairs
+        with NoFloat():  # both paths integer-only
+            lr, hr = ref(b["input_ids"], b["attention_mask"], b["token_type_ids"], output_hidden_states=True)
+            lf, hf = fused(b["input_ids"], b["attention_mask"], b["token_type_ids"], output_hidden_states=True)
+        assert torch.equal(lr, lf) and all(torch.equal(x, y) for x, y in zip(hr, hf))

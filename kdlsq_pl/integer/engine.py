@@ -146,7 +146,8 @@ class IntegerEngine:
 
     @classmethod
     @torch.no_grad()
-    def from_student(cls, student: nn.Module, calibration_batches: Iterable[Mapping[str, torch.Tensor]]) -> "IntegerEngine":
+    def from_student(cls, student: nn.Module, calibration_batches: Iterable[Mapping[str, torch.Tensor]],
+                     fused: bool | None = None) -> "IntegerEngine":
         """Fold a quantized student (``quantize_`` + trained or calibrated step sizes) into an integer engine.
 
         Args:
@@ -154,6 +155,9 @@ class IntegerEngine:
                 attention activation.
             calibration_batches: a few batches (``input_ids``, ``attention_mask``, ``token_type_ids``) for the scales
                 of the tensors the student keeps in full precision.
+            fused: run each layer's integer passes as the fused C++ kernels of ``csrc/integer_cpu.cpp``
+                (bit-identical to the torch operators of ``ops``); ``None``: where they can be built; ``False``:
+                the torch operators (the reference).
 
         Raises:
             ConfigError: a model the engine does not support (not BERT-layout, a quantizer that is not LSQ or is
@@ -162,6 +166,10 @@ class IntegerEngine:
         if student.config.model_type != "bert":
             raise ConfigError(f"integer engine: model type {student.config.model_type!r} is not supported; allowed: bert")
         self = object.__new__(cls)
+        from kdlsq_pl.kernels import cpu_kernels
+        self.kernels = cpu_kernels() if fused is not False else None
+        if fused and self.kernels is None:
+            raise RuntimeError("integer engine: fused=True but the C++ kernels could not be built (see the warning above)")
         ranges = _calibrate_ranges(student, list(calibration_batches))
         bert = student.bert
         emb = bert.embeddings
@@ -254,6 +262,43 @@ class IntegerEngine:
         res2 = torch.clamp(L.o2_rq(L.o2(g)) + L.h_rq2(h1), -L.clamp2, L.clamp2)
         return L.ln2(res2)
 
+    def _layer_fused(self, L: _Layer, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`_layer` through the fused kernels: the same integers (``tests/test_integer_engine.py``)."""
+        K = self.kernels
+        B, T, D = h.shape
+        h2 = h.reshape(B * T, D)
+
+        def codes(lin: IntLinear, x: torch.Tensor) -> torch.Tensor:  # x -> int8 codes on lin's input grid
+            rq = lin.in_rq
+            return K.int_requant(x, None, rq.m.reshape(-1), rq.e.reshape(-1), rq.lo, rq.hi, True)
+
+        def heads(lin: IntLinear, rq: Requantize, x8: torch.Tensor) -> torch.Tensor:  # -> [B, H, T, d] int32
+            acc = torch._int_mm(x8, lin.w_t)
+            c = K.int_requant(acc, lin.bias, rq.m.reshape(-1), rq.e.reshape(-1), rq.lo, rq.hi, True)
+            return c.reshape(B, T, L.heads, -1).transpose(1, 2).to(torch.int32)
+
+        qc, kc, vc = (heads(lin, rq, codes(lin, h2)) for lin, rq in ((L.q, L.q_rq), (L.k, L.k_rq), (L.v, L.v_rq)))
+        # the two attention products as int32 batched matmuls (one call each; a loop of oneDNN int8 GEMMs per
+        # (example, head) measured 4x slower end to end here: 384 small calls per product)
+        scores = torch.matmul(qc, kc.transpose(-1, -2)).contiguous()
+        sm, p = L.softmax, L.p_rq
+        probs = K.int_softmax_requant(scores, mask, sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP,
+                                      int(p.m), int(p.e), p.lo, p.hi)
+        ctx = torch.matmul(probs.to(torch.int32), vc).transpose(1, 2).reshape(B * T, D)
+        acc_o = torch._int_mm(codes(L.o, ctx.contiguous()), L.o.w_t)
+        h1 = self._residual_ln(acc_o, L.o.bias, L.o_rq, h2, L.h_rq1, L.clamp1, L.ln1)
+        acc_i = torch._int_mm(codes(L.i, h1), L.i.w_t)
+        g, n = L.gelu, L.o2.in_rq
+        g8 = K.int_gelu_requant(acc_i, L.i.bias, L.g_rq.m.reshape(-1), L.g_rq.e.reshape(-1), L.g_rq.hi, g.b_int, g.c_int,
+                                g.shift, g.one, int(n.m), int(n.e), n.lo, n.hi)
+        acc_o2 = torch._int_mm(g8, L.o2.w_t)
+        return self._residual_ln(acc_o2, L.o2.bias, L.o2_rq, h1, L.h_rq2, L.clamp2, L.ln2).reshape(B, T, D)
+
+    def _residual_ln(self, acc, bias, a_rq: Requantize, h, h_rq: Requantize, clamp: int, ln: IntLayerNorm) -> torch.Tensor:
+        return self.kernels.int_residual_layernorm(acc, bias, a_rq.m.reshape(-1), a_rq.e.reshape(-1), h.contiguous(), int(h_rq.m),
+                                                   int(h_rq.e), clamp, ln.gamma_int, ln.beta_int, ln.NORM_BITS,
+                                                   int(ln.requant.m), int(ln.requant.e))
+
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False):
@@ -263,10 +308,21 @@ class IntegerEngine:
         mask = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.to(torch.bool)
         tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         e = self.word[input_ids] + self.position[:T].unsqueeze(0) + self.token_type[tt]
-        h = self.ln_e(torch.clamp(e, -self.clamp_e, self.clamp_e))
+        if self.kernels is not None:  # the residual kernel with a zero first term and the identity multiplier
+            D = e.shape[-1]
+            zeros = torch.zeros(B * T, D, dtype=torch.int32)
+            one = torch.ones(1, dtype=INT)
+            h = self.kernels.int_residual_layernorm(zeros, torch.zeros(D, dtype=INT), one, torch.zeros(1, dtype=INT),
+                                                    e.reshape(B * T, D).contiguous(), 1, 0, self.clamp_e, self.ln_e.gamma_int,
+                                                    self.ln_e.beta_int, self.ln_e.NORM_BITS, int(self.ln_e.requant.m),
+                                                    int(self.ln_e.requant.e)).reshape(B, T, D)
+            mask = mask.contiguous()
+        else:
+            h = self.ln_e(torch.clamp(e, -self.clamp_e, self.clamp_e))
         hidden = [h]
+        layer = self._layer_fused if self.kernels is not None else self._layer
         for L in self.layers:
-            h = self._layer(L, h, mask)
+            h = layer(L, h, mask)
             hidden.append(h)
         if self.pooling == "cls":
             pooled = h[:, 0]
