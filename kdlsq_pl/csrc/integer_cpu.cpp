@@ -28,6 +28,58 @@ inline int64_t floor_div(int64_t a, int64_t b) {  // b > 0, Python's // for eith
 
 inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// Branch-free dyadic requantization: shift_round(v * m, e) == ((v * m + half) >> rs) << ls with half = 2^(e-1),
+// rs = e for e > 0 and half = rs = 0, ls = -e otherwise (precomputed per channel), so the loops vectorize
+// (AVX-512 has 64-bit multiplies and variable arithmetic shifts; the clones pick it at load time).
+struct Dyadic {
+  std::vector<int64_t> m, half, rs, ls;
+  bool per_c;
+  Dyadic(const at::Tensor& mt, const at::Tensor& et) {
+    const int64_t n = mt.numel();
+    per_c = n > 1;
+    const int64_t* mp = mt.data_ptr<int64_t>();
+    const int64_t* ep = et.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      m.push_back(mp[i]);
+      half.push_back(ep[i] > 0 ? (int64_t(1) << (ep[i] - 1)) : 0);
+      rs.push_back(std::max<int64_t>(ep[i], 0));
+      ls.push_back(std::max<int64_t>(-ep[i], 0));
+    }
+  }
+};
+
+#define KDLSQ_CLONES __attribute__((target_clones("arch=skylake-avx512", "avx2", "default")))
+
+template <typename In, typename Out>
+KDLSQ_CLONES void requant_row_c(const In* __restrict x, const int64_t* __restrict bias, const int64_t* __restrict m,
+                                const int64_t* __restrict half, const int64_t* __restrict rs, const int64_t* __restrict ls,
+                                Out* __restrict out, int64_t C, int64_t lo, int64_t hi) {
+  for (int64_t c = 0; c < C; ++c) {
+    int64_t v = int64_t(x[c]) + (bias ? bias[c] : 0);
+    v = ((v * m[c] + half[c]) >> rs[c]) << ls[c];
+    out[c] = Out(v < lo ? lo : (v > hi ? hi : v));
+  }
+}
+
+template <typename In, typename Out>
+KDLSQ_CLONES void requant_row_s(const In* __restrict x, const int64_t* __restrict bias, int64_t m, int64_t half, int64_t rs,
+                                int64_t ls, Out* __restrict out, int64_t C, int64_t lo, int64_t hi) {
+  for (int64_t c = 0; c < C; ++c) {
+    int64_t v = int64_t(x[c]) + (bias ? bias[c] : 0);
+    v = ((v * m + half) >> rs) << ls;
+    out[c] = Out(v < lo ? lo : (v > hi ? hi : v));
+  }
+}
+
+KDLSQ_CLONES void normalise_row(const int64_t* __restrict ex, int8_t* __restrict o, int64_t T, int64_t down, int64_t factor,
+                                int64_t out_shift, int64_t m, int64_t half, int64_t rs, int64_t ls, int64_t lo, int64_t hi) {
+  for (int64_t j = 0; j < T; ++j) {
+    const int64_t prob = ((ex[j] >> down) * factor) >> out_shift;
+    const int64_t v = ((prob * m + half) >> rs) << ls;
+    o[j] = int8_t(v < lo ? lo : (v > hi ? hi : v));
+  }
+}
+
 int64_t isqrt_newton(int64_t n) {  // kdlsq_pl.integer.ops.int_sqrt, element by element
   if (n == 0) return 0;
   int64_t bitlen = 0;
@@ -46,33 +98,30 @@ at::Tensor requant(const at::Tensor& x, const std::optional<at::Tensor>& bias, c
   TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kLong || x.scalar_type() == at::kInt), "requant: contiguous int64/int32 x");
   const int64_t C = x.size(-1), N = x.numel() / std::max<int64_t>(C, 1);
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(int8_out ? at::kChar : at::kLong));
-  const int64_t* mp = m.data_ptr<int64_t>();
-  const int64_t* ep = e.data_ptr<int64_t>();
-  const bool per_c = m.numel() > 1;
+  const Dyadic d(m, e);
   const int64_t* bp = bias.has_value() && bias->defined() ? bias->data_ptr<int64_t>() : nullptr;
-  const bool is64 = x.scalar_type() == at::kLong;
-  const int64_t* x64 = is64 ? x.data_ptr<int64_t>() : nullptr;
-  const int32_t* x32 = is64 ? nullptr : x.data_ptr<int32_t>();
-  int8_t* o8 = int8_out ? out.data_ptr<int8_t>() : nullptr;
-  int64_t* o64 = int8_out ? nullptr : out.data_ptr<int64_t>();
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t b0, int64_t b1) {
-    for (int64_t r = b0; r < b1; ++r) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = r * C + c;
-        int64_t v = is64 ? x64[i] : int64_t(x32[i]);
-        if (bp) v += bp[c];
-        const int64_t k = per_c ? c : 0;
-        v = clamp64(shift_round(v * mp[k], ep[k]), lo, hi);
-        if (int8_out) o8[i] = int8_t(v); else o64[i] = v;
+  auto run = [&](auto* xp, auto* op) {
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t b0, int64_t b1) {
+      for (int64_t r = b0; r < b1; ++r) {
+        if (d.per_c)
+          requant_row_c(xp + r * C, bp, d.m.data(), d.half.data(), d.rs.data(), d.ls.data(), op + r * C, C, lo, hi);
+        else
+          requant_row_s(xp + r * C, bp, d.m[0], d.half[0], d.rs[0], d.ls[0], op + r * C, C, lo, hi);
       }
-    }
-  });
+    });
+  };
+  const bool is64 = x.scalar_type() == at::kLong;
+  if (is64 && int8_out) run(x.data_ptr<int64_t>(), out.data_ptr<int8_t>());
+  else if (is64) run(x.data_ptr<int64_t>(), out.data_ptr<int64_t>());
+  else if (int8_out) run(x.data_ptr<int32_t>(), out.data_ptr<int8_t>());
+  else run(x.data_ptr<int32_t>(), out.data_ptr<int64_t>());
   return out;
 }
 
 // scores: [B, H, T, Tk] int32 contiguous; mask: [B, Tk] bool (true = attend).
 at::Tensor softmax_requant(const at::Tensor& scores, const at::Tensor& mask, int64_t x0, int64_t b_int, int64_t c_int,
-                           int64_t widen, int64_t out_bits, int64_t n_clamp, int64_t m, int64_t e, int64_t lo, int64_t hi) {
+                           int64_t widen, int64_t out_bits, int64_t n_clamp, int64_t sum_bits, int64_t m, int64_t e, int64_t lo,
+                           int64_t hi) {
   TORCH_CHECK(scores.is_contiguous() && scores.scalar_type() == at::kInt && scores.dim() == 4, "softmax_requant: [B,H,T,T] int32");
   TORCH_CHECK(mask.is_contiguous() && mask.scalar_type() == at::kBool, "softmax_requant: bool mask [B, T]");
   const int64_t B = scores.size(0), Tk = scores.size(3), rows = scores.numel() / Tk;
@@ -100,13 +149,34 @@ at::Tensor softmax_requant(const at::Tensor& scores, const at::Tensor& mask, int
         total += v;
       }
       total = std::max<int64_t>(total, 1);
-      for (int64_t j = 0; j < Tk; ++j) {
-        const int64_t prob = (ex[j] << out_bits) / total;
-        o[r * Tk + j] = int8_t(clamp64(shift_round(prob * m, e), lo, hi));
-      }
+      int64_t bitlen = 0;
+      for (int k = 0; k < 63; ++k) bitlen += total >= (int64_t(1) << k);
+      const int64_t down = std::max<int64_t>(bitlen - sum_bits, 0);
+      const int64_t factor = (int64_t(1) << 32) / (total >> down);  // one division per row (I-BERT)
+      const int64_t out_shift = 32 - out_bits;
+      normalise_row(ex.data(), o + r * Tk, Tk, down, factor, out_shift, m, e > 0 ? (int64_t(1) << (e - 1)) : 0,
+                    std::max<int64_t>(e, 0), std::max<int64_t>(-e, 0), lo, hi);
     }
   });
   return out;
+}
+
+KDLSQ_CLONES void gelu_row(const int32_t* __restrict a, const int64_t* __restrict bias, const int64_t* __restrict m,
+                           const int64_t* __restrict half, const int64_t* __restrict rs, const int64_t* __restrict ls, bool per_c,
+                           int64_t g_clamp, int64_t b_int, int64_t c_int, int64_t shift, int64_t one, int64_t nm, int64_t nhalf,
+                           int64_t nrs, int64_t nls, int64_t lo, int64_t hi, int8_t* __restrict o, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t k = per_c ? c : 0;
+    int64_t q = (((int64_t(a[c]) + bias[c]) * m[k] + half[k]) >> rs[k]) << ls[k];
+    q = q < -g_clamp ? -g_clamp : (q > g_clamp ? g_clamp : q);
+    const int64_t aq = q < 0 ? -q : q;
+    const int64_t clipped = aq < -b_int ? aq : -b_int;
+    const int64_t sg = int64_t(q > 0) - int64_t(q < 0);
+    const int64_t y = (sg * ((clipped + b_int) * (clipped + b_int) + c_int)) >> shift;
+    const int64_t g = -q * (y + one);
+    const int64_t v = ((g * nm + nhalf) >> nrs) << nls;
+    o[c] = int8_t(v < lo ? lo : (v > hi ? hi : v));
+  }
 }
 
 // acc: [N, C] int32 (the Linear's int32 products); bias [C]; (gm, ge) [C]: onto the GELU scale, clamped to +-g_clamp;
@@ -116,27 +186,28 @@ at::Tensor gelu_requant(const at::Tensor& acc, const at::Tensor& bias, const at:
   TORCH_CHECK(acc.is_contiguous() && acc.scalar_type() == at::kInt, "gelu_requant: contiguous int32 acc");
   const int64_t C = acc.size(-1), N = acc.numel() / C;
   at::Tensor out = at::empty(acc.sizes(), acc.options().dtype(at::kChar));
+  const Dyadic d(gm, ge);
+  const int64_t nhalf = ne > 0 ? (int64_t(1) << (ne - 1)) : 0, nrs = std::max<int64_t>(ne, 0), nls = std::max<int64_t>(-ne, 0);
   const int32_t* a = acc.data_ptr<int32_t>();
   const int64_t* bp = bias.data_ptr<int64_t>();
-  const int64_t* mp = gm.data_ptr<int64_t>();
-  const int64_t* ep = ge.data_ptr<int64_t>();
-  const bool per_c = gm.numel() > 1;
   int8_t* o = out.data_ptr<int8_t>();
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = r * C + c, k = per_c ? c : 0;
-        const int64_t q = clamp64(shift_round((int64_t(a[i]) + bp[c]) * mp[k], ep[k]), -g_clamp, g_clamp);
-        const int64_t aq = q < 0 ? -q : q;
-        const int64_t clipped = std::min(aq, -b_int);
-        const int64_t sg = (q > 0) - (q < 0);
-        const int64_t y = (sg * ((clipped + b_int) * (clipped + b_int) + c_int)) >> shift;
-        const int64_t g = -q * (y + one);
-        o[i] = int8_t(clamp64(shift_round(g * nm, ne), lo, hi));
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      gelu_row(a + r * C, bp, d.m.data(), d.half.data(), d.rs.data(), d.ls.data(), d.per_c, g_clamp, b_int, c_int, shift, one,
+               nm, nhalf, nrs, nls, lo, hi, o + r * C, C);
   });
   return out;
+}
+
+KDLSQ_CLONES void residual_row(const int32_t* __restrict a, const int64_t* __restrict bias, const int64_t* __restrict m,
+                               const int64_t* __restrict half, const int64_t* __restrict rs, const int64_t* __restrict ls, bool per_c,
+                               const int64_t* __restrict h, int64_t hm, int64_t hhalf, int64_t hrs, int64_t hls, int64_t clamp,
+                               int64_t* __restrict res, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t k = per_c ? c : 0;
+    const int64_t v = ((((int64_t(a[c]) + bias[c]) * m[k] + half[k]) >> rs[k]) << ls[k]) + (((h[c] * hm + hhalf) >> hrs) << hls);
+    res[c] = v < -clamp ? -clamp : (v > clamp ? clamp : v);
+  }
 }
 
 // a: [N, C] int32 products of the Linear before the residual, with bias [C] and (am, ae) [C] onto the residual scale;
@@ -151,20 +222,18 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
   at::Tensor out = at::empty(h.sizes(), h.options());
   const int32_t* ap = a.data_ptr<int32_t>();
   const int64_t* hp = h.data_ptr<int64_t>();
-  const int64_t *bp = bias.data_ptr<int64_t>(), *mp = am.data_ptr<int64_t>(), *ep = ae.data_ptr<int64_t>();
+  const int64_t* bp = bias.data_ptr<int64_t>();
   const int64_t *gp = gamma.data_ptr<int64_t>(), *btp = beta.data_ptr<int64_t>();
-  const bool per_c = am.numel() > 1;
+  const Dyadic d(am, ae);
+  const int64_t hhalf = he > 0 ? (int64_t(1) << (he - 1)) : 0, hrs = std::max<int64_t>(he, 0), hls = std::max<int64_t>(-he, 0);
   int64_t* o = out.data_ptr<int64_t>();
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> res(C);
     for (int64_t r = r0; r < r1; ++r) {
+      residual_row(ap + r * C, bp, d.m.data(), d.half.data(), d.rs.data(), d.ls.data(), d.per_c, hp + r * C, hm, hhalf, hrs, hls,
+                   res_clamp, res.data(), C);
       int64_t total = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = r * C + c, k = per_c ? c : 0;
-        const int64_t v = shift_round((int64_t(ap[i]) + bp[c]) * mp[k], ep[k]) + shift_round(hp[i] * hm, he);
-        res[c] = clamp64(v, -res_clamp, res_clamp);
-        total += res[c];
-      }
+      for (int64_t c = 0; c < C; ++c) total += res[c];
       const int64_t mean = floor_div(2 * total + C, 2 * C);
       int64_t sq = 0;
       for (int64_t c = 0; c < C; ++c) { res[c] -= mean; sq += res[c] * res[c]; }
@@ -183,7 +252,7 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
 TORCH_LIBRARY_FRAGMENT(kdlsq, m) {
   m.def("int_requant(Tensor x, Tensor? bias, Tensor m, Tensor e, int lo, int hi, bool int8_out) -> Tensor");
   m.def("int_softmax_requant(Tensor scores, Tensor mask, int x0, int b_int, int c_int, int widen, int out_bits, int n_clamp, "
-        "int m, int e, int lo, int hi) -> Tensor");
+        "int sum_bits, int m, int e, int lo, int hi) -> Tensor");
   m.def("int_gelu_requant(Tensor acc, Tensor bias, Tensor gm, Tensor ge, int g_clamp, int b_int, int c_int, int shift, int one, "
         "int nm, int ne, int lo, int hi) -> Tensor");
   m.def("int_residual_layernorm(Tensor a, Tensor bias, Tensor am, Tensor ae, Tensor h, int hm, int he, int res_clamp, "

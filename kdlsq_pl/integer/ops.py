@@ -93,6 +93,14 @@ class Requantize:
         return out
 
 
+def bit_length(n: torch.Tensor) -> torch.Tensor:
+    """The bit length of each non-negative ``int64`` (0 for 0), counted by comparisons: ``bit_length(5) == 3``."""
+    out = torch.zeros_like(n)
+    for k in range(63):
+        out += (n >= (1 << k)).to(INT)
+    return out
+
+
 def int_sqrt(n: torch.Tensor) -> torch.Tensor:
     """``floor(sqrt(n))`` elementwise for non-negative ``int64`` ``n`` below ``2^62``, by Newton's iteration.
 
@@ -106,10 +114,7 @@ def int_sqrt(n: torch.Tensor) -> torch.Tensor:
     _check_int(n, "int_sqrt")
     if n.numel() and int(n.min()) < 0:
         raise ValueError(f"int_sqrt takes non-negative integers; got {int(n.min())}")
-    bitlen = torch.zeros_like(n)
-    for k in range(63):
-        bitlen += (n >= (1 << k)).to(INT)
-    x = torch.ones_like(n) << ((bitlen + 1) >> 1)
+    x = torch.ones_like(n) << ((bit_length(n) + 1) >> 1)
     while True:
         y = (x + n // x.clamp(min=1)) >> 1
         smaller = y < x
@@ -155,9 +160,12 @@ class IntSoftmax:
     ``x - max(x) = -z ln2 + p`` with ``p`` in ``(-ln2, 0]`` (inputs clamped at ``-30 ln2``); ``exp(p)`` by the
     polynomial ``0.3585 (p + 1.353)^2 + 0.344`` (``b_int = floor(1.353 / S)``, ``c_int = floor(0.344 / (0.3585 S^2))``),
     widened by ``2^k`` (the most bits, up to 30, that keep a row's sum below ``2^62`` for rows up to ``max_len``
-    and each value below ``2^(62 - out_bits)`` for the normalisation), shifted right by ``z``. Masked positions (``mask`` false) get exactly 0. Output: ``floor(e * 2^out_bits / sum(e))`` of
-    scale ``2^-out_bits``; a probability of exactly 1 is ``2^out_bits`` (int64: no 8-bit wrap-around, I-BERT
-    issue #4; the next requantization clamps to its grid).
+    and each value below ``2^(62 - out_bits)``), shifted right by ``z``. Masked positions (``mask`` false) get
+    exactly 0. Output: ``e / sum(e)`` on the scale ``2^-out_bits``, normalised as I-BERT does with one integer
+    division per row: ``e`` and the sum shifted right by ``d`` so the sum has 16 bits, then
+    ``((e >> d) * floor(2^32 / (sum >> d))) >> (32 - out_bits)`` (below ``2^33``: no overflow; the floors cost at
+    most about ``2^-15``, and a row sums to at most ``2^out_bits``). A probability of exactly 1 is ``2^out_bits``
+    (int64: no 8-bit wrap-around, I-BERT issue #4; the next requantization clamps to its grid).
 
     Args:
         scale_in: the scores' scale (e.g. ``s_q * s_k / sqrt(d_head)``).
@@ -165,7 +173,7 @@ class IntSoftmax:
         max_len: the longest row the widening must allow (512).
     """
 
-    LN2, N_CLAMP = math.log(2.0), 30
+    LN2, N_CLAMP, SUM_BITS = math.log(2.0), 30, 16
     P_A, P_B, P_C = 0.3585, 1.353, 0.344
 
     def __init__(self, scale_in: float, out_bits: int = 16, max_len: int = 512):
@@ -196,7 +204,9 @@ class IntSoftmax:
         if mask is not None:
             e = torch.where(mask, e, torch.zeros_like(e))
         total = e.sum(dim=-1, keepdim=True).clamp(min=1)
-        return (e << self.out_bits) // total
+        down = torch.clamp(bit_length(total) - self.SUM_BITS, min=0)  # the row sum brought to SUM_BITS bits
+        factor = (1 << 32) // (total >> down)  # I-BERT's integer normalisation: one division per row
+        return ((e >> down) * factor) >> (32 - self.out_bits)
 
 
 class IntLayerNorm:
