@@ -120,7 +120,7 @@ at::Tensor requant(const at::Tensor& x, const std::optional<at::Tensor>& bias, c
 
 // scores: [B, H, T, Tk] int32 contiguous; mask: [B, Tk] bool (true = attend).
 at::Tensor softmax_requant(const at::Tensor& scores, const at::Tensor& mask, int64_t x0, int64_t b_int, int64_t c_int,
-                           int64_t widen, int64_t out_bits, int64_t n_clamp, int64_t sum_bits, int64_t m, int64_t e, int64_t lo,
+                           int64_t widen, int64_t out_bits, int64_t n_clamp, int64_t sum_bits, int64_t num_bits, int64_t m, int64_t e, int64_t lo,
                            int64_t hi) {
   TORCH_CHECK(scores.is_contiguous() && scores.scalar_type() == at::kInt && scores.dim() == 4, "softmax_requant: [B,H,T,T] int32");
   TORCH_CHECK(mask.is_contiguous() && mask.scalar_type() == at::kBool, "softmax_requant: bool mask [B, T]");
@@ -152,8 +152,8 @@ at::Tensor softmax_requant(const at::Tensor& scores, const at::Tensor& mask, int
       int64_t bitlen = 0;
       for (int k = 0; k < 63; ++k) bitlen += total >= (int64_t(1) << k);
       const int64_t down = std::max<int64_t>(bitlen - sum_bits, 0);
-      const int64_t factor = (int64_t(1) << 32) / (total >> down);  // one division per row (I-BERT)
-      const int64_t out_shift = 32 - out_bits;
+      const int64_t factor = (int64_t(1) << num_bits) / (total >> down);  // one division per row (I-BERT)
+      const int64_t out_shift = num_bits - out_bits;
       normalise_row(ex.data(), o + r * Tk, Tk, down, factor, out_shift, m, e > 0 ? (int64_t(1) << (e - 1)) : 0,
                     std::max<int64_t>(e, 0), std::max<int64_t>(-e, 0), lo, hi);
     }
@@ -252,7 +252,7 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
 TORCH_LIBRARY_FRAGMENT(kdlsq, m) {
   m.def("int_requant(Tensor x, Tensor? bias, Tensor m, Tensor e, int lo, int hi, bool int8_out) -> Tensor");
   m.def("int_softmax_requant(Tensor scores, Tensor mask, int x0, int b_int, int c_int, int widen, int out_bits, int n_clamp, "
-        "int sum_bits, int m, int e, int lo, int hi) -> Tensor");
+        "int sum_bits, int num_bits, int m, int e, int lo, int hi) -> Tensor");
   m.def("int_gelu_requant(Tensor acc, Tensor bias, Tensor gm, Tensor ge, int g_clamp, int b_int, int c_int, int shift, int one, "
         "int nm, int ne, int lo, int hi) -> Tensor");
   m.def("int_residual_layernorm(Tensor a, Tensor bias, Tensor am, Tensor ae, Tensor h, int hm, int he, int res_clamp, "

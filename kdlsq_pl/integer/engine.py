@@ -283,7 +283,7 @@ class IntegerEngine:
         scores = torch.matmul(qc, kc.transpose(-1, -2)).contiguous()
         sm, p = L.softmax, L.p_rq
         probs = K.int_softmax_requant(scores, mask, sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP,
-                                      sm.SUM_BITS, int(p.m), int(p.e), p.lo, p.hi)
+                                      sm.SUM_BITS, sm.NUM_BITS, int(p.m), int(p.e), p.lo, p.hi)
         ctx = torch.matmul(probs.to(torch.int32), vc).transpose(1, 2).reshape(B * T, D)
         acc_o = torch._int_mm(codes(L.o, ctx.contiguous()), L.o.w_t)
         h1 = self._residual_ln(acc_o, L.o.bias, L.o_rq, h2, L.h_rq1, L.clamp1, L.ln1)

@@ -162,9 +162,10 @@ class IntSoftmax:
     widened by ``2^k`` (the most bits, up to 30, that keep a row's sum below ``2^62`` for rows up to ``max_len``
     and each value below ``2^(62 - out_bits)``), shifted right by ``z``. Masked positions (``mask`` false) get
     exactly 0. Output: ``e / sum(e)`` on the scale ``2^-out_bits``, normalised as I-BERT does with one integer
-    division per row: ``e`` and the sum shifted right by ``d`` so the sum has 16 bits, then
-    ``((e >> d) * floor(2^32 / (sum >> d))) >> (32 - out_bits)`` (below ``2^33``: no overflow; the floors cost at
-    most about ``2^-15``, and a row sums to at most ``2^out_bits``). A probability of exactly 1 is ``2^out_bits``
+    division per row: ``e`` and the sum shifted right by ``d`` so the sum has 24 bits, then
+    ``((e >> d) * floor(2^48 / (sum >> d))) >> (48 - out_bits)`` (below ``2^49``: no overflow; the floors cost at
+    most about ``2^-23``, and a row sums to at most ``2^out_bits``; I-BERT's 32-bit numerator left 16 bits to each
+    factor, which flipped measurably more 8-bit probability codes). A probability of exactly 1 is ``2^out_bits``
     (int64: no 8-bit wrap-around, I-BERT issue #4; the next requantization clamps to its grid).
 
     Args:
@@ -173,7 +174,7 @@ class IntSoftmax:
         max_len: the longest row the widening must allow (512).
     """
 
-    LN2, N_CLAMP, SUM_BITS = math.log(2.0), 30, 16
+    LN2, N_CLAMP, SUM_BITS, NUM_BITS = math.log(2.0), 30, 24, 48
     P_A, P_B, P_C = 0.3585, 1.353, 0.344
 
     def __init__(self, scale_in: float, out_bits: int = 16, max_len: int = 512):
@@ -205,8 +206,8 @@ class IntSoftmax:
             e = torch.where(mask, e, torch.zeros_like(e))
         total = e.sum(dim=-1, keepdim=True).clamp(min=1)
         down = torch.clamp(bit_length(total) - self.SUM_BITS, min=0)  # the row sum brought to SUM_BITS bits
-        factor = (1 << 32) // (total >> down)  # I-BERT's integer normalisation: one division per row
-        return ((e >> down) * factor) >> (32 - self.out_bits)
+        factor = (1 << self.NUM_BITS) // (total >> down)  # I-BERT's integer normalisation: one division per row
+        return ((e >> down) * factor) >> (self.NUM_BITS - self.out_bits)
 
 
 class IntLayerNorm:
