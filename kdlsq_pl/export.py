@@ -1,6 +1,6 @@
 """Packed low-bit export of a trained student: integer codes in safetensors, and the loader.
 
-Usage: ``python -m kdlsq_pl.export <run dir> [--out DIR]``
+Usage: ``python -m kdlsq_pl.export <run dir> [--out DIR] [--evaluate] [--onnx]``
 
 Each fake-quantized weight ``W`` (word and position embeddings, encoder Linears, pooler) is stored
 as its integer codes ``c = clamp(round(W / s), -Q_N, Q_P)`` shifted to ``c + Q_N >= 0`` and packed
@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kdlsq_pl.quant.baselines import DynamicMaxQuantizer, EMAMaxQuantizer, TWNQuantizer
 from kdlsq_pl.quant.lsq import LSQQuantizer
 from kdlsq_pl.quant.modules import QuantEmbedding, QuantLinear, quantize_
 from kdlsq_pl.results import atomic_output
@@ -146,6 +147,75 @@ def load_packed(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+class QDQ(nn.Module):
+    """An LSQ quantizer as ONNX ``QuantizeLinear``/``DequantizeLinear``: ``torch.fake_quantize_per_tensor_affine``
+    (per-channel: ``..._per_channel_affine`` along dim 0) with the quantizer's step size, zero point 0 and the int8
+    range -128..127 that torch's ONNX exporter accepts. Within that range it is the LSQ forward on the symmetric
+    grid but for inputs below ``-127.5 s``, which give -128 instead of -127, and ties, which torch rounds after
+    multiplying by ``1 / s``."""
+
+    def __init__(self, q: LSQQuantizer):
+        super().__init__()
+        s = q.step_size.detach().float()
+        self.per_channel = s.numel() > 1
+        self.register_buffer("s", s.reshape(-1) if self.per_channel else s.reshape(()))
+        self.register_buffer("zp", torch.zeros(s.numel() if self.per_channel else (), dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor, numel: int | None = None) -> torch.Tensor:
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(x, self.s, self.zp, 0, -128, 127)
+        return torch.fake_quantize_per_tensor_affine(x, self.s, self.zp, -128, 127)
+
+
+ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+BASELINE_QUANTIZERS = (TWNQuantizer, DynamicMaxQuantizer, EMAMaxQuantizer)
+
+
+@torch.no_grad()
+def export_onnx(student: nn.Module, path: str | Path, example: Mapping[str, torch.Tensor], opset: int = 17) -> Path:
+    """Write ``student`` as an ONNX graph ONNX Runtime runs: QuantizeLinear/DequantizeLinear around every quantized
+    weight (its integer codes: the weight is replaced by ``codes * s`` first, so the weight QDQ is exact at any
+    bit-width) and activation, dynamic batch and sequence axes, inputs ``input_ids``, ``attention_mask``,
+    ``token_type_ids`` (``[B, T]`` int64), output ``logits`` ``[B, C]``. Written to a temporary file and renamed.
+
+    Uses torch's TorchScript exporter (``dynamo=False``): the dynamo exporter does not take fake-quantize ops
+    (pytorch #167063). ``student`` itself is not changed (a copy is exported).
+
+    Raises:
+        ValueError: a weight or activation quantizer that is not LSQ (the baselines' ranges change every step).
+    """
+    import copy
+
+    model = copy.deepcopy(student).eval()
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            if isinstance(m.weight_quantizer, BASELINE_QUANTIZERS):
+                raise ValueError(f"ONNX export needs LSQ quantizers; got {type(m.weight_quantizer).__name__}")
+            if isinstance(m.weight_quantizer, LSQQuantizer):
+                m.weight.data = m.weight_quantizer(m.weight.data)  # codes * s: the weight QDQ then reproduces it exactly
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LSQQuantizer):
+                setattr(parent, name, QDQ(child))
+            elif isinstance(child, BASELINE_QUANTIZERS):
+                raise ValueError(f"ONNX export needs LSQ quantizers; got {type(child).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = tuple(example[k] for k in ONNX_INPUTS)
+    axes = {k: {0: "batch", 1: "sequence"} for k in ONNX_INPUTS} | {"logits": {0: "batch"}}
+    with atomic_output(path) as tmp:
+        torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=opset, input_names=list(ONNX_INPUTS),
+                          output_names=["logits"], dynamic_axes=axes)
+    return path
+
+
+def onnx_session(path: str | Path):
+    """An ONNX Runtime CPU session for an exported student, with its graph optimisations (QDQ fusion) on."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
 def evaluate_dev(models: Mapping[str, nn.Module], cfg, tokenizer_path: str) -> dict[str, dict]:
     """Dev metrics (x100, named as in training: ``f1``, ``acc``; ``acc_m``/``acc_mm`` for MNLI) of each model on
     ``cfg.task``'s dev splits, by the stages' own validation loop (``GLUEModule`` under ``Trainer.validate``),
@@ -179,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Export a trained KDLSQ student as packed integer codes.")
     ap.add_argument("run", help="a student run folder (holds result.json and checkpoints/)")
     ap.add_argument("--out", default=None, help="output folder (default: <run>/packed)")
+    ap.add_argument("--onnx", action="store_true", help="also write <run>/onnx/model.onnx (QDQ graph for ONNX Runtime)")
     ap.add_argument("--evaluate", action="store_true",
                     help="reload the export and compare its dev metric and logits with the fake-quantized student's")
     args = ap.parse_args(argv)
@@ -198,6 +269,16 @@ def main(argv: list[str] | None = None) -> None:
     fp32 = record.get("fp32_bytes")
     ratio = f", {fp32 / info['packed_bytes']:.1f}x smaller than FP32 ({fp32 / 1e6:.1f} MB)" if fp32 else ""
     print(f"wrote {info['out_dir']}: {info['packed_bytes'] / 1e6:.2f} MB{ratio}")
+    if args.onnx:
+        from itertools import islice
+
+        from kdlsq_pl.data.glue import GLUEDataModule
+        task = OmegaConf.to_container(cfg.task, resolve=True)
+        dm = GLUEDataModule(task, record["teacher_dir"], cfg.data.glue_dir, cfg.paths.cache_dir, max_length=task["max_length"])
+        dm.setup("fit")
+        example = next(islice(iter(dm.calibration_dataloader()), 1))
+        onnx_path = export_onnx(student, Path(args.out or run / "packed").parent / "onnx" / "model.onnx", example)
+        print(f"wrote {onnx_path}: {onnx_path.stat().st_size / 1e6:.2f} MB (check it: python -m kdlsq_pl.infer {run} --engine onnx)")
     if args.evaluate:
         results = evaluate_dev({"fake-quantized student": student, "reloaded packed export": load_packed(info["out_dir"])},
                                cfg, record["teacher_dir"])

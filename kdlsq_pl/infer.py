@@ -8,7 +8,8 @@ Usage::
 ``<run dir>`` is a student run folder (``result.json`` + ``checkpoints/``; its ``packed/`` export is used when
 present, so what runs is what ships). Engines: ``fake`` is the fake-quantized student in float (what training
 evaluated); ``integer`` is :class:`kdlsq_pl.integer.engine.IntegerEngine`, integer-only from token ids to logits,
-built with two training batches as calibration batches.
+built with two training batches as calibration batches; ``onnx`` is the student's QDQ graph
+(:func:`kdlsq_pl.export.export_onnx`) in ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-ENGINES = ("integer", "fake")
+ENGINES = ("integer", "fake", "onnx")
 
 
 def load_student(run: Path):
@@ -55,6 +56,18 @@ def build_engine(name: str, student, calibration: list[dict]):
     """A callable ``(input_ids, attention_mask, token_type_ids) -> float logits [B, C]`` for engine ``name``."""
     if name == "fake":
         return lambda ids, mask, tt: student(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits
+    if name == "onnx":  # the QDQ graph of ``python -m kdlsq_pl.export <run> --onnx``, exported to a temporary folder
+        import tempfile
+
+        from kdlsq_pl.export import ONNX_INPUTS, export_onnx, onnx_session
+
+        with tempfile.TemporaryDirectory() as tmp:
+            session = onnx_session(export_onnx(student, Path(tmp) / "model.onnx", calibration[0]))
+
+        def run(ids, mask, tt):
+            feeds = dict(zip(ONNX_INPUTS, (ids.numpy(), mask.numpy(), tt.numpy())))
+            return torch.from_numpy(session.run(None, feeds)[0])
+        return run
     from kdlsq_pl.integer.engine import IntegerEngine
 
     engine = IntegerEngine.from_student(student, calibration)
@@ -105,7 +118,7 @@ def label_text(run: Path, engine_name: str, text: str, text_pair: str | None) ->
     task = OmegaConf.to_container(cfg.task, resolve=True)
     tok = AutoTokenizer.from_pretrained(record["teacher_dir"])
     calibration = []
-    if engine_name == "integer":
+    if engine_name in ("integer", "onnx"):
         dm = GLUEDataModule(task, record["teacher_dir"], cfg.data.glue_dir, cfg.paths.cache_dir, max_length=task["max_length"])
         dm.setup("fit")
         calibration = list(islice(iter(dm.calibration_dataloader()), 2))

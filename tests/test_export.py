@@ -10,7 +10,10 @@ from kdlsq_pl.export import export_packed, load_packed, pack_codes, unpack_codes
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.loading import load_classifier
 from kdlsq_pl.quant.modules import quantize_
+from conftest import GLUE
 from test_quant_insert import quant_cfg
+
+GLUE_RTE_DEV = GLUE / "RTE" / "dev.tsv"
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -134,3 +137,42 @@ def test_mixed_precision_export_reloads_exactly_and_its_file_is_the_sum_of_its_p
                 assert t.dtype in (torch.float32, torch.bool), key
                 parts += (4 if t.dtype == torch.float32 else 1) * t.numel()
     assert info["packed_bytes"] == path.stat().st_size == 8 + header_len + parts
+
+
+def test_onnx_export_runs_in_onnxruntime_with_dynamic_axes(tmp_path, minilm_path):
+    import onnx
+    from transformers import AutoTokenizer
+
+    from kdlsq_pl.export import export_onnx, onnx_session
+    from kdlsq_pl.quant.modules import lsq_quantizers
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    rows = [line.split("\t") for line in (GLUE_RTE_DEV).read_text(encoding="utf-8").splitlines()[1:13]]
+
+    def enc(rs):
+        return dict(tok([r[1] for r in rs], [r[2] for r in rs], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+    torch.manual_seed(0)
+    student = load_classifier(minilm_path, {"labels": ["0", "1"]}, ATTN_IMPLEMENTATION)
+    cfg = quant_cfg("w2a8")
+    cfg["weight"]["per_channel"] = True
+    quantize_(student, cfg)
+    calibrate(student, [enc(rows[:4])])
+    student.eval()
+    fp32 = load_classifier(minilm_path, {"labels": ["0", "1"]}).eval()  # the same weights, unquantized
+    fp32.load_state_dict({k: v for k, v in student.state_dict().items() if k in fp32.state_dict()})
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    path = export_onnx(student, tmp_path / "model.onnx", enc(rows[:4]))
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # the student itself is untouched
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    n_q = len(lsq_quantizers(student))
+    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") == n_q  # one QDQ pair per quantizer
+    session = onnx_session(path)
+    for rs in (rows[4:6], rows[6:12]):  # other batch sizes and padded lengths than the export's example
+        b = enc(rs)
+        got = session.run(None, {k: b[k].numpy() for k in ("input_ids", "attention_mask", "token_type_ids")})[0]
+        with torch.no_grad():
+            want, full = student(**b).logits.numpy(), fp32(**b).logits.numpy()
+        assert got.shape == want.shape
+        # ONNX Runtime runs the quantized student, not the FP32 model: the same QDQ arithmetic but for ties (torch
+        # multiplies by 1/s), the -128 code and ORT's integer kernels, a few code flips
+        assert abs(got - want).max() < 0.25 * abs(full - want).max()
