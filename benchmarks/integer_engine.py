@@ -4,7 +4,8 @@ Usage: ``python benchmarks/integer_engine.py [--batch 32] [--length 128] [--quan
 
 Prints seconds per batch (median of ``--repeats`` after one warm-up) and the ratio to FP32 for: the FP32 MiniLM,
 the fake-quantized student (float), the integer engine with the fused C++ kernels and with the torch reference
-operators. The student is the bundled MiniLM with quantizers inserted and calibrated on random ids (a trained
+operators, and ONNX Runtime on the student's QDQ graph, on the FP32 model and on ORT's ``quantize_dynamic`` int8
+model (its usual BERT path). The student is the bundled MiniLM with quantizers inserted and calibrated on random ids (a trained
 student runs the same operations at the same cost). The machine's speed drifts: compare ratios within a run.
 """
 
@@ -54,6 +55,23 @@ def main() -> None:
     runs = {"FP32 model": lambda: fp32(**batch), "fake-quantized student": lambda: student(**batch)}
     fused = IntegerEngine.from_student(student, [batch])
     runs["integer engine (fused kernels)"] = lambda: fused(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    import tempfile
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from kdlsq_pl.export import ONNX_INPUTS, export_onnx, onnx_session
+    tmp = Path(tempfile.mkdtemp())
+    feeds = {k: batch[k].numpy() for k in ONNX_INPUTS}
+    qdq = onnx_session(export_onnx(student, tmp / "student.onnx", batch))
+    runs["ONNX Runtime, student QDQ graph"] = lambda: qdq.run(None, feeds)
+    torch.onnx.export(fp32, tuple(batch[k] for k in ONNX_INPUTS), str(tmp / "fp32.onnx"), dynamo=False, opset_version=17,
+                      input_names=list(ONNX_INPUTS), output_names=["logits"])
+    quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "int8.onnx"), weight_type=QuantType.QInt8)
+    ort_fp32 = ort.InferenceSession(str(tmp / "fp32.onnx"), providers=["CPUExecutionProvider"])
+    ort_int8 = ort.InferenceSession(str(tmp / "int8.onnx"), providers=["CPUExecutionProvider"])
+    runs["ONNX Runtime, FP32 model"] = lambda: ort_fp32.run(None, feeds)
+    runs["ONNX Runtime, quantize_dynamic int8"] = lambda: ort_int8.run(None, feeds)
     if not args.skip_reference:
         ref = IntegerEngine.from_student(student, [batch], fused=False)
         runs["integer engine (torch operators)"] = lambda: ref(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
@@ -68,10 +86,10 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     fp = statistics.median(times["FP32 model"])
     print(f"batch {B}, length {T}, {args.quant}, {torch.get_num_threads()} threads; median of {args.repeats}")
-    print(f"{'engine':34s} | s/batch | ms/example | x FP32 time")
+    print(f"{'engine':38s} | s/batch | ms/example | x FP32 time")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:34s} | {med:7.3f} | {1000 * med / B:10.1f} | {med / fp:5.2f}")
+        print(f"{name:38s} | {med:7.3f} | {1000 * med / B:10.1f} | {med / fp:5.2f}")
 
 
 if __name__ == "__main__":
