@@ -23,7 +23,7 @@ def bits_name(weight_bits: int, embedding_bits: int, act_bits: int, overrides: M
     base = "fp32" if min(w, e, a) >= 32 else (f"w{w}a{a}" if e == w else f"w{w}e{e}a{a}")
     if overrides:
         plain = OmegaConf.to_container(overrides) if OmegaConf.is_config(overrides) else dict(overrides)
-        digest = hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:6]
+        digest = hashlib.sha1(json.dumps(list(plain.items())).encode()).hexdigest()[:6]  # in order: the last match wins
         base = f"{base}_mp{digest}"
     return f"{base}_ibert" if integer_ops else base
 

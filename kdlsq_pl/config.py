@@ -63,9 +63,31 @@ def validate_student(cfg: DictConfig) -> None:
     last = int(cfg.trainer.max_epochs) - 1
     if int(cfg.loss.intermediate_epochs) > last:  # then predictions: at least one epoch of them
         raise ConfigError(f"loss.intermediate_epochs={cfg.loss.intermediate_epochs} is out of range; allowed: 0..{last}")
+    _check_quant_name(cfg)
     if cfg.teacher_cache.enabled and not cfg.loss.mask_padding:
         raise ConfigError("loss.mask_padding=false is not allowed with teacher_cache.enabled=true: "
                           "the cache stores no padded positions; allowed: loss.mask_padding=true")
+
+
+def _check_quant_name(cfg: DictConfig) -> None:
+    """A preset with a fixed ``name`` (``conf/quant/w2a8_emb4.yaml``) must not be changed on the command line, or its
+    cell folder would be named for what it no longer is (and a rerun would skip it as finished); ``integer_ops``
+    needs quantizers to act on."""
+    from kdlsq_pl import bits_name
+
+    q = cfg.quant
+    bits = [int(q.weight_bits), int(q.embedding_bits), int(q.act_bits)]
+    overrides = _resolved(cfg, "quant.overrides") or {}
+    if q.get("integer_ops") and min(bits + [int(b) for b in overrides.values()]) >= 32:
+        raise ConfigError("quant.integer_ops=true needs a quantized student; allowed: a bit setting below 32 bits (quant=w8a8, w4a8, w2a8)")
+    preset = Path(__file__).resolve().parents[1] / "conf" / "quant" / f"{q.name}.yaml"
+    if not preset.is_file() or "name" not in (own := OmegaConf.load(preset)):
+        return
+    same = (str(q.name).startswith(bits_name(*bits) + "_") and overrides == (OmegaConf.to_container(own.overrides) if own.get("overrides") else {})
+            and bool(q.get("integer_ops")) == bool(own.get("integer_ops", False)))
+    if not same:
+        raise ConfigError(f"quant={q.name} was changed on the command line (bits, overrides or integer_ops); allowed: its own "
+                          f"settings, or start from quant={bits_name(*bits)} and set quant.overrides / quant.integer_ops there")
 
 
 def validate_data(cfg: DictConfig) -> None:

@@ -150,9 +150,10 @@ def load_packed(path: str | Path) -> nn.Module:
 class QDQ(nn.Module):
     """An LSQ quantizer as ONNX ``QuantizeLinear``/``DequantizeLinear``: ``torch.fake_quantize_per_tensor_affine``
     (per-channel: ``..._per_channel_affine`` along dim 0) with the quantizer's step size, zero point 0 and the int8
-    range -128..127 that torch's ONNX exporter accepts. Within that range it is the LSQ forward on the symmetric
-    grid but for inputs below ``-127.5 s``, which give -128 instead of -127, and ties, which torch rounds after
-    multiplying by ``1 / s``."""
+    range -128..127 that torch's ONNX exporter accepts, after clipping a per-tensor input to the quantizer's own
+    range ``[-Q_N s, Q_P s]`` (an ONNX ``Clip``), so activations below 8 bits and the symmetric grid's -127 keep
+    their codes; it differs from the LSQ forward only in ties, which torch rounds after multiplying by ``1 / s``.
+    Per-channel (weight) quantizers see weights already replaced by ``codes * s``."""
 
     def __init__(self, q: LSQQuantizer):
         super().__init__()
@@ -160,11 +161,12 @@ class QDQ(nn.Module):
         self.per_channel = s.numel() > 1
         self.register_buffer("s", s.reshape(-1) if self.per_channel else s.reshape(()))
         self.register_buffer("zp", torch.zeros(s.numel() if self.per_channel else (), dtype=torch.int32))
+        self.lo, self.hi = -float(q.Q_N) * float(s.reshape(-1)[0]), float(q.Q_P) * float(s.reshape(-1)[0])
 
     def forward(self, x: torch.Tensor, numel: int | None = None) -> torch.Tensor:
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(x, self.s, self.zp, 0, -128, 127)
-        return torch.fake_quantize_per_tensor_affine(x, self.s, self.zp, -128, 127)
+        return torch.fake_quantize_per_tensor_affine(torch.clamp(x, self.lo, self.hi), self.s, self.zp, -128, 127)
 
 
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -188,11 +190,8 @@ def export_onnx(student: nn.Module, path: str | Path, example: Mapping[str, torc
 
     model = copy.deepcopy(student).eval()
     for m in model.modules():
-        if isinstance(m, (QuantLinear, QuantEmbedding)):
-            if isinstance(m.weight_quantizer, BASELINE_QUANTIZERS):
-                raise ValueError(f"ONNX export needs LSQ quantizers; got {type(m.weight_quantizer).__name__}")
-            if isinstance(m.weight_quantizer, LSQQuantizer):
-                m.weight.data = m.weight_quantizer(m.weight.data)  # codes * s: the weight QDQ then reproduces it exactly
+        if isinstance(m, (QuantLinear, QuantEmbedding)) and isinstance(m.weight_quantizer, LSQQuantizer):
+            m.weight.data = m.weight_quantizer(m.weight.data)  # codes * s: the weight QDQ then reproduces it exactly
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LSQQuantizer):

@@ -42,8 +42,11 @@ def load_student(run: Path):
     if not (run / "result.json").is_file():
         raise FileNotFoundError(f"{run}: no result.json; allowed: a student run folder (outputs/runs/... or a grid cell)")
     record = json.loads((run / "result.json").read_text())
-    if record.get("stage") != "student":
-        raise ValueError(f"{run}: a {record.get('stage')} run; allowed: a student run")
+    if record.get("stage") != "student" or record.get("status") != "finished":
+        raise ValueError(f"{run}: a {record.get('status')} {record.get('stage')} run; allowed: a finished student run")
+    if not (run / "packed" / "packed.json").is_file() and not (record.get("checkpoint") and Path(record["checkpoint"]).is_file()):
+        raise FileNotFoundError(f"{run}: neither packed/ nor the checkpoint {record.get('checkpoint')} exists; allowed: a run "
+                                f"that kept its best checkpoint or its packed export")
     if (run / "packed" / "packed.json").is_file():
         return load_packed(run / "packed"), record
     cfg = OmegaConf.create(record["config"])
@@ -133,15 +136,12 @@ def label_text(run: Path, engine_name: str, text: str, text_pair: str | None) ->
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Evaluate a trained student on its dev split, or label a sentence (pair).")
     ap.add_argument("run", help="a student run folder (result.json, checkpoints/, packed/)")
-    ap.add_argument("--engine", default="integer", help=f"one of {', '.join(ENGINES)} (default integer)")
+    ap.add_argument("--engine", default="integer", choices=ENGINES, help="default integer")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N dev examples only")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--text", default=None, help="print the label of this sentence instead of evaluating")
     ap.add_argument("--text-pair", default=None, help="the second sentence of a pair task")
     args = ap.parse_args(argv)
-    if args.engine not in ENGINES:
-        print(f"error: --engine={args.engine!r} is not allowed; allowed: {', '.join(ENGINES)}", file=sys.stderr)
-        sys.exit(2)
     try:
         if args.text is not None:
             print(label_text(Path(args.run), args.engine, args.text, args.text_pair))

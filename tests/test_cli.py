@@ -42,6 +42,8 @@ CASES = [
     (["quant=w1a8"], r"quant=w1a8 is not a known option; allowed: fp32, w2a8, w2a8_emb4, w2a8_ends4, w4a8, w8a8"),
     (["quant.overrides={*.layer.9.*:4}"], r"quant.overrides: pattern '\*\.layer\.9\.\*' matches no quantized module; allowed: a glob "
                                          r"over embedding and Linear paths such as bert.embeddings.word_embeddings"),
+    (["quant=w2a8_emb4", "quant.integer_ops=true"], r"quant=w2a8_emb4 was changed on the command line \(bits, overrides or integer_ops\)"),
+    (["quant=fp32", "quant.integer_ops=true"], r"quant.integer_ops=true needs a quantized student"),
     (["quant.overrides={*.layer.0.*:9}"], r"quant.overrides.\*.layer.0.\*=9 is out of range; allowed: 2..8 or 32"),
     (["quant.weight_bits=9"], r"quant.weight_bits=9 is out of range; allowed: 2..8 or 32"),
     (["quant.act_bits=1"], r"quant.act_bits=1 is out of range; allowed: 2..8 or 32"),

@@ -172,3 +172,23 @@ def test_float_simulations_have_correct_gradients():
     s = (torch.randn(2, 7, generator=g, dtype=torch.float64) * 0.7).requires_grad_(True)
     visible = torch.tensor([[True] * 5 + [False] * 2, [True] * 7])
     assert torch.autograd.gradcheck(lambda t: ibert_softmax(t, visible), (s,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale_in, s_a", [(1.0 / 2 ** 18, 0.01), (4.0 / 2 ** 19, 0.05)])
+def test_gelu_then_requantize_equals_exact_integers_up_to_the_clamp(scale_in, s_a):
+    """The GELU output (up to 2^38 at the engine's 2^21 input clamp) times the next dyadic multiplier stays in int64:
+    the codes equal exact Python-integer arithmetic on the same constants."""
+    gelu = IntGELU(scale_in)
+    rq = Requantize(gelu.scale_out, s_a, -127, 127, in_bits=gelu.out_bits(23))
+    q = torch.tensor([-(2 ** 21), -(2 ** 18), -12345, -1, 0, 1, 777, 2 ** 15, 2 ** 18, 2 ** 20, 2 ** 21], dtype=INT)
+    g = gelu(q)
+    m, e = int(rq.m), int(rq.e)
+    for qi, gi, ci in zip(q.tolist(), g.tolist(), rq(g).tolist()):
+        clipped = min(abs(qi), -gelu.b_int)
+        sign = (qi > 0) - (qi < 0)
+        y = (sign * ((clipped + gelu.b_int) ** 2 + gelu.c_int)) >> gelu.shift
+        assert gi == -qi * (y + gelu.one)  # Python ints: no overflow
+        assert ci == max(-127, min(127, (gi * m + (1 << (e - 1))) >> e))
+        # and the code is the real GELU's: within one code of round(GELU(x) / s_a) up to the polynomial's 0.02
+        x = qi * scale_in
+        assert abs(ci - max(-127, min(127, round(float(torch.nn.functional.gelu(torch.tensor(x, dtype=torch.float64))) / s_a)))) <= 1 + 0.025 / s_a

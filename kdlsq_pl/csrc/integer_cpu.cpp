@@ -15,6 +15,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <vector>
 
 namespace {
 
@@ -25,8 +27,6 @@ inline int64_t shift_round(int64_t v, int64_t e) {
 inline int64_t floor_div(int64_t a, int64_t b) {  // b > 0, Python's // for either sign of a
   return a >= 0 ? a / b : -((-a + b - 1) / b);
 }
-
-inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 // Branch-free dyadic requantization: shift_round(v * m, e) == ((v * m + half) >> rs) << ls with half = 2^(e-1),
 // rs = e for e > 0 and half = rs = 0, ls = -e otherwise (precomputed per channel), so the loops vectorize

@@ -4,7 +4,7 @@ The student's learned step sizes become the quantization scales: every quantized
 codes (2- and 4-bit codes widened to int8), every Linear's input is requantized onto its input quantizer's grid
 (int8 codes), Q, K, V and the attention probabilities onto theirs. Matrix products are int8 x int8 -> int32 by
 ``torch._int_mm`` (oneDNN on CPU) for the Linears and int32 batched ``matmul`` for the two attention products;
-biases are int32 on the accumulator's scale; requantization between them is dyadic (``ops.Requantize``: an integer
+biases are integers on the accumulator's scale; requantization between them is dyadic (``ops.Requantize``: an integer
 multiplier and a right shift). GELU, softmax and LayerNorm are I-BERT's integer operators (``ops``), the pooler's
 tanh is ``2 sigmoid(2x) - 1`` with the sigmoid as a two-way integer softmax, and the classifier head's weights
 (full precision in the student) are 16-bit integers. Embeddings are integer tables summed in integers. Between
@@ -56,7 +56,7 @@ class IntLinear:
     ``s_in * s_w`` (``scale_out``, float64 ``[out]``, for the next folding).
     """
 
-    def __init__(self, linear: nn.Module, scale_in):
+    def __init__(self, linear: nn.Module, scale_in, in_bits: int = 31):
         wq = _lsq(linear.weight_quantizer, "weight")
         aq = _lsq(linear.input_quantizer, "Linear input")
         s_w = _f64(wq.step_size).reshape(-1)
@@ -64,7 +64,7 @@ class IntLinear:
         codes = torch.clamp(torch.round(w / s_w.reshape(-1, 1) if s_w.numel() > 1 else w / s_w), -wq.Q_N, wq.Q_P)
         self.w_t = codes.to(torch.int8).t().contiguous()  # [in, out]
         s_a = float(aq.step_size)
-        self.in_rq = Requantize(scale_in, s_a, -aq.Q_N, aq.Q_P)
+        self.in_rq = Requantize(scale_in, s_a, -aq.Q_N, aq.Q_P, in_bits=in_bits)
         self.scale_out = s_a * s_w.expand(codes.shape[0]).clone()
         bias = _f64(linear.bias) if linear.bias is not None else torch.zeros(codes.shape[0], dtype=torch.float64)
         self.bias = torch.round(bias / self.scale_out).to(INT)
@@ -209,7 +209,7 @@ class IntegerEngine:
             i = IntLinear(layer.intermediate.dense, s_h1)
             s_g = MARGIN * ranges[f"{prefix}.intermediate.dense"] / 2 ** (ACT_BITS - 1)
             gelu = IntGELU(s_g)
-            o2 = IntLinear(layer.output.dense, gelu.scale_out)
+            o2 = IntLinear(layer.output.dense, gelu.scale_out, in_bits=gelu.out_bits(ACT_BITS + 2))  # GELU input clamp 2^(ACT_BITS+1)
             s_r2 = MARGIN * ranges[f"{prefix}.output.LayerNorm"] / 2 ** (RESIDUAL_BITS - 1)
             s_h2 = _ln_bound(layer.output.LayerNorm) / 2 ** (LN_OUT_BITS - 1)
             self.layers.append(_Layer(
@@ -217,7 +217,7 @@ class IntegerEngine:
                 q_rq=Requantize(q.scale_out, float(sq.step_size), -sq.Q_N, sq.Q_P),
                 k_rq=Requantize(k.scale_out, float(sk.step_size), -sk.Q_N, sk.Q_P),
                 v_rq=Requantize(v.scale_out, float(sv.step_size), -sv.Q_N, sv.Q_P),
-                softmax=IntSoftmax(s_score), p_rq=Requantize(2.0 ** -16, float(sp.step_size), 0, sp.Q_P),
+                softmax=IntSoftmax(s_score), p_rq=Requantize(IntSoftmax(s_score).scale_out, float(sp.step_size), 0, sp.Q_P),
                 o=o, o_rq=Requantize(o.scale_out, s_r1), h_rq1=Requantize(s_h, s_r1),
                 ln1=IntLayerNorm(att.output.LayerNorm.weight, att.output.LayerNorm.bias, s_h1),
                 i=i, g_rq=Requantize(i.scale_out, s_g, -2 ** (ACT_BITS + 1), 2 ** (ACT_BITS + 1)), gelu=gelu,

@@ -77,11 +77,15 @@ class Requantize:
         scale_out: the output's scale (float).
         lo, hi: the output range (e.g. ``-127, 127`` for 8-bit codes); ``None``: no clamp.
 
-    ``q`` must satisfy ``|q| * m < 2^63`` (``|q| < 2^32`` always does).
+        in_bits: the input's magnitude bound in bits (``|q| < 2^in_bits``); the mantissa gets
+            ``min(31, 62 - in_bits)`` bits so that ``|q| * m < 2^62`` (a GELU output, ``2^38``, gets 24).
     """
 
-    def __init__(self, scale_in, scale_out: float, lo: int | None = None, hi: int | None = None):
-        self.m, self.e = dyadic(torch.as_tensor(scale_in, dtype=torch.float64) / float(scale_out))
+    def __init__(self, scale_in, scale_out: float, lo: int | None = None, hi: int | None = None, in_bits: int = 31):
+        bits = min(MANTISSA_BITS, 62 - int(in_bits))
+        if bits < 8:
+            raise ValueError(f"Requantize: in_bits={in_bits} leaves {bits} mantissa bits; allowed: in_bits <= 54")
+        self.m, self.e = dyadic(torch.as_tensor(scale_in, dtype=torch.float64) / float(scale_out), bits)
         self.lo, self.hi = lo, hi
         self.scale_out = float(scale_out)
 
@@ -145,6 +149,11 @@ class IntGELU:
         self.one = math.floor(1.0 / self.erf_scale)
         self.scale_in = float(scale_in)
         self.scale_out = -float(scale_in) * self.erf_scale / 2.0  # the sign moved into the integers: a positive scale
+
+    def out_bits(self, in_bits: int) -> int:
+        """The output's magnitude bound in bits for inputs ``|q| < 2^in_bits`` (for the next :class:`Requantize`)."""
+        y_bound = (max(self.b_int ** 2, abs(self.c_int)) >> self.shift) + abs(self.one) + 1
+        return int(in_bits) + y_bound.bit_length()
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
         _check_int(q, "IntGELU")

@@ -36,7 +36,7 @@ def is_full_precision(quant: DictConfig) -> bool:
     return min([int(quant.weight_bits), int(quant.embedding_bits), int(quant.act_bits), *overrides]) >= 32
 
 
-def check_surgery(model_path: str, quant: DictConfig) -> None:
+def check_surgery(model_path: str, quant: DictConfig, task: DictConfig | None = None) -> None:
     """Fail in one line before any teacher is trained when the quantizer surgery cannot reach the model: an
     unsupported model type, or a ``quant.overrides`` pattern matching no module (checked on a ``meta``-device
     skeleton of the model: no weights are read).
@@ -50,8 +50,11 @@ def check_surgery(model_path: str, quant: DictConfig) -> None:
     config = AutoConfig.from_pretrained(model_path)
     layout_for(config.model_type)
     if quant.get("overrides"):
+        from kdlsq_pl.models.pooling import apply_pooling
         with torch.device("meta"):
             skeleton = AutoModelForSequenceClassification.from_config(config)
+        if task is not None and "teacher" in task:  # the head the student will have (pooler dense or not)
+            apply_pooling(skeleton, task.teacher.pooling, task.teacher.pooler_dense)
         weight_bits_by_module(skeleton, OmegaConf.to_container(quant, resolve=True))
 
 
@@ -116,7 +119,7 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     bits and the compression ratio against FP32, the teacher directory and the stage wall time (s).
     """
     if not is_full_precision(cfg.quant):  # what the surgery cannot reach fails before its teacher is trained
-        check_surgery(model_path, cfg.quant)
+        check_surgery(model_path, cfg.quant, cfg.task)
     teacher_dir, teacher = ensure_teacher(cfg, model_path, out_dir)
     t0 = time.time()
     pl.seed_everything(cfg.seed, workers=True)
