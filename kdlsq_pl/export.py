@@ -269,13 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     ratio = f", {fp32 / info['packed_bytes']:.1f}x smaller than FP32 ({fp32 / 1e6:.1f} MB)" if fp32 else ""
     print(f"wrote {info['out_dir']}: {info['packed_bytes'] / 1e6:.2f} MB{ratio}")
     if args.onnx:
-        from itertools import islice
-
-        from kdlsq_pl.data.glue import GLUEDataModule
-        task = OmegaConf.to_container(cfg.task, resolve=True)
-        dm = GLUEDataModule(task, record["teacher_dir"], cfg.data.glue_dir, cfg.paths.cache_dir, max_length=task["max_length"])
-        dm.setup("fit")
-        example = next(islice(iter(dm.calibration_dataloader()), 1))
+        from kdlsq_pl.infer import calibration_batches, run_datamodule
+        example = calibration_batches(run_datamodule(record)[0], 1)[0]
         onnx_path = export_onnx(student, Path(args.out or run / "packed").parent / "onnx" / "model.onnx", example)
         print(f"wrote {onnx_path}: {onnx_path.stat().st_size / 1e6:.2f} MB (check it: python -m kdlsq_pl.infer {run} --engine onnx)")
     if args.evaluate:

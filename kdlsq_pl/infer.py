@@ -55,6 +55,25 @@ def load_student(run: Path):
     return load_student_checkpoint(student, record["checkpoint"]).eval(), record
 
 
+def run_datamodule(record: dict, batch_size: int = 32, limit: int | None = None):
+    """``(datamodule, task)`` of a run's record: its task's train and dev splits, set up (``limit``: dev rows)."""
+    from omegaconf import OmegaConf
+
+    from kdlsq_pl.data.glue import GLUEDataModule
+
+    cfg = OmegaConf.create(record["config"])
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    dm = GLUEDataModule(task, record["teacher_dir"], cfg.data.glue_dir, cfg.paths.cache_dir, batch_size=batch_size,
+                        eval_batch_size=batch_size, max_length=task["max_length"], limit_eval_examples=limit)
+    dm.setup("fit")
+    return dm, task
+
+
+def calibration_batches(dm, n: int = 2) -> list[dict]:
+    """The first ``n`` calibration batches of the training split (the integer engine's and ONNX export's examples)."""
+    return list(islice(iter(dm.calibration_dataloader()), n))
+
+
 def build_engine(name: str, student, calibration: list[dict]):
     """A callable ``(input_ids, attention_mask, token_type_ids) -> float logits [B, C]`` for engine ``name``."""
     if name == "fake":
@@ -80,19 +99,11 @@ def build_engine(name: str, student, calibration: list[dict]):
 @torch.no_grad()
 def evaluate(run: Path, engine_name: str, limit: int | None = None, batch_size: int = 32) -> dict:
     """Dev metrics (x100) of ``engine_name`` on the run's task, with the wall time (s) and ms per example."""
-    from omegaconf import OmegaConf
-
-    from kdlsq_pl.data.glue import GLUEDataModule
     from kdlsq_pl.metrics import build_metrics, predictions
 
     student, record = load_student(run)
-    cfg = OmegaConf.create(record["config"])
-    task = OmegaConf.to_container(cfg.task, resolve=True)
-    dm = GLUEDataModule(task, record["teacher_dir"], cfg.data.glue_dir, cfg.paths.cache_dir, batch_size=batch_size,
-                        eval_batch_size=batch_size, max_length=task["max_length"], limit_eval_examples=limit)
-    dm.setup("fit")
-    calibration = list(islice(iter(dm.calibration_dataloader()), 2))
-    forward = build_engine(engine_name, student, calibration)
+    dm, task = run_datamodule(record, batch_size, limit)
+    forward = build_engine(engine_name, student, calibration_batches(dm))
     out = {"engine": engine_name, "task": task["name"], "quant": record.get("quant"), "recorded_best": record.get("best")}
     is_regression = not task["labels"]
     for key in dm.dev_keys:
@@ -111,20 +122,14 @@ def evaluate(run: Path, engine_name: str, limit: int | None = None, batch_size: 
 @torch.no_grad()
 def label_text(run: Path, engine_name: str, text: str, text_pair: str | None) -> str:
     """The predicted label of one sentence (pair): the task's label string, or the regression value."""
-    from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
-    from kdlsq_pl.data.glue import GLUEDataModule
+    from omegaconf import OmegaConf
 
     student, record = load_student(run)
-    cfg = OmegaConf.create(record["config"])
-    task = OmegaConf.to_container(cfg.task, resolve=True)
+    task = OmegaConf.to_container(OmegaConf.create(record["config"]).task, resolve=True)
     tok = AutoTokenizer.from_pretrained(record["teacher_dir"])
-    calibration = []
-    if engine_name in ("integer", "onnx"):
-        dm = GLUEDataModule(task, record["teacher_dir"], cfg.data.glue_dir, cfg.paths.cache_dir, max_length=task["max_length"])
-        dm.setup("fit")
-        calibration = list(islice(iter(dm.calibration_dataloader()), 2))
+    calibration = calibration_batches(run_datamodule(record)[0]) if engine_name in ("integer", "onnx") else []
     forward = build_engine(engine_name, student, calibration)
     enc = tok(text, text_pair, truncation=True, max_length=task["max_length"], return_tensors="pt")
     logits = forward(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids", torch.zeros_like(enc["input_ids"])))

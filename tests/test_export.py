@@ -35,24 +35,30 @@ def test_pack_layout_by_hand():
         pack_codes(torch.tensor([4]), 2)
 
 
-@pytest.mark.parametrize("quant", ["w2a8", "w4a8"])
-def test_export_reload_exact_logits_and_size(tmp_path, minilm_path, quant):
+def export_and_reload(tmp_path, minilm_path, cfg):
+    """A MiniLM student quantized with ``cfg`` and calibrated on two real-looking pairs, exported to
+    ``tmp_path/packed`` and reloaded: ``(student, export info, student logits, reloaded logits)``."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(minilm_path)
     batch = dict(tok(["A man plays a guitar.", "Two dogs run through a snowy field."], ["Music.", "Animals."],
                      padding=True, return_tensors="pt"))
     torch.manual_seed(0)
     student = load_classifier(minilm_path, {"labels": ["0", "1"]}, ATTN_IMPLEMENTATION)
-    cfg = quant_cfg(quant)
     quantize_(student, cfg)
     calibrate(student, [batch])
     student.eval()
     with torch.no_grad():
         before = student(**batch).logits
     info = export_packed(student, cfg, tmp_path / "packed")
-    reloaded = load_packed(tmp_path / "packed")
     with torch.no_grad():
-        after = reloaded(**batch).logits
+        after = load_packed(tmp_path / "packed")(**batch).logits
+    return student, info, before, after
+
+
+@pytest.mark.parametrize("quant", ["w2a8", "w4a8"])
+def test_export_reload_exact_logits_and_size(tmp_path, minilm_path, quant):
+    cfg = quant_cfg(quant)
+    student, info, before, after = export_and_reload(tmp_path, minilm_path, cfg)
     assert torch.equal(before, after)
     fp32_file = tmp_path / "fp32"
     load_classifier(minilm_path, {"labels": ["0", "1"]}).save_pretrained(fp32_file)
@@ -99,23 +105,10 @@ def test_mixed_precision_export_reloads_exactly_and_its_file_is_the_sum_of_its_p
     import struct
 
     from safetensors import safe_open
-    from transformers import AutoTokenizer
 
     from test_quant_insert import MIXED, mixed_expected_bits
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    batch = dict(tok(["A man plays a guitar.", "Two dogs run."], ["Music.", "Animals in the snow."], padding=True, return_tensors="pt"))
-    torch.manual_seed(0)
-    student = load_classifier(minilm_path, {"labels": ["0", "1"]}, ATTN_IMPLEMENTATION)
-    cfg = quant_cfg("w2a8") | {"overrides": MIXED}
-    quantize_(student, cfg)
-    calibrate(student, [batch])
-    student.eval()
-    with torch.no_grad():
-        before = student(**batch).logits
-    info = export_packed(student, cfg, tmp_path / "packed")
-    reloaded = load_packed(tmp_path / "packed")
-    with torch.no_grad():
-        assert torch.equal(before, reloaded(**batch).logits)
+    _, info, before, after = export_and_reload(tmp_path, minilm_path, quant_cfg("w2a8") | {"overrides": MIXED})
+    assert torch.equal(before, after)
     meta = json.loads((tmp_path / "packed" / "packed.json").read_text())
     expected = {name: b for name, b in mixed_expected_bits(6).items() if b < 32}
     assert {k.removesuffix(".weight"): v["bits"] for k, v in meta["packed"].items()} == expected
