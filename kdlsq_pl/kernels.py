@@ -60,7 +60,10 @@ def _build() -> Any | None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="kdlsq_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=["-O3", "-ffp-contract=off", "-fno-trapping-math"],
+        # -fopenmp: ATen's parallel_for is OpenMP pragmas inlined from its headers; without the flag they are ignored
+        # and every kernel runs on one thread (libgomp is torch's own, already loaded, found by its soname)
+        cpp_extension.load(name="kdlsq_cpu_kernels", sources=[str(s) for s in SOURCES],
+                           extra_cflags=["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
         return torch.ops.kdlsq
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch formula

@@ -7,7 +7,7 @@
 //   softmax_requant    I-BERT's i-softmax of one row of int32 scores (keys masked by a [B, T] mask), then the
 //                      probability quantizer's requantization, int8 out
 //   gelu_requant       requant to the GELU scale, i-GELU, requant onto the next Linear's input grid, int8 out
-//   residual_layernorm clamp(requant(a + bias) + requant(h)) then the integer LayerNorm, int64 out
+//   residual_layernorm clamp(requant(a + bias) + requant(h)) then the integer LayerNorm, int32 out (|out| < 2^20)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -28,18 +28,40 @@ inline int64_t floor_div(int64_t a, int64_t b) {  // b > 0, Python's // for eith
   return a >= 0 ? a / b : -((-a + b - 1) / b);
 }
 
+// Division by a divisor fixed for many dividends, without a division instruction (a 64-bit idiv costs 40-90 cycles):
+// q0 = (n * R) >> 64 with R = floor((2^64 - 1) / d) is q or q - 1 for every n < 2^63, so one compare corrects it.
+// Exact: equal to n / d for every unsigned n < 2^63 (tests compare the kernels with torch's // on real batches).
+struct Reciprocal {
+  uint64_t d, R;
+  explicit Reciprocal(uint64_t divisor) : d(divisor), R(~uint64_t(0) / divisor) {}
+  inline uint64_t div(uint64_t n) const {  // n < 2^63
+    uint64_t q = uint64_t((unsigned __int128)n * R >> 64);
+    return q + (n - q * d >= d);
+  }
+  inline int64_t floor_div(int64_t a) const {  // Python's a // d for either sign of a, |a| < 2^62
+    return a >= 0 ? int64_t(div(uint64_t(a))) : -int64_t(div(uint64_t(-a) + d - 1));
+  }
+};
+
+inline int64_t bit_length(int64_t v) {  // v >= 0; Python's int.bit_length
+  return v == 0 ? 0 : 64 - __builtin_clzll(uint64_t(v));
+}
+
 // Branch-free dyadic requantization: shift_round(v * m, e) == ((v * m + half) >> rs) << ls with half = 2^(e-1),
 // rs = e for e > 0 and half = rs = 0, ls = -e otherwise (precomputed per channel), so the loops vectorize
 // (AVX-512 has 64-bit multiplies and variable arithmetic shifts; the clones pick it at load time).
 struct Dyadic {
   std::vector<int64_t> m, half, rs, ls;
   bool per_c;
-  Dyadic(const at::Tensor& mt, const at::Tensor& et) {
+  // channels > 0: a single (m, e) is repeated to that many channels, so the loops index every array by channel.
+  Dyadic(const at::Tensor& mt, const at::Tensor& et, int64_t channels = 0) {
     const int64_t n = mt.numel();
     per_c = n > 1;
     const int64_t* mp = mt.data_ptr<int64_t>();
     const int64_t* ep = et.data_ptr<int64_t>();
-    for (int64_t i = 0; i < n; ++i) {
+    const int64_t count = n == 1 && channels > 0 ? channels : n;
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t i = n == 1 ? 0 : j;
       m.push_back(mp[i]);
       half.push_back(ep[i] > 0 ? (int64_t(1) << (ep[i] - 1)) : 0);
       rs.push_back(std::max<int64_t>(ep[i], 0));
@@ -48,7 +70,7 @@ struct Dyadic {
   }
 };
 
-#define KDLSQ_CLONES __attribute__((target_clones("arch=skylake-avx512", "avx2", "default")))
+#define KDLSQ_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 
 template <typename In, typename Out>
 KDLSQ_CLONES void requant_row_c(const In* __restrict x, const int64_t* __restrict bias, const int64_t* __restrict m,
@@ -71,6 +93,26 @@ KDLSQ_CLONES void requant_row_s(const In* __restrict x, const int64_t* __restric
   }
 }
 
+// I-BERT's i-exp of one row (Algorithm 2): x = max(s - max, n_clamp x0), z = x / x0, p = x - z x0,
+// e = (((p + b)^2 + c) << widen) >> z; masked keys give 0. Returns the row's sum. Branch-free, so it vectorizes.
+KDLSQ_CLONES int64_t exp_row(const int32_t* __restrict row, const bool* __restrict vis, int64_t* __restrict ex, int64_t T,
+                             int64_t mx, int64_t floor_x, int64_t d0, uint64_t R, int64_t b_int, int64_t c_int, int64_t widen) {
+  int64_t total = 0;
+  for (int64_t j = 0; j < T; ++j) {
+    const int64_t diff = int64_t(row[j]) - mx;
+    const int64_t x = diff > floor_x ? diff : floor_x;
+    const uint64_t n = uint64_t(-x);
+    uint64_t z = (n * R) >> 32;
+    z += (n - z * uint64_t(d0)) >= uint64_t(d0);
+    const int64_t p = x + int64_t(z) * d0;
+    const int64_t keep = -int64_t(vis[j]);  // all ones, or 0 for a masked key
+    const int64_t v = ((((p + b_int) * (p + b_int) + c_int) << widen) >> int64_t(z)) & keep;
+    ex[j] = v;
+    total += v;
+  }
+  return total;
+}
+
 KDLSQ_CLONES void normalise_row(const int64_t* __restrict ex, int8_t* __restrict o, int64_t T, int64_t down, int64_t factor,
                                 int64_t out_shift, int64_t m, int64_t half, int64_t rs, int64_t ls, int64_t lo, int64_t hi) {
   for (int64_t j = 0; j < T; ++j) {
@@ -82,9 +124,7 @@ KDLSQ_CLONES void normalise_row(const int64_t* __restrict ex, int8_t* __restrict
 
 int64_t isqrt_newton(int64_t n) {  // kdlsq_pl.integer.ops.int_sqrt, element by element
   if (n == 0) return 0;
-  int64_t bitlen = 0;
-  for (int k = 0; k < 63; ++k) bitlen += n >= (int64_t(1) << k);
-  int64_t x = int64_t(1) << ((bitlen + 1) >> 1);
+  int64_t x = int64_t(1) << ((bit_length(n) + 1) >> 1);
   while (true) {
     const int64_t y = (x + n / std::max<int64_t>(x, 1)) >> 1;
     if (y >= x) return x;
@@ -131,6 +171,12 @@ at::Tensor softmax_requant(const at::Tensor& scores, const at::Tensor& mask, int
   const bool* mk = mask.data_ptr<bool>();
   int8_t* o = out.data_ptr<int8_t>();
   const int64_t masked_value = std::numeric_limits<int64_t>::min() / 4;
+  // z = x / x0 (both <= 0 / < 0, so truncation is floor) as a 32-bit reciprocal multiply: with n = -x <= n_clamp * |x0|
+  // < 2^32 and R = floor(2^32 / |x0|), (n * R) >> 32 is z or z - 1 and one compare corrects it (exact, no division).
+  const int64_t d0 = -x0;
+  TORCH_CHECK(d0 > 0 && -n_clamp * x0 < (int64_t(1) << 32), "softmax_requant: x0 out of range");
+  const uint64_t R = (uint64_t(1) << 32) / uint64_t(d0);
+  const int64_t floor_x = n_clamp * x0;
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(Tk, 1)), [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> ex(Tk);
     for (int64_t r = r0; r < r1; ++r) {
@@ -138,20 +184,8 @@ at::Tensor softmax_requant(const at::Tensor& scores, const at::Tensor& mask, int
       const bool* vis = mk + (r / rows_per_b) * Tk;
       int64_t mx = std::numeric_limits<int64_t>::min();
       for (int64_t j = 0; j < Tk; ++j) mx = std::max(mx, vis[j] ? int64_t(row[j]) : masked_value);
-      int64_t total = 0;
-      for (int64_t j = 0; j < Tk; ++j) {
-        if (!vis[j]) { ex[j] = 0; continue; }
-        int64_t x = std::max(int64_t(row[j]) - mx, n_clamp * x0);
-        const int64_t z = x / x0;  // both <= 0 / < 0: truncation is floor
-        const int64_t p = x - z * x0;
-        const int64_t v = (((p + b_int) * (p + b_int) + c_int) << widen) >> z;
-        ex[j] = v;
-        total += v;
-      }
-      total = std::max<int64_t>(total, 1);
-      int64_t bitlen = 0;
-      for (int k = 0; k < 63; ++k) bitlen += total >= (int64_t(1) << k);
-      const int64_t down = std::max<int64_t>(bitlen - sum_bits, 0);
+      const int64_t total = std::max<int64_t>(exp_row(row, vis, ex.data(), Tk, mx, floor_x, d0, R, b_int, c_int, widen), 1);
+      const int64_t down = std::max<int64_t>(bit_length(total) - sum_bits, 0);
       const int64_t factor = (int64_t(1) << num_bits) / (total >> down);  // one division per row (I-BERT)
       const int64_t out_shift = num_bits - out_bits;
       normalise_row(ex.data(), o + r * Tk, Tk, down, factor, out_shift, m, e > 0 ? (int64_t(1) << (e - 1)) : 0,
@@ -162,12 +196,11 @@ at::Tensor softmax_requant(const at::Tensor& scores, const at::Tensor& mask, int
 }
 
 KDLSQ_CLONES void gelu_row(const int32_t* __restrict a, const int64_t* __restrict bias, const int64_t* __restrict m,
-                           const int64_t* __restrict half, const int64_t* __restrict rs, const int64_t* __restrict ls, bool per_c,
+                           const int64_t* __restrict half, const int64_t* __restrict rs, const int64_t* __restrict ls,
                            int64_t g_clamp, int64_t b_int, int64_t c_int, int64_t shift, int64_t one, int64_t nm, int64_t nhalf,
                            int64_t nrs, int64_t nls, int64_t lo, int64_t hi, int8_t* __restrict o, int64_t C) {
   for (int64_t c = 0; c < C; ++c) {
-    const int64_t k = per_c ? c : 0;
-    int64_t q = (((int64_t(a[c]) + bias[c]) * m[k] + half[k]) >> rs[k]) << ls[k];
+    int64_t q = (((int64_t(a[c]) + bias[c]) * m[c] + half[c]) >> rs[c]) << ls[c];
     q = q < -g_clamp ? -g_clamp : (q > g_clamp ? g_clamp : q);
     const int64_t aq = q < 0 ? -q : q;
     const int64_t clipped = aq < -b_int ? aq : -b_int;
@@ -186,62 +219,103 @@ at::Tensor gelu_requant(const at::Tensor& acc, const at::Tensor& bias, const at:
   TORCH_CHECK(acc.is_contiguous() && acc.scalar_type() == at::kInt, "gelu_requant: contiguous int32 acc");
   const int64_t C = acc.size(-1), N = acc.numel() / C;
   at::Tensor out = at::empty(acc.sizes(), acc.options().dtype(at::kChar));
-  const Dyadic d(gm, ge);
+  const Dyadic d(gm, ge, C);
   const int64_t nhalf = ne > 0 ? (int64_t(1) << (ne - 1)) : 0, nrs = std::max<int64_t>(ne, 0), nls = std::max<int64_t>(-ne, 0);
   const int32_t* a = acc.data_ptr<int32_t>();
   const int64_t* bp = bias.data_ptr<int64_t>();
   int8_t* o = out.data_ptr<int8_t>();
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
-      gelu_row(a + r * C, bp, d.m.data(), d.half.data(), d.rs.data(), d.ls.data(), d.per_c, g_clamp, b_int, c_int, shift, one,
+      gelu_row(a + r * C, bp, d.m.data(), d.half.data(), d.rs.data(), d.ls.data(), g_clamp, b_int, c_int, shift, one,
                nm, nhalf, nrs, nls, lo, hi, o + r * C, C);
   });
   return out;
 }
 
+template <typename H>
 KDLSQ_CLONES void residual_row(const int32_t* __restrict a, const int64_t* __restrict bias, const int64_t* __restrict m,
-                               const int64_t* __restrict half, const int64_t* __restrict rs, const int64_t* __restrict ls, bool per_c,
-                               const int64_t* __restrict h, int64_t hm, int64_t hhalf, int64_t hrs, int64_t hls, int64_t clamp,
+                               const int64_t* __restrict half, const int64_t* __restrict rs, const int64_t* __restrict ls,
+                               const H* __restrict h, int64_t hm, int64_t hhalf, int64_t hrs, int64_t hls, int64_t clamp,
                                int64_t* __restrict res, int64_t C) {
   for (int64_t c = 0; c < C; ++c) {
-    const int64_t k = per_c ? c : 0;
-    const int64_t v = ((((int64_t(a[c]) + bias[c]) * m[k] + half[k]) >> rs[k]) << ls[k]) + (((h[c] * hm + hhalf) >> hrs) << hls);
+    const int64_t v = ((((int64_t(a[c]) + bias[c]) * m[c] + half[c]) >> rs[c]) << ls[c]) + (((int64_t(h[c]) * hm + hhalf) >> hrs) << hls);
     res[c] = v < -clamp ? -clamp : (v > clamp ? clamp : v);
   }
 }
 
+// y_hat = floor((y << norm_bits) / d) in place, for |y| < 2^25, norm_bits <= 14, d >= 1, without a division
+// instruction and vectorizable (64-bit products only): a = |y| = q1 d + r1 with q1 = (a R1) >> 38, R1 = floor(2^38 / d)
+// (a R1 < 2^63; short by at most 1, corrected by one compare), then (r1 << norm_bits) = q2 d + r2 the same way with
+// R2 = floor(2^40 / d) (the operand is below d 2^14 < 2^39, so the estimate is short by at most 1). The quotient is
+// (q1 << norm_bits) + q2; a negative y takes -(q + (r2 != 0)), Python's floor division.
+KDLSQ_CLONES void normalise_ln_row(int64_t* __restrict y, int64_t d, int64_t norm_bits, int64_t C) {
+  const uint64_t ud = uint64_t(d), R1 = (uint64_t(1) << 38) / ud, R2 = (uint64_t(1) << 40) / ud;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t v = y[c];
+    const uint64_t a = uint64_t(v < 0 ? -v : v);
+    uint64_t q1 = (a * R1) >> 38;
+    q1 += (a - q1 * ud) >= ud;
+    const uint64_t n2 = (a - q1 * ud) << norm_bits;
+    uint64_t q2 = (n2 * R2) >> 40;
+    q2 += (n2 - q2 * ud) >= ud;
+    const int64_t q = int64_t((q1 << norm_bits) + q2);
+    const int64_t rem = int64_t(n2 - q2 * ud);
+    y[c] = v >= 0 ? q : -(q + (rem != 0));
+  }
+}
+
+// Subtracts the row's rounded mean in place; returns the sum of squares.
+KDLSQ_CLONES int64_t center_row(int64_t* __restrict res, int64_t C) {
+  int64_t total = 0;
+  for (int64_t c = 0; c < C; ++c) total += res[c];
+  const int64_t mean = floor_div(2 * total + C, 2 * C);
+  int64_t sq = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    res[c] -= mean;
+    sq += res[c] * res[c];
+  }
+  return sq;
+}
+
+KDLSQ_CLONES void layernorm_out_row(const int64_t* __restrict y_hat, const int64_t* __restrict gamma, const int64_t* __restrict beta,
+                                   int64_t lm, int64_t le, int32_t* __restrict o, int64_t C) {
+  const int64_t half = le > 0 ? (int64_t(1) << (le - 1)) : 0, rs = std::max<int64_t>(le, 0), ls = std::max<int64_t>(-le, 0);
+  for (int64_t c = 0; c < C; ++c) o[c] = int32_t((((y_hat[c] * gamma[c] * lm + half) >> rs) << ls) + beta[c]);  // shift_round
+}
+
 // a: [N, C] int32 products of the Linear before the residual, with bias [C] and (am, ae) [C] onto the residual scale;
-// h: [N, C] int64 residual input with scalar (hm, he); clamp; then LayerNorm with gamma_int, beta_int [C], NORM_BITS
-// and scalar (lm, le) onto the output scale. int64 out.
+// h: [N, C] int64 or int32 residual input with scalar (hm, he); clamp; then LayerNorm with gamma_int, beta_int [C], NORM_BITS
+// and scalar (lm, le) onto the output scale. int32 out (the engine's LayerNorm outputs have 20 bits).
 at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& am, const at::Tensor& ae,
                               const at::Tensor& h, int64_t hm, int64_t he, int64_t res_clamp, const at::Tensor& gamma,
                               const at::Tensor& beta, int64_t norm_bits, int64_t lm, int64_t le) {
-  TORCH_CHECK(a.is_contiguous() && a.scalar_type() == at::kInt && h.is_contiguous() && h.scalar_type() == at::kLong,
-              "residual_layernorm: contiguous int32 a and int64 h");
+  TORCH_CHECK(a.is_contiguous() && a.scalar_type() == at::kInt && h.is_contiguous() && (h.scalar_type() == at::kLong || h.scalar_type() == at::kInt),
+              "residual_layernorm: contiguous int32 a and int64/int32 h");
   const int64_t C = a.size(-1), N = a.numel() / C;
-  at::Tensor out = at::empty(h.sizes(), h.options());
+  at::Tensor out = at::empty(h.sizes(), h.options().dtype(at::kInt));  // |out| < 2^LN_OUT_BITS (engine.py: 20)
   const int32_t* ap = a.data_ptr<int32_t>();
-  const int64_t* hp = h.data_ptr<int64_t>();
+  const bool h64 = h.scalar_type() == at::kLong;
+  const int64_t* hp64 = h64 ? h.data_ptr<int64_t>() : nullptr;
+  const int32_t* hp32 = h64 ? nullptr : h.data_ptr<int32_t>();
   const int64_t* bp = bias.data_ptr<int64_t>();
   const int64_t *gp = gamma.data_ptr<int64_t>(), *btp = beta.data_ptr<int64_t>();
-  const Dyadic d(am, ae);
+  // bounds of normalise_ln_row: |y - mean| < 2^25 after the clamp, norm_bits <= 14
+  TORCH_CHECK(res_clamp <= (int64_t(1) << 24) && norm_bits >= 0 && norm_bits <= 14, "residual_layernorm: res_clamp > 2^24 or norm_bits > 14");
+  const Dyadic d(am, ae, C);
   const int64_t hhalf = he > 0 ? (int64_t(1) << (he - 1)) : 0, hrs = std::max<int64_t>(he, 0), hls = std::max<int64_t>(-he, 0);
-  int64_t* o = out.data_ptr<int64_t>();
+  int32_t* o = out.data_ptr<int32_t>();
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> res(C);
     for (int64_t r = r0; r < r1; ++r) {
-      residual_row(ap + r * C, bp, d.m.data(), d.half.data(), d.rs.data(), d.ls.data(), d.per_c, hp + r * C, hm, hhalf, hrs, hls,
-                   res_clamp, res.data(), C);
-      int64_t total = 0;
-      for (int64_t c = 0; c < C; ++c) total += res[c];
-      const int64_t mean = floor_div(2 * total + C, 2 * C);
-      int64_t sq = 0;
-      for (int64_t c = 0; c < C; ++c) { res[c] -= mean; sq += res[c] * res[c]; }
-      const int64_t stdv = std::max<int64_t>(isqrt_newton(sq / C), 1);
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t y_hat = floor_div(res[c] << norm_bits, stdv);
-        o[r * C + c] = shift_round(y_hat * gp[c] * lm, le) + btp[c];
-      }
+      if (h64)
+        residual_row(ap + r * C, bp, d.m.data(), d.half.data(), d.rs.data(), d.ls.data(), hp64 + r * C, hm, hhalf, hrs, hls,
+                     res_clamp, res.data(), C);
+      else
+        residual_row(ap + r * C, bp, d.m.data(), d.half.data(), d.rs.data(), d.ls.data(), hp32 + r * C, hm, hhalf, hrs, hls,
+                     res_clamp, res.data(), C);
+      const int64_t sq = center_row(res.data(), C);
+      normalise_ln_row(res.data(), std::max<int64_t>(isqrt_newton(sq / C), 1), norm_bits, C);
+      layernorm_out_row(res.data(), gp, btp, lm, le, o + r * C, C);
     }
   });
   return out;

@@ -3,7 +3,8 @@
 The student's learned step sizes become the quantization scales: every quantized weight is stored as its int8
 codes (2- and 4-bit codes widened to int8), every Linear's input is requantized onto its input quantizer's grid
 (int8 codes), Q, K, V and the attention probabilities onto theirs. Matrix products are int8 x int8 -> int32 by
-``torch._int_mm`` (oneDNN on CPU) for the Linears and int32 batched ``matmul`` for the two attention products;
+``torch._int_mm`` (oneDNN on CPU) for the Linears and ONNX Runtime's ``MatMulInteger`` for the two batched attention
+products (``attention_products.py``; int32 ``torch.matmul`` in the reference path);
 biases are integers on the accumulator's scale; requantization between them is dyadic (``ops.Requantize``: an integer
 multiplier and a right shift). GELU, softmax and LayerNorm are I-BERT's integer operators (``ops``), the pooler's
 tanh is ``2 sigmoid(2x) - 1`` with the sigmoid as a two-way integer softmax, and the classifier head's weights
@@ -147,7 +148,7 @@ class IntegerEngine:
     @classmethod
     @torch.no_grad()
     def from_student(cls, student: nn.Module, calibration_batches: Iterable[Mapping[str, torch.Tensor]],
-                     fused: bool | None = None) -> "IntegerEngine":
+                     fused: bool | None = None, attention_products: bool | None = None) -> "IntegerEngine":
         """Fold a quantized student (``quantize_`` + trained or calibrated step sizes) into an integer engine.
 
         Args:
@@ -158,6 +159,9 @@ class IntegerEngine:
             fused: run each layer's integer passes as the fused C++ kernels of ``csrc/integer_cpu.cpp``
                 (bit-identical to the torch operators of ``ops``); ``None``: where they can be built; ``False``:
                 the torch operators (the reference).
+            attention_products: with the fused kernels, run the two attention products (int8 x int8 -> int32) by
+                ONNX Runtime's ``MatMulInteger`` (``integer/attention_products.py``: exact, one call per product);
+                ``None``: where it is available and exact; ``False``: int32 ``torch.matmul``.
 
         Raises:
             ConfigError: a model the engine does not support (not BERT-layout, a quantizer that is not LSQ or is
@@ -170,6 +174,12 @@ class IntegerEngine:
         self.kernels = cpu_kernels() if fused is not False else None
         if fused and self.kernels is None:
             raise RuntimeError("integer engine: fused=True but the C++ kernels could not be built (see the warning above)")
+        self.attention = None
+        if self.kernels is not None and attention_products is not False:
+            from kdlsq_pl.integer.attention_products import products
+            self.attention = products()
+            if attention_products and self.attention is None:
+                raise RuntimeError("integer engine: attention_products=True but ONNX Runtime's MatMulInteger is unavailable or inexact here")
         ranges = _calibrate_ranges(student, list(calibration_batches))
         bert = student.bert
         emb = bert.embeddings
@@ -272,19 +282,23 @@ class IntegerEngine:
             rq = lin.in_rq
             return K.int_requant(x, None, rq.m.reshape(-1), rq.e.reshape(-1), rq.lo, rq.hi, True)
 
-        def heads(lin: IntLinear, rq: Requantize, x8: torch.Tensor) -> torch.Tensor:  # -> [B, H, T, d] int32
+        def head_codes(lin: IntLinear, rq: Requantize, x8: torch.Tensor) -> torch.Tensor:  # -> [B, T, H, d] int8
             acc = torch._int_mm(x8, lin.w_t)
-            c = K.int_requant(acc, lin.bias, rq.m.reshape(-1), rq.e.reshape(-1), rq.lo, rq.hi, True)
-            return c.reshape(B, T, L.heads, -1).transpose(1, 2).to(torch.int32)
+            return K.int_requant(acc, lin.bias, rq.m.reshape(-1), rq.e.reshape(-1), rq.lo, rq.hi, True).reshape(B, T, L.heads, -1)
 
-        qc, kc, vc = (heads(lin, rq, codes(lin, h2)) for lin, rq in ((L.q, L.q_rq), (L.k, L.k_rq), (L.v, L.v_rq)))
-        # the two attention products as int32 batched matmuls (one call each; a loop of oneDNN int8 GEMMs per
-        # (example, head) measured 4x slower end to end here: 384 small calls per product)
-        scores = torch.matmul(qc, kc.transpose(-1, -2)).contiguous()
+        qc, kc, vc = (head_codes(lin, rq, codes(lin, h2)) for lin, rq in ((L.q, L.q_rq), (L.k, L.k_rq), (L.v, L.v_rq)))
+        ap = self.attention
+        if ap is not None:  # ONNX Runtime's MatMulInteger: one call per product (attention_products.py)
+            scores = ap.scores(qc, kc)
+        else:  # int32 batched matmul (no int8 batched kernel in torch)
+            scores = torch.matmul(qc.transpose(1, 2).to(torch.int32), kc.permute(0, 2, 3, 1).to(torch.int32)).contiguous()
         sm, p = L.softmax, L.p_rq
         probs = K.int_softmax_requant(scores, mask, sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP,
                                       sm.SUM_BITS, sm.NUM_BITS, int(p.m), int(p.e), p.lo, p.hi)
-        ctx = torch.matmul(probs.to(torch.int32), vc).transpose(1, 2).reshape(B * T, D)
+        if ap is not None:
+            ctx = ap.context(probs, vc).reshape(B * T, D)
+        else:
+            ctx = torch.matmul(probs.to(torch.int32), vc.transpose(1, 2).to(torch.int32)).transpose(1, 2).reshape(B * T, D)
         acc_o = torch._int_mm(codes(L.o, ctx.contiguous()), L.o.w_t)
         h1 = self._residual_ln(acc_o, L.o.bias, L.o_rq, h2, L.h_rq1, L.clamp1, L.ln1)
         acc_i = torch._int_mm(codes(L.i, h1), L.i.w_t)
@@ -324,8 +338,10 @@ class IntegerEngine:
         for L in self.layers:
             h = layer(L, h, mask)
             hidden.append(h)
+        if output_hidden_states:  # the fused kernels keep the LayerNorm outputs (20 bits) in int32; report int64 alike
+            hidden = [x.to(INT) for x in hidden]
         if self.pooling == "cls":
-            pooled = h[:, 0]
+            pooled = h[:, 0].to(INT)
         else:  # mean over real tokens, rounded
             m = mask.to(INT).unsqueeze(-1)
             count = m.sum(1).clamp(min=1)

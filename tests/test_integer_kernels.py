@@ -1,0 +1,105 @@
+"""The integer engine's fast paths against its torch reference operators on edge inputs, integer for integer:
+the fused LayerNorm (division-free floor division by the row's integer std), the fused i-softmax (division-free
+``x // x0``), and ONNX Runtime's ``MatMulInteger`` attention products against ``torch.matmul`` in int64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdlsq_pl.integer.ops import INT, IntLayerNorm, IntSoftmax, Requantize
+
+K = None
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from kdlsq_pl.kernels import cpu_kernels
+    k = cpu_kernels()
+    if k is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    return k
+
+
+def edge_rows(C: int, clamp: int, g: torch.Generator) -> torch.Tensor:
+    """Residual sums whose LayerNorm hits the division's corners: constant rows (std 0 -> 1), +-1 (std 1, y_hat =
+    +-4096 exactly), the clamp's two ends (the largest |y - mean|, std near 2^23), one outlier in a flat row, values
+    that are exact multiples of their std, and random rows of every magnitude."""
+    rows = [torch.zeros(C), torch.full((C,), 7.0), torch.tensor([1.0, -1.0]).repeat(C // 2),
+            torch.tensor([float(clamp), -float(clamp)]).repeat(C // 2), torch.cat([torch.full((C - 1,), -float(clamp)), torch.tensor([float(clamp)])]),
+            torch.cat([torch.zeros(C - 1), torch.tensor([float(clamp)])]), torch.cat([torch.zeros(C - 1), torch.tensor([-1.0])]),
+            torch.arange(C, dtype=torch.float64) * 3 - C]
+    for bits in (1, 4, 10, 16, 20, 23):
+        rows.append(torch.randint(-2 ** bits, 2 ** bits, (C,), generator=g).double())
+    return torch.stack(rows).clamp(-clamp, clamp).to(INT)
+
+
+@pytest.mark.parametrize("h_dtype", [torch.int64, torch.int32])
+def test_fused_layernorm_equals_the_reference_on_edge_rows(kernels, h_dtype):
+    g = torch.Generator().manual_seed(0)
+    C, clamp = 384, 2 ** 23
+    ln_w = torch.rand(C, generator=g, dtype=torch.float64) * 2 - 0.5
+    ln_b = torch.rand(C, generator=g, dtype=torch.float64) - 0.5
+    ln = IntLayerNorm(ln_w, ln_b, 2.0 ** -14)
+    res = edge_rows(C, clamp, g)  # [N, C]: the residual sum itself enters as h (identity multiplier, a = 0)
+    got = kernels.int_residual_layernorm(torch.zeros(res.shape, dtype=torch.int32), torch.zeros(C, dtype=INT), torch.ones(1, dtype=INT),
+                                         torch.zeros(1, dtype=INT), res.to(h_dtype).contiguous(), 1, 0, clamp, ln.gamma_int, ln.beta_int,
+                                         ln.NORM_BITS, int(ln.requant.m), int(ln.requant.e))
+    assert got.dtype == torch.int32
+    assert torch.equal(got.to(INT), ln(res))
+
+
+def test_fused_layernorm_adds_the_requantized_branches_like_the_reference(kernels):
+    g = torch.Generator().manual_seed(1)
+    C, N, clamp = 384, 64, 2 ** 23
+    ln = IntLayerNorm(torch.rand(C, generator=g) + 0.1, torch.rand(C, generator=g) - 0.5, 2.0 ** -15)
+    a = torch.randint(-2 ** 30, 2 ** 30, (N, C), generator=g, dtype=torch.int32)
+    bias = torch.randint(-2 ** 20, 2 ** 20, (C,), generator=g, dtype=INT)
+    a_rq = Requantize(torch.rand(C, generator=g, dtype=torch.float64) * 1e-7 + 1e-8, 2.0 ** -20)  # per channel
+    h = torch.randint(-2 ** 19, 2 ** 19, (N, C), generator=g, dtype=INT)
+    h_rq = Requantize(3.3e-6, 2.0 ** -20)
+    want = ln(torch.clamp(a_rq(a.to(INT) + bias) + h_rq(h), -clamp, clamp))
+    got = kernels.int_residual_layernorm(a, bias, a_rq.m.reshape(-1), a_rq.e.reshape(-1), h.to(torch.int32), int(h_rq.m), int(h_rq.e),
+                                         clamp, ln.gamma_int, ln.beta_int, ln.NORM_BITS, int(ln.requant.m), int(ln.requant.e))
+    assert torch.equal(got.to(INT), want)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 3e-5])
+def test_fused_softmax_equals_the_reference_on_edge_scores(kernels, scale):
+    g = torch.Generator().manual_seed(2)
+    B, H, T = 3, 2, 40
+    sm = IntSoftmax(scale)
+    p_rq = Requantize(sm.scale_out, 1 / 127, 0, 127)
+    big = 2 ** 30
+    scores = torch.randint(-2 ** 20, 2 ** 20, (B, H, T, T), generator=g, dtype=torch.int32)
+    scores[0, 0, 0] = 0  # all ties
+    scores[0, 0, 1, ::2], scores[0, 0, 1, 1::2] = big, -big  # differences far beyond the exp clamp
+    scores[0, 1, 2] = torch.arange(T, dtype=torch.int32) * (-sm.x0)  # differences at exact multiples of ln2
+    scores[0, 1, 3] = torch.arange(T, dtype=torch.int32) * (-sm.x0) - 1
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 25:] = False  # padding
+    mask[2, 1:] = False  # one visible key
+    visible = mask[:, None, None, :]
+    want = p_rq(sm(scores.to(INT), visible))
+    got = kernels.int_softmax_requant(scores, mask, sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS,
+                                      sm.NUM_BITS, int(p_rq.m), int(p_rq.e), p_rq.lo, p_rq.hi)
+    assert torch.equal(got.to(INT), want)
+    assert (got[2, :, :, 0] == 127).all() and (got[2, :, :, 1:] == 0).all()  # the one visible key takes probability 1
+
+
+def test_onnx_runtime_attention_products_are_exact_or_refused():
+    from kdlsq_pl.integer.attention_products import AttentionProducts, products
+    g = torch.Generator().manual_seed(3)
+    B, T, H, d = 3, 17, 4, 32
+    q = torch.randint(-128, 128, (B, T, H, d), generator=g, dtype=torch.int8)
+    k = torch.randint(-128, 128, (B, T, H, d), generator=g, dtype=torch.int8)
+    q[0], k[0] = 127, -128  # the corner where a 16-bit pairwise sum saturates
+    p = torch.randint(0, 128, (B, H, T, T), generator=g, dtype=torch.int8)
+    p[1] = 127
+    ap = AttentionProducts(2)
+    want_scores = torch.einsum("bthd,bshd->bhts", q.long(), k.long())  # integer einsum: no float
+    want_ctx = torch.einsum("bhts,bshd->bthd", p.long(), k.long())
+    scores, ctx = ap.scores(q, k), ap.context(p, k)
+    assert scores.dtype == ctx.dtype == torch.int32 and scores.shape == (B, H, T, T) and ctx.shape == (B, T, H, d)
+    exact = torch.equal(scores.long(), want_scores) and torch.equal(ctx.long(), want_ctx)
+    assert (products(2) is not None) == exact  # used only where exact
