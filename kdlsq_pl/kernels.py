@@ -12,7 +12,7 @@ pair mask, and their backward) by one each way, the sum again left to torch.
 
 The kernels are compiled on first use with ``torch.utils.cpp_extension.load`` (g++ and ninja; about 15 s on
 2 cores) into the torch extensions folder (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
-and reused afterwards. It carries an AVX2 and a baseline x86-64 copy chosen at load time, so one build serves
+and reused afterwards. It carries AVX-512 (x86-64-v4), AVX2 and baseline x86-64 copies chosen at load time, so one build serves
 any CPU sharing the folder. Where they cannot be built, :func:`cpu_kernels` logs one warning and returns None, and
 quantization and the loss fall back to the torch formulas (same numbers, slower). GPU tensors always take the torch formula.
 

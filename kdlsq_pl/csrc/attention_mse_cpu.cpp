@@ -24,7 +24,7 @@ namespace {
 constexpr int64_t kGrain = 1 << 15;
 
 // Masked and unmasked variants are separate loops: a loop that may or may not read p does not vectorize.
-__attribute__((target_clones("avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 void fwd_plain(const float* s, const float* t, float* e, int64_t n, float thr) {
   for (int64_t i = 0; i < n; ++i) {
     const float d = (s[i] <= thr ? 0.0f : s[i]) - (t[i] <= thr ? 0.0f : t[i]);
@@ -32,7 +32,7 @@ void fwd_plain(const float* s, const float* t, float* e, int64_t n, float thr) {
   }
 }
 
-__attribute__((target_clones("avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 void fwd_masked(const float* s, const float* t, const float* p, float* e, int64_t n, float thr) {
   for (int64_t i = 0; i < n; ++i) {
     const float d = (s[i] <= thr ? 0.0f : s[i]) - (t[i] <= thr ? 0.0f : t[i]);
@@ -40,7 +40,7 @@ void fwd_masked(const float* s, const float* t, const float* p, float* e, int64_
   }
 }
 
-__attribute__((target_clones("avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 void bwd_plain(const float* s, const float* t, float* ds, int64_t n, float thr, float coef, float g) {
   for (int64_t i = 0; i < n; ++i) {
     const float d = (s[i] <= thr ? 0.0f : s[i]) - (t[i] <= thr ? 0.0f : t[i]);
@@ -48,7 +48,7 @@ void bwd_plain(const float* s, const float* t, float* ds, int64_t n, float thr, 
   }
 }
 
-__attribute__((target_clones("avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 void bwd_masked(const float* s, const float* t, const float* p, float* ds, int64_t n, float thr, float coef) {
   for (int64_t i = 0; i < n; ++i) {
     const float d = (s[i] <= thr ? 0.0f : s[i]) - (t[i] <= thr ? 0.0f : t[i]);

@@ -26,9 +26,9 @@ constexpr int64_t kGrain = 1 << 15;
 
 // One row (or the whole tensor) with a single step size. The backward loop is templated on every flag, so each
 // instantiation is branch-free and vectorizes (a runtime flag inside the loop kept GCC from vectorizing it).
-// target_clones: an AVX2 copy and a baseline copy, picked at load time by the CPU, so the same build runs on any
+// target_clones: an AVX-512 (x86-64-v4), an AVX2 and a baseline copy, picked at load time by the CPU, so the same build runs on any
 // x86-64.
-__attribute__((target_clones("avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 void fwd_span(const float* __restrict v, float* __restrict out, int64_t n, float s, float lo, float hi) {
   for (int64_t i = 0; i < n; ++i) {
     const float r = v[i] / s;
@@ -39,7 +39,7 @@ void fwd_span(const float* __restrict v, float* __restrict out, int64_t n, float
 }
 
 template <bool kRounded, bool kGradV, bool kGradS, bool kScale>
-__attribute__((target_clones("avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 void bwd_loop(const float* __restrict v, const float* __restrict g, float* __restrict gv, float* __restrict gs_elem,
               int64_t n, float s, float lo, float hi, float grad_scale) {
   for (int64_t i = 0; i < n; ++i) {
