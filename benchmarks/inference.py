@@ -102,6 +102,9 @@ def engines(m: dict, threads: int) -> dict:
     def session(name):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
+        # no busy-waiting after a run: with the engines taking turns in one process, spinning ORT threads would
+        # slow whichever engine runs next (the integer engine's own products do the same)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         s = ort.InferenceSession(str(m["onnx"] / name), opts, providers=["CPUExecutionProvider"])
         return lambda b: s.run(None, {k: b[k].numpy() for k in ONNX_INPUTS})
 
