@@ -24,6 +24,7 @@ ActQuantizer = Literal["lsq", "dynamic_max", "ema_max"]
 Reduction = Literal["mean", "batchmean"]
 RegressionTarget = Literal["label", "teacher"]
 CacheDtype = Literal["float16", "float32"]
+ReplacingScheduler = Literal["linear", "constant"]  # BERT-of-Theseus: p = min(1, k t + b), or a constant p
 
 #: Bit-widths of a quantized role; 32 leaves the role in full precision.
 MIN_BITS, MAX_BITS, FULL_PRECISION_BITS = 2, 8, 32

@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from kdlsq_pl.options import (  # noqa: F401  (re-exported: the schema's field types)
     FULL_PRECISION_BITS, MAX_BITS, MIN_BITS, ActQuantizer, CacheDtype, Grid, Init, Metric, Padding, Param, Pooling,
-    RangeTest, Reduction, RegressionTarget, Stage, WeightQuantizer, allowed)
+    RangeTest, Reduction, RegressionTarget, ReplacingScheduler, Stage, WeightQuantizer, allowed)
 
 
 def _bits(value: Any) -> int:
@@ -156,8 +156,19 @@ class TeacherCache(_Section):
     attn_layers: Layers = None
 
 
+class Theseus(_Section):
+    successor_layers: Annotated[int, Gt(0)]
+    scheduler: ReplacingScheduler
+    k: NonNegative
+    b: Annotated[float, Ge(0), Le(1)]
+    rate: Annotated[float, Ge(0), Le(1)]
+    lr: Positive
+    weight_decay: NonNegative
+
+
 class Method(_Section):
     train: bool
+    theseus: Optional[Theseus] = None
 
 
 class Config(_Section):

@@ -158,3 +158,21 @@ def test_student_checkpoint_round_trip_same_logits(store, tmp_path):
     trainer3 = pl.Trainer(logger=False, callbacks=quant_callbacks(cfg), enable_progress_bar=False)
     with pytest.raises(RuntimeError, match=f"Missing key.*{missing.removeprefix('student.')}"):
         trainer3.validate(build_student_module(cfg, teacher_dir), datamodule=dm, ckpt_path=str(tmp_path / "broken.ckpt"), verbose=False)
+
+
+def test_theseus_stage_trains_the_successor_and_saves_it(store, tmp_path):
+    root, _, teacher = store
+    cfg = compose_cfg(tmp_path, *SMALL, "task.teacher.epochs=1", "method=theseus", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                      "callbacks.model_checkpoint=null", f"teacher.store={root}/teachers")
+    record = run(cfg)
+    assert record["status"] == "finished" and record["method"] == "theseus" and record["quant"] == "fp32"
+    assert record["successor_layers"] == 3 and record["teacher_metric"] == teacher["best"]
+    from kdlsq_pl.models.loading import load_classifier
+    successor = load_classifier(record["successor_dir"], cfg.task)
+    assert successor.config.num_hidden_layers == 3
+    # its size by hand: the teacher's parameters minus three of its six (identical) layers, 4 bytes each
+    full = load_classifier(record["teacher_dir"], cfg.task)
+    layer = sum(p.numel() for p in full.bert.encoder.layer[0].parameters())
+    assert record["size_bytes"] == 4 * (sum(p.numel() for p in full.parameters()) - 3 * layer)
+    # one evaluation, so the saved successor is the evaluated one: its accuracy on the 32 dev rows by hand
+    assert record["best"] == pytest.approx(hand_dev_accuracy(successor, record["teacher_dir"]), abs=1e-6)

@@ -1,7 +1,8 @@
 """The student stage: the fine-tuned teacher -> a fake-quantized student, by ``cfg.method``.
 
 ``kdlsq`` and ``ternarybert`` distil from the teacher; ``lsq`` and ``q8bert`` train on the task loss
-alone (no teacher is loaded); ``ptq`` quantizes the teacher with calibrated ranges and only evaluates.
+alone (no teacher is loaded); ``ptq`` quantizes the teacher with calibrated ranges and only evaluates;
+``theseus`` replaces the teacher's modules by a shallower successor (``stages/theseus.py``).
 All start from the same teacher checkpoint and share data, insertion and evaluation.
 """
 
@@ -121,6 +122,9 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     if not is_full_precision(cfg.quant):  # what the surgery cannot reach fails before its teacher is trained
         check_surgery(model_path, cfg.quant, cfg.task)
     teacher_dir, teacher = ensure_teacher(cfg, model_path, out_dir)
+    if cfg.method.name == "theseus":  # module replacing: a shallower full-precision successor, its own loop
+        from kdlsq_pl.stages.theseus import train_theseus
+        return train_theseus(cfg, teacher_dir, teacher, out_dir)
     t0 = time.time()
     pl.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg, str(teacher_dir), cfg.data.batch_size)
