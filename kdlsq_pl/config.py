@@ -64,6 +64,9 @@ def validate_student(cfg: DictConfig) -> None:
     if int(cfg.loss.intermediate_epochs) > last:  # then predictions: at least one epoch of them
         raise ConfigError(f"loss.intermediate_epochs={cfg.loss.intermediate_epochs} is out of range; allowed: 0..{last}")
     _check_quant_name(cfg)
+    if cfg.teacher_cache.enabled and cfg.task.get("kind") == "qa":
+        raise ConfigError(f"teacher_cache.enabled=true is not supported for task={cfg.task.name} (question answering: the "
+                          "cache holds classifier logits); allowed: teacher_cache.enabled=false")
     if cfg.teacher_cache.enabled and not cfg.loss.mask_padding:
         raise ConfigError("loss.mask_padding=false is not allowed with teacher_cache.enabled=true: "
                           "the cache stores no padded positions; allowed: loss.mask_padding=true")
@@ -91,7 +94,18 @@ def _check_quant_name(cfg: DictConfig) -> None:
 
 
 def validate_data(cfg: DictConfig) -> None:
-    """Find the task's local TSVs and read them once (columns and labels); the hub is checked on load."""
+    """Find the task's local TSVs and read them once (columns and labels), or for SQuAD its protocol's local
+    files; the hub is checked on load."""
+    if cfg.task.get("kind") == "qa":
+        from kdlsq_pl.data import squad
+        squad_dir = _resolved(cfg, "data.squad_dir") if "squad_dir" in cfg.data else None
+        protocol = squad.resolve_protocol(cfg.task.protocol, cfg.task.version, squad_dir)
+        root = squad.resolve_squad_dir(squad_dir)
+        if protocol == squad.OFFLINE_PROTOCOL and (root is None or not squad.squad_file(root, cfg.task.version, "dev").is_file()):
+            where = squad.squad_file(root, cfg.task.version, "dev") if root else "no local SQuAD folder"
+            raise ConfigError(f"task.protocol={protocol} needs the local dev file ({where}); allowed: data.squad_dir or "
+                              f"$SQUAD_DIR naming a folder with dev-v{cfg.task.version}.json")
+        return
     root = resolve_glue_dir(cfg.data.glue_dir)
     if root is None:
         return

@@ -44,6 +44,9 @@ def load_student(run: Path):
     record = json.loads((run / "result.json").read_text())
     if record.get("stage") != "student" or record.get("status") != "finished":
         raise ValueError(f"{run}: a {record.get('status')} {record.get('stage')} run; allowed: a finished student run")
+    if record.get("config", {}).get("task", {}).get("kind") == "qa":
+        raise ValueError(f"{run}: a question answering run (task={record.get('task')}); allowed: a classification or "
+                         f"regression student (SQuAD students are scored by their stage: see result.json's metrics)")
     if not (run / "packed" / "packed.json").is_file() and not (record.get("checkpoint") and Path(record["checkpoint"]).is_file()):
         raise FileNotFoundError(f"{run}: neither packed/ nor the checkpoint {record.get('checkpoint')} exists; allowed: a run "
                                 f"that kept its best checkpoint or its packed export")

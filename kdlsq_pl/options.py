@@ -11,7 +11,10 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 Stage = Literal["teacher", "student"]
-Metric = Literal["acc", "f1", "mcc", "pearson", "spearman"]
+Metric = Literal["acc", "f1", "mcc", "pearson", "spearman",  # GLUE (kdlsq_pl.metrics)
+                 "exact_match", "exact", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1"]  # SQuAD v1.1 / v2.0
+TaskKind = Literal["classification", "qa"]  # qa: extractive question answering (SQuAD, kdlsq_pl.data.squad)
+SquadProtocol = Literal["auto", "official-dev", "offline-dev-split"]
 Pooling = Literal["cls", "mean"]
 Padding = Literal["dynamic", "max_length"]
 Grid = Literal["symmetric", "lsq"]

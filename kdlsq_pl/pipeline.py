@@ -65,7 +65,7 @@ def run(cfg: DictConfig, validated: bool = False) -> dict:
         from kdlsq_pl.stages.teacher import train_teacher
         path, teacher = train_teacher(cfg, model_path, out_dir)
         record.update(seed=teacher["seed"], metrics=teacher["metrics"], best=teacher["value"], teacher_dir=str(path),
-                      recipe_digest=teacher["recipe_digest"])
+                      recipe_digest=teacher["recipe_digest"], **{k: teacher[k] for k in ("squad_protocol",) if k in teacher})
         print_summary(f"teacher {cfg.task.name}", [(f"dev {k}", fmt(v)) for k, v in teacher["metrics"].items()]
                       + [("wall time (s)", f"{teacher['wall_time_s']:.0f}"), ("saved to", str(path))])
     else:

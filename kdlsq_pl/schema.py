@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from kdlsq_pl.options import (  # noqa: F401  (re-exported: the schema's field types)
     FULL_PRECISION_BITS, MAX_BITS, MIN_BITS, ActQuantizer, CacheDtype, Grid, Init, Metric, Padding, Param, Pooling,
-    RangeTest, Reduction, RegressionTarget, ReplacingScheduler, Stage, WeightQuantizer, allowed)
+    RangeTest, Reduction, RegressionTarget, ReplacingScheduler, SquadProtocol, Stage, TaskKind, WeightQuantizer, allowed)
 
 
 def _bits(value: Any) -> int:
@@ -67,6 +67,16 @@ class Task(_Section):
     max_length: Annotated[int, Ge(8), Le(512)]
     metrics: list[Metric]
     teacher: TaskTeacher
+    kind: TaskKind = "classification"
+    # kind=qa (conf/task/squad*.yaml): windows, answer decoding and the offline protocol (kdlsq_pl.data.squad)
+    version: Optional[Literal["1.1", "2.0"]] = None
+    doc_stride: Optional[Index] = None
+    n_best_size: Optional[Count] = None
+    max_answer_length: Optional[Count] = None
+    null_score_diff_threshold: Optional[float] = None
+    protocol: Optional[SquadProtocol] = None
+    eval_fraction: Optional[Annotated[float, Gt(0), Le(0.9)]] = None
+    split_seed: Optional[Index] = None
 
 
 class Data(_Section):

@@ -38,7 +38,7 @@ def bad_glue(tmp_path_factory):
 
 
 CASES = [
-    (["task=foo"], r"task=foo is not a known option; allowed: cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb, wnli"),
+    (["task=foo"], r"task=foo is not a known option; allowed: cola, mnli, mrpc, qnli, qqp, rte, squad, squad_v2, sst2, stsb, wnli"),
     (["quant=w1a8"], r"quant=w1a8 is not a known option; allowed: fp32, w2a8, w2a8_emb4, w2a8_ends4, w4a8, w8a8"),
     (["quant.overrides={*.layer.9.*:4}"], r"quant.overrides: pattern '\*\.layer\.9\.\*' matches no quantized module; allowed: a glob "
                                          r"over embedding and Linear paths such as bert.embeddings.word_embeddings"),

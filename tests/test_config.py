@@ -12,12 +12,15 @@ LOCAL = {"cola", "sst2", "mrpc", "stsb", "rte", "wnli"}  # tasks with train+dev 
 
 
 def test_groups_list_the_expected_options():
-    assert conf_options("task") == ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli"]
+    assert conf_options("task") == ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "squad", "squad_v2", "sst2", "stsb", "wnli"]
     assert conf_options("model") == ["bert_base", "minilm_l6"]
     assert {"fp32", "w8a8", "w4a8", "w2a8"} <= set(conf_options("quant"))
 
 
-@pytest.mark.parametrize("task", conf_options("task"))
+GLUE_TASKS = [t for t in conf_options("task") if not t.startswith("squad")]
+
+
+@pytest.mark.parametrize("task", GLUE_TASKS)
 @pytest.mark.parametrize("model", conf_options("model"))
 def test_every_task_and_model_composes(make_cfg, task, model):
     cfg = make_cfg(f"task={task}", f"model={model}")
@@ -33,6 +36,24 @@ def test_every_task_and_model_composes(make_cfg, task, model):
     elif task not in LOCAL:
         with pytest.raises(ConfigError, match=f"task={task}: "):
             validate(cfg)  # QNLI lacks train.tsv here; QQP/MNLI folders are absent
+
+
+@pytest.mark.parametrize("task, version, metrics", [("squad", "1.1", ["exact_match", "f1"]),
+                                                     ("squad_v2", "2.0", ["exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1"])])
+def test_squad_tasks_compose_and_pick_their_protocol(make_cfg, task, version, metrics, tmp_path, monkeypatch):
+    """Only dev-v1.1.json is in ../shared/data/squad: v1.1 validates under the offline split; v2.0 needs its dev file."""
+    cfg = make_cfg(f"task={task}", "quant=w2a8")
+    t = OmegaConf.to_container(cfg, resolve=True)["task"]
+    assert (t["kind"], t["version"], t["metrics"], t["max_length"], t["doc_stride"]) == ("qa", version, metrics, 384, 128)
+    validate_student(cfg)
+    if version == "1.1":
+        validate(cfg)
+    else:
+        with pytest.raises(ConfigError, match="task.protocol=offline-dev-split needs the local dev file .*dev-v2.0.json"):
+            validate(cfg)
+    monkeypatch.setenv("SQUAD_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="nowhere"):
+        validate(make_cfg(f"task={task}"))
 
 
 @pytest.mark.parametrize("quant", conf_options("quant"))

@@ -251,6 +251,27 @@ def load_squad(version: str = "1.1", split: str = "dev", squad_dir: str | os.Pat
         raise ConfigError(f"{squad_file(root, version, split)} does not exist; {e}") from None
 
 
+def resolve_protocol(protocol: str, version: str = "1.1", squad_dir: str | os.PathLike | None = None) -> str:
+    """The protocol a run is measured under (``task.protocol``).
+
+    ``auto``: :data:`OFFLINE_PROTOCOL` when the local SQuAD folder (:func:`resolve_squad_dir`) holds no
+    ``train-v{version}.json`` (this machine: only ``dev-v1.1.json``), else :data:`OFFICIAL_PROTOCOL` (the local
+    train and dev files, or with no local folder the hub's ``train`` and ``validation`` splits). An explicit
+    ``official-dev`` or ``offline-dev-split`` is returned as given.
+
+    Raises:
+        ConfigError: an unknown protocol, or an explicit folder that does not exist.
+    """
+    if protocol not in ("auto", OFFICIAL_PROTOCOL, OFFLINE_PROTOCOL):
+        raise ConfigError(f"task.protocol={protocol!r} is not allowed; allowed: auto, {OFFICIAL_PROTOCOL}, {OFFLINE_PROTOCOL}")
+    if protocol != "auto":
+        return protocol
+    root = resolve_squad_dir(squad_dir)
+    if root is not None and not squad_file(root, check_version(version), "train").is_file():
+        return OFFLINE_PROTOCOL
+    return OFFICIAL_PROTOCOL
+
+
 # ------------------------------------------------------------------------------------ offline protocol
 @dataclass(frozen=True)
 class DevSplit:
@@ -673,3 +694,55 @@ def squad_v2_metrics(predictions: Mapping[str, str], references: Sequence[Mappin
 def squad_metrics(predictions: Mapping[str, str], references: Sequence[Mapping[str, Any]], version: str = "1.1") -> dict[str, float]:
     """:func:`squad_v1_metrics` for ``version="1.1"``, :func:`squad_v2_metrics` for ``"2.0"``."""
     return squad_v1_metrics(predictions, references) if check_version(version) == "1.1" else squad_v2_metrics(predictions, references)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+class SpanEvaluator:
+    """Start and end logits of the evaluation features, gathered over batches, then decoded and scored.
+
+    :meth:`update` keeps each feature's logits up to its real length (the attention mask), keyed by the feature's
+    index in the evaluation features; :meth:`compute` runs :func:`postprocess_predictions` and
+    :func:`squad_metrics`. When only some features were evaluated (``limit_val_batches``, ``fast_dev_run``), only
+    the examples with an evaluated feature are scored; :attr:`questions` says how many were.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.questions = 0
+
+    def reset(self) -> None:
+        self.rows = {}
+
+    def update(self, idx: Any, start_logits: Any, end_logits: Any, attention_mask: Any) -> None:
+        """Args: ``idx`` ``[B]`` feature indices; ``start_logits``, ``end_logits`` ``[B, T]``; ``attention_mask``
+        ``[B, T]`` (right padding: the first ``mask.sum()`` positions are the feature's tokens)."""
+        start, end = _as_numpy(start_logits), _as_numpy(end_logits)
+        lengths = _as_numpy(attention_mask).sum(-1).astype(int)
+        for row, (i, n) in enumerate(zip(_as_numpy(idx).astype(int).tolist(), lengths.tolist())):
+            self.rows[i] = (start[row, :n], end[row, :n])
+
+    def compute(self, examples: Sequence[Mapping[str, Any]], features: Any, version: str = "1.1", n_best_size: int = N_BEST_SIZE,
+                max_answer_length: int = MAX_ANSWER_LENGTH, null_score_diff_threshold: float = 0.0) -> dict[str, float]:
+        """Scores (x100) of the gathered logits: ``exact_match``/``f1`` (v1.1) or ``exact``/``f1``/``HasAns_*``/``NoAns_*``
+        (v2.0); :attr:`questions` is set to the number of questions scored.
+
+        Args:
+            examples: the evaluation records. features: their F evaluation features (``example_id``, ``offset_mapping``).
+
+        Raises:
+            ValueError: no feature was gathered.
+        """
+        if not self.rows:
+            raise ValueError("SpanEvaluator.compute: no evaluation feature was gathered")
+        seen = sorted(self.rows)
+        if len(seen) < len(features):
+            features = features.select(seen) if hasattr(features, "select") else [features[i] for i in seen]
+            ids = set(features["example_id"] if hasattr(features, "select_columns") else (f["example_id"] for f in features))
+            examples = [ex for ex in examples if ex["id"] in ids]
+            log.warning("SQuAD evaluation of %d of the features: %d questions scored", len(seen), len(examples))
+        preds = postprocess_predictions(examples, features, [self.rows[i][0] for i in seen], [self.rows[i][1] for i in seen],
+                                        n_best_size=n_best_size, max_answer_length=max_answer_length,
+                                        version_2_with_negative=check_version(version) == "2.0",
+                                        null_score_diff_threshold=null_score_diff_threshold)
+        self.questions = len(examples)
+        return {k: v for k, v in squad_metrics(preds, examples, version).items() if not k.endswith("total")}

@@ -78,8 +78,18 @@ def num_labels(task: Mapping[str, Any]) -> int:
     return len(task["labels"]) or 1
 
 
+def task_model_class(task: Mapping[str, Any]):
+    """``AutoModelForQuestionAnswering`` for ``task.kind: qa`` (SQuAD), else ``AutoModelForSequenceClassification``."""
+    import transformers
+
+    qa = task.get("kind") == "qa"
+    return transformers.AutoModelForQuestionAnswering if qa else transformers.AutoModelForSequenceClassification
+
+
 def load_classifier(path: str, task: Mapping[str, Any], attn_implementation: str = "eager", head: Mapping[str, Any] | None = None) -> "PreTrainedModel":
-    """Load ``AutoModelForSequenceClassification`` for the task (new head if the checkpoint has none).
+    """Load ``AutoModelForSequenceClassification`` for the task (new head if the checkpoint has none), or for a
+    question answering task (``task.kind: qa``) ``AutoModelForQuestionAnswering`` (a span head ``qa_outputs``
+    reading every token: no pooling, ``head`` is ignored).
 
     Args:
         head: for a new head (the teacher stage, ``task.teacher``): ``pooling`` (``cls`` | ``mean``),
@@ -93,6 +103,12 @@ def load_classifier(path: str, task: Mapping[str, Any], attn_implementation: str
 
     from kdlsq_pl.models.pooling import apply_pooling
 
+    if task.get("kind") == "qa":
+        from transformers import AutoModelForQuestionAnswering
+        try:
+            return AutoModelForQuestionAnswering.from_pretrained(path, attn_implementation=attn_implementation)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model {path}: cannot be loaded as a Hugging Face model ({str(e).splitlines()[0][:160]})") from None
     n = num_labels(task)
     head = dict(head or {})
     extra = {"classifier_dropout": head["classifier_dropout"]} if head.get("classifier_dropout") is not None else {}

@@ -1,7 +1,13 @@
 """LightningModules: the full-precision teacher fine-tune and the KDLSQ student.
 
-Both share ``GLUEModule``: GLUE evaluation on every dev split with torchmetrics, logged as
-``val/<metric>`` and ``val/<metric>_best`` (x100), and AdamW with a linear schedule.
+Both share ``GLUEModule``: GLUE evaluation on every dev split with torchmetrics (or, for a question
+answering task, SQuAD's span decoding and exact match / F1), logged as ``val/<metric>`` and
+``val/<metric>_best`` (x100), and AdamW with a linear schedule.
+
+Question answering (``task.kind: qa``) goes through the same loops: :func:`head_logits` stacks a span
+head's start and end logits as rows, so the soft cross-entropy, the ground-truth cross-entropy and the
+evaluation see one ``[2B, T]`` "classification over token positions", and :func:`targets` stacks the gold
+start and end positions the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +28,29 @@ from kdlsq_pl.models.layout import no_decay_parameter_names
 from kdlsq_pl.quant.modules import lsq_quantizers
 
 log = logging.getLogger("kdlsq_pl")
+
+#: Batch keys that are targets, not model inputs: class ids / scores (GLUE) or answer token positions (SQuAD).
+TARGET_KEYS = ("labels", "start_positions", "end_positions")
+#: The logit given to padded positions of a span head (``exp`` of it is 0 in float32).
+MASKED_LOGIT = -1.0e4
+
+
+def head_logits(out: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The task head's logits as one tensor: ``out.logits`` ``[B, C]`` for a classifier, or for a span head
+    (``start_logits``, ``end_logits`` ``[B, T]``) ``torch.cat([start, end])`` ``[2B, T]`` with padded positions
+    (``batch["attention_mask"] == 0``) set to :data:`MASKED_LOGIT`, so a softmax over a row puts no mass on padding."""
+    start = getattr(out, "start_logits", None)
+    if start is None:
+        return out.logits
+    pad = batch["attention_mask"] == 0
+    return torch.cat([start.masked_fill(pad, MASKED_LOGIT), out.end_logits.masked_fill(pad, MASKED_LOGIT)])
+
+
+def targets(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The targets matching :func:`head_logits`: ``labels`` ``[B]``, or ``cat([start_positions, end_positions])`` ``[2B]``."""
+    if "start_positions" in batch:
+        return torch.cat([batch["start_positions"], batch["end_positions"]])
+    return batch["labels"]
 
 def decay_groups(model: nn.Module, lr: float, weight_decay: float, exclude: Iterable[nn.Parameter] = ()) -> list[dict]:
     """AdamW parameter groups of ``model``'s trainable parameters (minus ``exclude``): ``weight_decay`` on
@@ -50,9 +79,13 @@ class GLUEModule(pl.LightningModule):
     def __init__(self, task: Mapping[str, Any], warmup_ratio: float = 0.0):
         super().__init__()
         self.task = dict(task)
-        self.is_regression = not task["labels"]
+        self.is_qa = task.get("kind") == "qa"
+        self.is_regression = not task["labels"] and not self.is_qa
         self.dev_keys = list(task["dev_files"])
-        self.val_metrics = nn.ModuleList([build_metrics(task) for _ in self.dev_keys])
+        self.val_metrics = nn.ModuleList([] if self.is_qa else [build_metrics(task) for _ in self.dev_keys])
+        if self.is_qa:
+            from kdlsq_pl.data.squad import SpanEvaluator
+            self.spans = SpanEvaluator()
         self.warmup_ratio = warmup_ratio
         self.best: dict[str, float] = {}  # running maximum of each metric (logged as val/<metric>_best)
         self.best_row: dict[str, float] = {}  # every metric of the evaluation with the best task metric (the best checkpoint's)
@@ -84,14 +117,27 @@ class GLUEModule(pl.LightningModule):
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self.eval_logits(batch)
+        if self.is_qa:
+            start, end = logits.chunk(2)
+            self.spans.update(batch["idx"], start, end, batch["attention_mask"])
+            return
         self.val_metrics[dataloader_idx].update(predictions(logits, self.is_regression), batch["labels"])
 
-    def on_validation_epoch_end(self) -> None:
+    def _dev_values(self) -> dict[str, float]:
+        """This evaluation's metrics (x100), and the metric state reset for the next one."""
+        if self.is_qa:  # decoded against the datamodule's evaluation examples
+            values = {} if self.trainer.sanity_checking else self.trainer.datamodule.score(self.spans)
+            self.spans.reset()
+            return {name: value for name, value in values.items() if name in self.task["metrics"]}
         values = {}
         for i, collection in enumerate(self.val_metrics):
             for name, value in collection.compute().items():
                 values[self.metric_name(name, i)] = 100.0 * float(value)
             collection.reset()
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._dev_values()
         if self.trainer.sanity_checking:
             return
         values = {name: value if math.isfinite(value) else 0.0 for name, value in values.items()}
@@ -148,12 +194,13 @@ class GLUEModule(pl.LightningModule):
 
 
 class TeacherModule(GLUEModule):
-    """Full-precision fine-tuning of a Hugging Face sequence classifier (the teacher stage).
+    """Full-precision fine-tuning of a Hugging Face sequence classifier or span model (the teacher stage).
 
-    Loss: cross-entropy, or MSE for regression (STS-B), as computed by the Hugging Face head.
+    Loss: cross-entropy, or MSE for regression (STS-B), as computed by the Hugging Face head; for question
+    answering Hugging Face's span loss, the mean of the start and end positions' cross-entropies.
 
     Args:
-        model: ``AutoModelForSequenceClassification``.
+        model: ``AutoModelForSequenceClassification`` (``AutoModelForQuestionAnswering`` for ``task.kind: qa``).
         task: the task config.
         lr, weight_decay, warmup_ratio: AdamW and schedule settings (``task.teacher``).
     """
@@ -164,12 +211,12 @@ class TeacherModule(GLUEModule):
         self.lr, self.weight_decay = lr, weight_decay
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**model_inputs(batch), labels=batch["labels"]).loss
+        loss = self.model(**model_inputs(batch), **{k: batch[k] for k in TARGET_KEYS if k in batch}).loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def eval_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**model_inputs(batch)).logits
+        return head_logits(self.model(**model_inputs(batch)), batch)
 
     def parameter_groups(self) -> list[dict]:
         return decay_groups(self.model, self.lr, self.weight_decay)
@@ -231,7 +278,7 @@ class KDLSQModule(GLUEModule):
         need_scores, need_hidden = w["attn"] > 0, w["hidden"] > 0
         with capture_attention_scores() as scores:
             out = model(**model_inputs(batch), output_hidden_states=need_hidden)
-        return {"logits": out.logits, "hidden_states": out.hidden_states if need_hidden else None,
+        return {"logits": head_logits(out, batch), "hidden_states": out.hidden_states if need_hidden else None,
                 "attention_scores": scores if need_scores else None}
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -244,14 +291,14 @@ class KDLSQModule(GLUEModule):
                 teacher_out = self._outputs(self.teacher, batch, epoch)
             teacher_out["mask"] = batch["attention_mask"].bool()  # used by a loss with mask_padding=True
         student_out = self._outputs(self.student, batch, epoch)
-        total, parts = self.loss(student_out, teacher_out, batch["labels"], epoch=epoch)
+        total, parts = self.loss(student_out, teacher_out, targets(batch), epoch=epoch)
         self.log("train/loss", total, prog_bar=True)
         for name, value in parts.items():
             self.log(f"train/loss_{name}", value)
         return total
 
     def eval_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.student(**model_inputs(batch)).logits
+        return head_logits(self.student(**model_inputs(batch)), batch)
 
     def parameter_groups(self) -> list[dict]:
         """Model weights (decay except bias/LayerNorm), weight step sizes, activation step sizes."""

@@ -20,13 +20,24 @@ log = logging.getLogger("kdlsq_pl")
 
 
 def build_datamodule(cfg: DictConfig, tokenizer_path: str, batch_size: int, seed: int | None = None) -> GLUEDataModule:
-    """The GLUE data module for ``cfg.task`` with the given training batch size (shuffled by ``seed``, default ``cfg.seed``)."""
-    return GLUEDataModule(
-        OmegaConf.to_container(cfg.task, resolve=True), tokenizer_path, cfg.data.glue_dir, cfg.paths.cache_dir,
-        batch_size=batch_size, eval_batch_size=cfg.data.eval_batch_size, max_length=cfg.task.max_length,
-        limit_train_examples=cfg.data.limit_train_examples, limit_eval_examples=cfg.data.limit_eval_examples,
-        num_workers=cfg.data.num_workers, seed=cfg.seed if seed is None else seed, group_by_length=cfg.data.group_by_length,
-        padding=cfg.data.padding)
+    """The data module for ``cfg.task`` with the given training batch size (shuffled by ``seed``, default ``cfg.seed``):
+    GLUE's, or for ``task.kind: qa`` SQuAD's (``kdlsq_pl.data.squad_module``)."""
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    kwargs = dict(batch_size=batch_size, eval_batch_size=cfg.data.eval_batch_size, max_length=cfg.task.max_length,
+                  limit_train_examples=cfg.data.limit_train_examples, limit_eval_examples=cfg.data.limit_eval_examples,
+                  num_workers=cfg.data.num_workers, seed=cfg.seed if seed is None else seed,
+                  group_by_length=cfg.data.group_by_length, padding=cfg.data.padding)
+    if task.get("kind") == "qa":
+        from kdlsq_pl.data.squad_module import SQuADDataModule
+        return SQuADDataModule(task, tokenizer_path, cfg.data.get("squad_dir"), cfg.paths.cache_dir, **kwargs)
+    return GLUEDataModule(task, tokenizer_path, cfg.data.glue_dir, cfg.paths.cache_dir, **kwargs)
+
+
+def protocol_fields(dm: GLUEDataModule) -> dict:
+    """What a record must say about how its numbers were measured: for SQuAD ``{"squad_protocol": {...}}`` (the
+    protocol, ``offline-dev-split`` numbers being no official dev results, and the split's sizes); else nothing."""
+    record = getattr(dm, "protocol_record", None)
+    return {"squad_protocol": dict(record)} if record else {}
 
 
 def build_trainer(cfg: DictConfig, out_dir: Path, run_name: str, extra_callbacks: list | None = None, **overrides: Any) -> pl.Trainer:

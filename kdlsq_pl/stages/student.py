@@ -26,7 +26,7 @@ from kdlsq_pl.models.layout import layout_for
 from kdlsq_pl.models.loading import load_classifier
 from kdlsq_pl.models.modules import KDLSQModule
 from kdlsq_pl.report import fmt, print_summary
-from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit
+from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit, protocol_fields
 from kdlsq_pl.stages.teacher import ensure_teacher
 from kdlsq_pl.quant.modules import model_size_bytes, quantize_, weight_bits_by_module
 
@@ -46,15 +46,17 @@ def check_surgery(model_path: str, quant: DictConfig, task: DictConfig | None = 
         ConfigError: from :func:`layout_for` or :func:`weight_bits_by_module`.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
+
+    from kdlsq_pl.models.loading import task_model_class
 
     config = AutoConfig.from_pretrained(model_path)
     layout_for(config.model_type)
     if quant.get("overrides"):
         from kdlsq_pl.models.pooling import apply_pooling
         with torch.device("meta"):
-            skeleton = AutoModelForSequenceClassification.from_config(config)
-        if task is not None and "teacher" in task:  # the head the student will have (pooler dense or not)
+            skeleton = task_model_class(task or {}).from_config(config)
+        if task is not None and "teacher" in task and task.get("kind") != "qa":  # the head the student will have (pooler dense or not)
             apply_pooling(skeleton, task.teacher.pooling, task.teacher.pooler_dense)
         weight_bits_by_module(skeleton, OmegaConf.to_container(quant, resolve=True))
 
@@ -65,7 +67,7 @@ def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQMo
     read from disk (no teacher in memory while training)."""
     loss = KDLoss(pred=cfg.loss.pred, attn=cfg.loss.attn, hidden=cfg.loss.hidden, gt=cfg.loss.gt,
                   temperature=cfg.loss.temperature, pred_reduction=cfg.loss.pred_reduction,
-                  is_regression=not cfg.task.labels, regression_target=cfg.loss.regression_target,
+                  is_regression=not cfg.task.labels and cfg.task.get("kind") != "qa", regression_target=cfg.loss.regression_target,
                   mask_padding=cfg.loss.mask_padding, intermediate_epochs=cfg.loss.intermediate_epochs)
     needs_teacher = loss.uses_teacher and cfg.method.train
 
@@ -156,11 +158,12 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
         "metrics": final, "best_metrics": best, "best": best.get(metric), "final": final.get(metric),
         "size_bytes": size["size_bytes"], "fp32_bytes": size["fp32_bytes"], "compression_ratio": size["compression_ratio"],
         "checkpoint": ckpt or None,
-        "student_wall_time_s": round(time.time() - t0, 1),
+        "student_wall_time_s": round(time.time() - t0, 1), **protocol_fields(dm),
     }
     if cfg.export_packed and packable(module.student):
         fields.update(export_best(cfg, module.student, ckpt, teacher_dir, out_dir))
-    print_summary(f"{method} {cfg.quant.name} on {cfg.task.name} ({metric}, dev)", [
+    split = fields.get("squad_protocol", {}).get("protocol", "dev")  # offline-dev-split: never mistaken for official dev
+    print_summary(f"{method} {cfg.quant.name} on {cfg.task.name} ({metric}, {split})", [
         ("teacher (FP32)", fmt(teacher.get("value"))), ("student best", fmt(fields["best"])),
         ("student final", fmt(fields["final"])), ("size (MB)", f"{size['size_bytes'] / 1e6:.2f}"),
         ("average weight bits", f"{size['avg_weight_bits']:.2f}"),

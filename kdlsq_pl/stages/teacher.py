@@ -14,7 +14,7 @@ from kdlsq_pl import cell_name
 from kdlsq_pl.models.loading import TeacherStore, load_classifier
 from kdlsq_pl.models.modules import TeacherModule
 from kdlsq_pl.results import git_commit
-from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit, restore_best
+from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit, protocol_fields, restore_best
 
 log = logging.getLogger("kdlsq_pl")
 
@@ -37,7 +37,9 @@ def teacher_recipe(cfg: DictConfig, model_path: str) -> dict:
 
     task = OmegaConf.to_container(cfg.task, resolve=True)
     glue_root = resolve_glue_dir(cfg.data.glue_dir)
-    if glue_root is not None:
+    if task.get("kind") == "qa":
+        data = squad_data_digest(task, cfg.data.get("squad_dir"))
+    elif glue_root is not None:
         data = {split: files_digest([path]) for split, path in task_files(task, glue_root).items()}
     else:
         data = {"hub": task.get("hub")}
@@ -45,6 +47,19 @@ def teacher_recipe(cfg: DictConfig, model_path: str) -> dict:
             "task": cfg.task.name, "seed": int(cfg.teacher.seed), "task_config": task,
             "data": {k: cfg.data[k] for k in ("group_by_length", "padding", "limit_train_examples", "limit_eval_examples")},
             "data_files": data}
+
+
+def squad_data_digest(task: dict, squad_dir: str | None) -> dict:
+    """The SQuAD files a teacher is trained from, by digest (the protocol decides which), or the hub's name."""
+    from kdlsq_pl.data import squad
+    from kdlsq_pl.models.loading import files_digest
+
+    protocol = squad.resolve_protocol(task.get("protocol", "auto"), task["version"], squad_dir)
+    root = squad.resolve_squad_dir(squad_dir)
+    if root is None:
+        return {"protocol": protocol, "hub": squad.HUB_DATASETS[task["version"]]}
+    splits = ("dev",) if protocol == squad.OFFLINE_PROTOCOL else ("train", "dev")
+    return {"protocol": protocol, **{s: files_digest([squad.squad_file(root, task["version"], s)]) for s in splits}}
 
 
 def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path, recipe: dict | None = None) -> tuple[Path, dict]:
@@ -73,7 +88,7 @@ def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path, recipe: dict 
     record = {"task": cfg.task.name, "model": str(cfg.model.name_or_path), "seed": seed,
               "metric": cfg.task.metric, "value": module.last.get(cfg.task.metric), "metrics": dict(module.last),
               "hparams": OmegaConf.to_container(tcfg, resolve=True), "wall_time_s": round(time.time() - t0, 1),
-              "checkpoint": best_ckpt, "git_commit": git_commit()}
+              "checkpoint": best_ckpt, "git_commit": git_commit(), **protocol_fields(dm)}
     store = teacher_store(cfg)
     path = store.save(module.model, dm.tokenizer, record, recipe)
     return path, store.record(recipe)
