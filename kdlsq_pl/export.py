@@ -120,8 +120,9 @@ def export_packed(student: nn.Module, quant: Mapping[str, Any], out_dir: str | P
 
 
 def load_packed(path: str | Path) -> nn.Module:
-    """Rebuild the quantized student from :func:`export_packed` output (weights ``W = c * s``)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    """Rebuild the quantized student from :func:`export_packed` output (weights ``W = c * s``): a sequence
+    classifier, or a span model when its config's architecture is ``...ForQuestionAnswering`` (SQuAD students)."""
+    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
     from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
     from kdlsq_pl.models.pooling import apply_pooling
@@ -130,7 +131,10 @@ def load_packed(path: str | Path) -> nn.Module:
     meta = json.loads((path / META_FILE).read_text())
     config = AutoConfig.from_pretrained(path)
     config._attn_implementation = ATTN_IMPLEMENTATION
-    model = apply_pooling(AutoModelForSequenceClassification.from_config(config, attn_implementation=ATTN_IMPLEMENTATION))
+    if any(a.endswith("ForQuestionAnswering") for a in config.architectures or ()):
+        model = AutoModelForQuestionAnswering.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
+    else:
+        model = apply_pooling(AutoModelForSequenceClassification.from_config(config, attn_implementation=ATTN_IMPLEMENTATION))
     quantize_(model, meta["quant"])
     tensors = load_file(str(path / PACKED_FILE))
     state = {k: v for k, v in tensors.items() if not k.endswith(".codes")}
