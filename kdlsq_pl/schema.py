@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from kdlsq_pl.options import (  # noqa: F401  (re-exported: the schema's field types)
     FULL_PRECISION_BITS, MAX_BITS, MIN_BITS, ActQuantizer, CacheDtype, Grid, Init, Metric, Padding, Param, Pooling,
-    RangeTest, Reduction, RegressionTarget, ReplacingScheduler, SquadProtocol, Stage, TaskKind, WeightQuantizer, allowed)
+    RangeTest, Reduction, RegressionTarget, ReplacingScheduler, SquadProtocol, Stage, TaskKind, TokenRule, WeightQuantizer, WidthRule, allowed)
 
 
 def _bits(value: Any) -> int:
@@ -135,6 +135,17 @@ class Quant(_Section):
     freeze_step_sizes_at_epoch: Optional[Index] = None
 
 
+class Selection(_Section):
+    top_layers: Optional[Count] = None
+    map_top: Optional[Count] = None
+    tokens: Optional[Count] = None
+    token_rule: TokenRule = "first"
+    keep_sep: bool = False
+    width: Optional[Annotated[float, Gt(0), Le(1)]] = None
+    width_rule: WidthRule = "magnitude"
+    seed: Index = 0
+
+
 class Loss(_Section):
     pred: NonNegative
     attn: NonNegative
@@ -145,6 +156,7 @@ class Loss(_Section):
     pred_reduction: Reduction
     regression_target: RegressionTarget
     mask_padding: bool
+    selection: Optional[Selection] = None
 
 
 class Optim(_Section):

@@ -175,16 +175,20 @@ def hidden_state_mse(
     as returned by ``output_hidden_states=True``), already layer-aligned. Student and
     teacher hidden sizes must match (no TinyBERT ``fit_dense`` projection: the KDLSQ
     student has the teacher's width). With ``mask`` (``[B, T]`` bool) the mean runs over the True
-    positions x ``D`` only. Computed in float32.
+    positions x ``D`` only; a list of masks gives each layer its own, ``[B, T]`` or ``[B, T, D]`` (the kept
+    entries of a minimal-knowledge selection, :mod:`kdlsq_pl.distill.selection`), the mean running over that
+    layer's True entries. Computed in float32.
     """
     _check_pairs("hidden_state_mse", student_hidden, teacher_hidden)
-    weight = None if mask is None else mask[..., None].float()  # [B, T, 1]
+    masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * len(student_hidden)
     total = None
-    for s, t in zip(student_hidden, teacher_hidden):
+    for s, t, m in zip(student_hidden, teacher_hidden, masks):
+        weight = None if m is None else (m[..., None] if m.dim() == 2 else m).float()  # [B, T, 1] or [B, T, D]
         if weight is None:
             term = F.mse_loss(s.float(), t.float(), reduction="mean")
         else:
-            term = ((s.float() - t.float()).square() * weight).sum() / (weight.sum() * s.shape[-1]).clamp_min(1.0)
+            per_entry = s.shape[-1] if weight.shape[-1] == 1 else 1
+            term = ((s.float() - t.float()).square() * weight).sum() / (weight.sum() * per_entry).clamp_min(1.0)
         total = term if total is None else total + term
     return total
 
@@ -268,6 +272,10 @@ class KDLoss(nn.Module):
             3.2; Zhang et al. 2020): for the first ``k`` epochs only the intermediate terms (attention and
             hidden states), then only the prediction terms (pred and gt). 0 (default, the released KDLSQ
             code): every term throughout. See :meth:`weights_at`.
+        hidden_map: the teacher hidden state for each student one (``L_s + 1`` entries, ``None``: not distilled),
+            e.g. :func:`kdlsq_pl.distill.selection.depth_map`; default the uniform :func:`layer_map`. A teacher
+            output with ``hidden_masks`` (one per teacher state, ``[B, T]`` or ``[B, T, D]`` bool) averages each
+            hidden pair over its own kept entries (a minimal-knowledge selection).
 
     Calling ``loss(student_out, teacher_out, labels, n_student_layers, n_teacher_layers)``
     where each ``*_out`` is a dict or object with ``logits`` ``[B, C]``, ``hidden_states``
@@ -295,6 +303,7 @@ class KDLoss(nn.Module):
         attn_threshold: float = -100.0,
         mask_padding: bool = False,
         intermediate_epochs: int = 0,
+        hidden_map: Sequence[int | None] | None = None,
     ) -> None:
         super().__init__()
         weights = {"pred": pred, "attn": attn, "hidden": hidden, "gt": gt}
@@ -327,6 +336,7 @@ class KDLoss(nn.Module):
         if intermediate_epochs and (self.weights["attn"] + self.weights["hidden"] == 0 or self.weights["pred"] + self.weights["gt"] == 0):
             raise ValueError("intermediate_epochs > 0 needs an intermediate term (attn or hidden) and a prediction term (pred or gt)")
         self.intermediate_epochs = intermediate_epochs
+        self.hidden_map = None if hidden_map is None else list(hidden_map)
 
     def weights_at(self, epoch: int | None) -> dict[str, float]:
         """The term weights in effect at ``epoch`` (0-based; ``None``: every term, as without stages).
@@ -384,10 +394,11 @@ class KDLoss(nn.Module):
 
         if w["attn"] > 0 or w["hidden"] > 0:
             n_s, n_t = self._layer_counts(student_out, teacher_out, n_student_layers, n_teacher_layers)
-            attn_idx, hidden_idx = layer_map(n_s, n_t)
+            attn_idx, hidden_idx = layer_map(n_s, n_t) if self.hidden_map is None else (layer_map(n_s, n_t)[0], self.hidden_map)
             mask = None
             if self.mask_padding:
                 mask = _require(_get(teacher_out, "mask"), "teacher mask (mask_padding=True)").bool()
+            hidden_masks = _get(teacher_out, "hidden_masks")  # a minimal-knowledge selection: per teacher state
 
             if w["attn"] > 0:
                 s_att = list(_require(_get(student_out, "attention_scores"), "student attention_scores"))
@@ -411,7 +422,11 @@ class KDLoss(nn.Module):
                         f"got {len(s_hid)} / {len(t_hid)}"
                     )
                 pairs = _present(s_hid, t_hid, hidden_idx, "hidden state")
-                parts["hidden"] = hidden_state_mse([s for s, _ in pairs], [t for _, t in pairs], mask=mask)
+                if hidden_masks is not None:
+                    per_layer = [hidden_masks[j] for j in hidden_idx if j is not None and t_hid[j] is not None]
+                    parts["hidden"] = hidden_state_mse([s for s, _ in pairs], [t for _, t in pairs], mask=per_layer)
+                else:
+                    parts["hidden"] = hidden_state_mse([s for s, _ in pairs], [t for _, t in pairs], mask=mask)
 
         if w["gt"] > 0:
             s_logits = _get(student_out, "logits")
@@ -444,8 +459,9 @@ class KDLoss(nn.Module):
 
 
 def _present(student: list, teacher: list, mapped: list[int], what: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(student[i], teacher[mapped[i]].detach())`` for every student layer whose teacher tensor is present."""
-    pairs = [(s, teacher[j].detach()) for s, j in zip(student, mapped) if teacher[j] is not None]
+    """``(student[i], teacher[mapped[i]].detach())`` for every student layer mapped (``mapped[i]`` not None) to a
+    present teacher tensor."""
+    pairs = [(s, teacher[j].detach()) for s, j in zip(student, mapped) if j is not None and teacher[j] is not None]
     if not pairs:
         raise ValueError(f"KDLoss: no teacher {what} tensor for any mapped layer (all None)")
     return pairs

@@ -246,6 +246,9 @@ class KDLSQModule(GLUEModule):
             ``act_step_weight_decay`` (activation step sizes), ``warmup_ratio``.
         teacher_cache: a ``TeacherCache`` to read instead of running ``teacher`` (then ``None``); the
             loss must have ``mask_padding=True`` (the cache holds no padding).
+        selection: a minimal-knowledge ``HiddenSelection`` (``kdlsq_pl.distill.selection``): the live teacher's
+            hidden states get the selection's masks (``hidden_masks``), as a cache built with it stores them.
+        sep_token_id: the tokenizer's [SEP] id (a selection that excludes [SEP]).
 
     Raises:
         ValueError: the loss needs a teacher and neither a teacher nor a cache is given; a cache with
@@ -253,7 +256,7 @@ class KDLSQModule(GLUEModule):
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, task: Mapping[str, Any], loss: nn.Module, optim: Mapping[str, Any],
-                 teacher_cache: Any = None):
+                 teacher_cache: Any = None, selection: Any = None, sep_token_id: int | None = None):
         super().__init__(task, float(optim.get("warmup_ratio", 0.0)))
         if teacher is None and teacher_cache is None and loss.uses_teacher:
             raise ValueError(f"the loss ({loss.extra_repr()}) distils from a teacher, but teacher=None")
@@ -266,6 +269,8 @@ class KDLSQModule(GLUEModule):
         self.student = student.train()
         self.loss = loss
         self.optim = dict(optim)
+        self.selection = None if selection is None or selection.is_full else selection
+        self.sep_token_id = sep_token_id
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -273,9 +278,9 @@ class KDLSQModule(GLUEModule):
             self.teacher.eval()
         return self
 
-    def _outputs(self, model: nn.Module, batch: Mapping[str, torch.Tensor], epoch: int | None = None) -> dict:
+    def _outputs(self, model: nn.Module, batch: Mapping[str, torch.Tensor], epoch: int | None = None, scores_for_selection: bool = False) -> dict:
         w = self.loss.weights_at(epoch)
-        need_scores, need_hidden = w["attn"] > 0, w["hidden"] > 0
+        need_scores, need_hidden = w["attn"] > 0 or (scores_for_selection and w["hidden"] > 0), w["hidden"] > 0
         with capture_attention_scores() as scores:
             out = model(**model_inputs(batch), output_hidden_states=need_hidden)
         return {"logits": head_logits(out, batch), "hidden_states": out.hidden_states if need_hidden else None,
@@ -287,8 +292,15 @@ class KDLSQModule(GLUEModule):
         if self.teacher_cache is not None:
             teacher_out = self.teacher_cache.lookup(batch["idx"], batch["input_ids"].shape[1], self.device)
         elif self.teacher is not None:
+            sel = self.selection
             with torch.no_grad():
-                teacher_out = self._outputs(self.teacher, batch, epoch)
+                teacher_out = self._outputs(self.teacher, batch, epoch, scores_for_selection=sel is not None and sel.needs_attention)
+                if sel is not None and teacher_out["hidden_states"] is not None:  # the kept entries, as a cache stores them
+                    from kdlsq_pl.distill.selection import selection_masks
+                    sep = batch["input_ids"] == self.sep_token_id if self.sep_token_id is not None else None
+                    wanted = [j for j in (self.loss.hidden_map or range(len(teacher_out["hidden_states"]))) if j is not None]
+                    teacher_out["hidden_masks"] = selection_masks(sel, teacher_out["hidden_states"], batch["attention_mask"],
+                                                                  teacher_out["attention_scores"], sep, layers=wanted)
             teacher_out["mask"] = batch["attention_mask"].bool()  # used by a loss with mask_padding=True
         student_out = self._outputs(self.student, batch, epoch)
         total, parts = self.loss(student_out, teacher_out, targets(batch), epoch=epoch)

@@ -65,7 +65,16 @@ def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQMo
     """Student (a load of the fine-tuned teacher checkpoint), the loss, and the teacher if the loss needs it:
     live, or with ``teacher_cache.enabled`` its outputs on ``dm``'s training split, computed once and
     read from disk (no teacher in memory while training)."""
-    loss = KDLoss(pred=cfg.loss.pred, attn=cfg.loss.attn, hidden=cfg.loss.hidden, gt=cfg.loss.gt,
+    from transformers import AutoConfig
+
+    from kdlsq_pl.distill.selection import HiddenSelection, depth_map
+
+    selection = HiddenSelection.from_config(OmegaConf.to_container(cfg.loss.selection, resolve=True) if cfg.loss.get("selection") else None)
+    hidden_map = None
+    if not selection.is_full:  # minimal hidden-state knowledge: the depth map (the student is the teacher's depth)
+        n_layers = int(AutoConfig.from_pretrained(str(teacher_dir)).num_hidden_layers)
+        hidden_map = depth_map(n_layers, n_layers, selection.map_top, selection.top_layers)
+    loss = KDLoss(pred=cfg.loss.pred, attn=cfg.loss.attn, hidden=cfg.loss.hidden, gt=cfg.loss.gt, hidden_map=hidden_map,
                   temperature=cfg.loss.temperature, pred_reduction=cfg.loss.pred_reduction,
                   is_regression=not cfg.task.labels and cfg.task.get("kind") != "qa", regression_target=cfg.loss.regression_target,
                   mask_padding=cfg.loss.mask_padding, intermediate_epochs=cfg.loss.intermediate_epochs)
@@ -78,10 +87,12 @@ def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQMo
     if needs_teacher and cfg.teacher_cache.enabled:
         dm.setup("fit")
         cache = ensure_teacher_cache(OmegaConf.to_container(cfg.teacher_cache, resolve=True), teacher_dir, dm, load,
-                                     hidden=loss.weights["hidden"] > 0, attn=loss.weights["attn"] > 0)
+                                     hidden=loss.weights["hidden"] > 0, attn=loss.weights["attn"] > 0,
+                                     selection=selection, hidden_map=hidden_map)
     teacher = load() if needs_teacher and cache is None else None
     return KDLSQModule(teacher, load(), OmegaConf.to_container(cfg.task, resolve=True), loss,
-                       OmegaConf.to_container(cfg.optim, resolve=True), teacher_cache=cache)
+                       OmegaConf.to_container(cfg.optim, resolve=True), teacher_cache=cache, selection=selection,
+                       sep_token_id=dm.tokenizer.sep_token_id if dm is not None else None)
 
 
 def quant_callbacks(cfg: DictConfig) -> list[pl.Callback]:

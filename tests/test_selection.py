@@ -1,0 +1,113 @@
+"""Minimal hidden-state knowledge (Liu et al., ACL 2021): depth map, token and width selections against hand
+computations on a real batch (attention probabilities from Hugging Face's own ``output_attentions``), and a cached
+compressed selection giving the live teacher's loss with the same selection."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdlsq_pl.distill.losses import KDLoss
+from kdlsq_pl.distill.selection import HiddenSelection, depth_map, selection_masks, token_ranking
+from kdlsq_pl.distill.teacher_cache import TeacherCache, build_teacher_cache
+from kdlsq_pl.errors import ConfigError
+from kdlsq_pl.models.modules import KDLSQModule
+from test_teacher_cache import setup  # noqa: F401  (fixture: teacher folder, 32 real RTE rows, W2A8 student)
+
+
+def test_depth_map_by_hand():
+    assert depth_map(6, 6) == [0, 1, 2, 3, 4, 5, 6]
+    # student i -> round(i * 5 / 6): 0, 0.83, 1.67, 2.5, 3.33, 4.17, 5
+    assert depth_map(6, 6, map_top=5) == [0, 1, 2, 3, 3, 4, 5]
+    assert depth_map(3, 6) == [0, 2, 4, 6]
+    assert depth_map(6, 6, top_layers=2) == [None, None, None, None, None, 5, 6]
+    with pytest.raises(ConfigError, match=r"map_top=7 is out of range; allowed: 1..6"):
+        depth_map(6, 6, map_top=7)
+    with pytest.raises(ConfigError, match=r"top_layers=8 is out of range; allowed: 1..7"):
+        depth_map(6, 6, top_layers=8)
+
+
+def test_bad_selection_values_are_one_line_errors():
+    with pytest.raises(ConfigError, match="token_rule='middle' is not allowed; allowed: first, cls_attention"):
+        HiddenSelection(tokens=4, token_rule="middle")
+    with pytest.raises(ConfigError, match=r"width=1.5 is out of range"):
+        HiddenSelection(width=1.5)
+
+
+def test_first_k_tokens_by_hand():
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    assert token_ranking(mask, 3, "first").tolist() == [[True, True, True, False, False], [True, True, False, False, False]]
+
+
+@torch.no_grad()
+def test_token_and_width_selection_by_hand_on_a_real_batch(setup):  # noqa: F811
+    """Top-k tokens by the teacher's [CLS] attention row averaged over heads, [SEP] and padding excluded, and the
+    largest-magnitude dimensions of each kept vector, recomputed in plain Python from Hugging Face's attention
+    probabilities (``output_attentions=True``, a path independent of our captured scores)."""
+    from kdlsq_pl.models.attention import capture_attention_scores
+
+    root, cfg, teacher, dm, student = setup
+    batch = next(iter(dm.train_dataloader()))
+    sep_id = dm.tokenizer.sep_token_id
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with capture_attention_scores() as scores:
+        out = teacher(**inputs, output_hidden_states=True)
+    probs = teacher(**inputs, output_attentions=True).attentions  # L x [B, H, T, T], Hugging Face's softmax
+    k, width = 5, 0.1
+    sel = HiddenSelection(tokens=k, token_rule="cls_attention", keep_sep=False, width=width)
+    masks = selection_masks(sel, out.hidden_states, batch["attention_mask"], scores, batch["input_ids"] == sep_id)
+    L, D = len(probs), out.hidden_states[0].shape[-1]
+    m = math.ceil(width * D)
+    for j in (0, 3, L):
+        layer = min(j, L - 1)
+        for b in range(batch["input_ids"].shape[0]):
+            ids, real = batch["input_ids"][b].tolist(), batch["attention_mask"][b].tolist()
+            row = probs[layer][b, :, 0, :].mean(0).tolist()  # [CLS] query row, mean over heads
+            eligible = [t for t in range(len(ids)) if real[t] and ids[t] != sep_id]
+            kept = sorted(sorted(eligible, key=lambda t: (-row[t], t))[:k])
+            got = masks[j][b].any(-1).nonzero().flatten().tolist()
+            assert got == kept
+            assert all(ids[t] != sep_id for t in got)
+            for t in kept:
+                h = out.hidden_states[j][b, t].tolist()
+                dims = sorted(sorted(range(D), key=lambda d: (-abs(h[d]), d))[:m])
+                assert masks[j][b, t].nonzero().flatten().tolist() == dims
+
+
+@pytest.mark.parametrize("sel", [HiddenSelection(tokens=4, token_rule="cls_attention", width=0.1, map_top=5, top_layers=3),
+                                 HiddenSelection(tokens=6, token_rule="first", keep_sep=True),
+                                 HiddenSelection(width=0.25, width_rule="random", seed=3)])
+def test_cached_selection_gives_the_live_loss(setup, sel):  # noqa: F811
+    """The compressed cache (float32) read back gives the same hidden-state term as the live teacher with the same
+    selection, on a padded real batch; the selection actually changes the term (it is not the full one)."""
+    root, cfg, teacher, dm, student = setup
+    L = teacher.config.num_hidden_layers
+    hmap = depth_map(L, L, sel.map_top, sel.top_layers)
+    states = sorted({j for j in hmap if j is not None})
+    folder = root / f"sel{len(list(root.iterdir()))}"
+    cache = TeacherCache(build_teacher_cache(teacher, dm.splits["train"], dm.collator, folder, hidden_layers=states, attn_layers=[],
+                                             dtype="float32", selection=sel, sep_token_id=dm.tokenizer.sep_token_id))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["attention_mask"].float().mean() < 1
+    loss = KDLoss(pred=1, attn=0, hidden=1, mask_padding=True, hidden_map=hmap)
+    live_module = KDLSQModule(teacher, student, dict(cfg.task), loss, {}, selection=sel, sep_token_id=dm.tokenizer.sep_token_id)
+    with torch.no_grad():
+        live_module.teacher.eval()
+        s = live_module._outputs(student, batch)
+        t = live_module._outputs(teacher, batch, scores_for_selection=sel.needs_attention)
+        t["mask"] = batch["attention_mask"].bool()
+        sep = batch["input_ids"] == dm.tokenizer.sep_token_id
+        t["hidden_masks"] = selection_masks(sel, t["hidden_states"], batch["attention_mask"], t["attention_scores"], sep, layers=states)
+        cached = cache.lookup(batch["idx"], batch["input_ids"].shape[1])
+        _, live_parts = loss(s, t, batch["labels"])
+        _, cached_parts = loss(s, cached, batch["labels"])
+        full = KDLoss(pred=1, attn=0, hidden=1, mask_padding=True)(s, {**t, "hidden_masks": None}, batch["labels"])[1]
+    assert cached_parts["hidden"].item() == pytest.approx(live_parts["hidden"].item(), rel=1e-6)
+    assert cached_parts["pred"].item() == pytest.approx(live_parts["pred"].item(), rel=1e-6)
+    assert abs(live_parts["hidden"].item() - full["hidden"].item()) > 1e-4
+    for j in states:  # the stored entries are exactly the kept ones, and hold the teacher's values there
+        assert torch.equal(cached["hidden_masks"][j], t["hidden_masks"][j])
+        keep = t["hidden_masks"][j] if t["hidden_masks"][j].dim() == 3 else t["hidden_masks"][j][..., None].expand_as(t["hidden_states"][j])
+        assert torch.equal(cached["hidden_states"][j][keep], t["hidden_states"][j][keep])
