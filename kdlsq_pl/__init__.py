@@ -37,3 +37,4 @@ def cell_name(stage: str, method: str, task: str, quant: str, seed: int) -> str:
 
 OmegaConf.register_new_resolver("bits", bits_name, replace=True)
 OmegaConf.register_new_resolver("cell", cell_name, replace=True)
+OmegaConf.register_new_resolver("teacher_source", lambda cached: "cached" if cached else "live", replace=True)

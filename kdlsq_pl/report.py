@@ -236,6 +236,75 @@ def report(root: str | Path, out: str | Path) -> str:
     return text
 
 
+def selection_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], dict]:
+    """The minimal-knowledge study (``conf/experiment/minimal_knowledge.yaml``): one row per (task, selection,
+    teacher source) with the share of the hidden-state knowledge kept (%), the dev metric (mean +- std over seeds),
+    its difference to the full cached selection of the task, the teacher cache on disk (MB) and its ratio to the
+    full cache, and the training time per epoch (s) with the speed-up against the live teacher's. Records without a
+    ``hidden_selection`` are left out. Also returns the points for :func:`plot_selection`."""
+    rows_by: dict[tuple, list[dict]] = defaultdict(list)
+    for rec in records:
+        if rec.get("status") == "finished" and rec.get("hidden_selection"):
+            rows_by[(rec["task"], rec["hidden_selection"]["name"], rec.get("teacher_source", "cached"))].append(rec)
+    header = ["task", "selection", "teacher", "kept (%)", "metric", "vs full", "cache (MB)", "cache vs full", "s / epoch", "speed-up vs live"]
+    mean = lambda recs, key: float(pd.Series([r[key] for r in recs if r.get(key) is not None], dtype=float).mean())  # noqa: E731
+    rows, points = [], defaultdict(list)
+    for (task, name, source), recs in sorted(rows_by.items(), key=lambda kv: (kv[0][0], -mean(kv[1], "hidden_fraction"), kv[0][1])):
+        full = rows_by.get((task, "full", "cached"), [])
+        live = rows_by.get((task, "full", "live"), [])
+        m = mean(recs, "best")
+        cache = mean(recs, "teacher_cache_bytes") if source == "cached" else float("nan")
+        t = mean(recs, "fit_time_per_epoch_s")
+        rows.append([TASK_LABEL.get(task, task), name, source, f"{100 * mean(recs, 'hidden_fraction'):.2f}",
+                     fmt_cell([r["best"] for r in recs]) + f" ({recs[0].get('metric', '')})",
+                     f"{m - mean(full, 'best'):+.2f}" if full else "-",
+                     f"{cache / 1e6:.1f}" if cache == cache else "-",
+                     f"{mean(full, 'teacher_cache_bytes') / cache:.0f}x smaller" if full and cache == cache and cache > 0 else "-",
+                     f"{t:.0f}", f"{mean(live, 'fit_time_per_epoch_s') / t:.2f}x" if live and t > 0 else "-"])
+        points[task].append((name, source, 100 * mean(recs, "hidden_fraction"), m,
+                             float(pd.Series([r["best"] for r in recs]).std(ddof=1)) if len(recs) > 1 else 0.0))
+    return header, rows, {"points": dict(points)}
+
+
+def plot_selection(info: dict, path: Path) -> None:
+    """One panel per task: dev metric (mean, std over seeds as error bars) against the share of the hidden-state
+    knowledge kept (%, log scale), one point per selection, labelled; the full cached selection as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(info["points"])
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5.5 * max(len(tasks), 1), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for name, source, frac, m, std in info["points"][task]:
+            ax.errorbar([frac], [m], yerr=[std], marker="s" if source == "live" else "o", capsize=3, linestyle="none")
+            ax.annotate(f"{name}{' (live)' if source == 'live' else ''}", (frac, m), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if name == "full" and source == "cached":
+                ax.axhline(m, linestyle="--", color="gray")
+        ax.set_xscale("log")
+        ax.set_xlabel("hidden-state knowledge kept (%, log scale)")
+        ax.set_ylabel("dev metric (x100)")
+        ax.set_title(TASK_LABEL.get(task, task))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def selection_report(root: str | Path, out: str | Path) -> str:
+    """Write ``SELECTION.md`` and ``selection.png`` under ``out``; return the Markdown."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows, info = selection_table(load_records(root))
+    text = ("# Minimal hidden-state knowledge\n\nKDLSQ students distilling a part of the teacher's hidden states "
+            f"(records under `{root}`); dev metric x100, best dev value per run.\n\n" + markdown(header, rows))
+    with atomic_output(out / "SELECTION.md") as tmp:
+        tmp.write_text(text)
+    if info["points"]:
+        plot_selection(info, out / "selection.png")
+    return text
+
+
 def log_to_wandb(root: str | Path, out: str | Path, group: str | None, offline: bool = True) -> None:
     """Log the table (a W&B Table) and the plot to a W&B run of job type ``report`` in ``group``."""
     import wandb
@@ -258,12 +327,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--wandb", action="store_true", help="also log the table and plot to W&B (offline unless --online)")
     ap.add_argument("--online", action="store_true")
     ap.add_argument("--group", default=None, help="W&B group (default: the root folder's name)")
+    ap.add_argument("--study", choices=["grid", "selection"], default="grid",
+                    help="grid: RESULTS.md (method x bits); selection: the minimal hidden-state knowledge study (SELECTION.md)")
     args = ap.parse_args(argv)
     out = args.out or Path(args.root) / "report"
     if not any(Path(args.root).rglob(RESULT_FILE)):
         print(f"error: no {RESULT_FILE} under {args.root}; allowed: a folder holding run folders (set --root or KDLSQ_ROOT)",
               file=sys.stderr)
         sys.exit(2)
+    if args.study == "selection":
+        print(selection_report(args.root, out))
+        return
     print(report(args.root, out))
     if args.wandb:
         log_to_wandb(args.root, out, args.group or Path(args.root).name, offline=not args.online)

@@ -111,3 +111,46 @@ def test_cached_selection_gives_the_live_loss(setup, sel):  # noqa: F811
         assert torch.equal(cached["hidden_masks"][j], t["hidden_masks"][j])
         keep = t["hidden_masks"][j] if t["hidden_masks"][j].dim() == 3 else t["hidden_masks"][j][..., None].expand_as(t["hidden_states"][j])
         assert torch.equal(cached["hidden_states"][j][keep], t["hidden_states"][j][keep])
+
+
+def test_fraction_of_the_knowledge_by_hand():
+    sel = HiddenSelection(top_layers=1, tokens=10, token_rule="cls_attention", width=0.3)
+    # 1 state of 7, tokens min(20, 10) + min(5, 10) = 15 of 25, ceil(0.3 * 384) = 116 of 384 dimensions
+    assert sel.fraction(6, 6, [20, 5], 384) == pytest.approx(1 * 15 * 116 / (7 * 25 * 384))
+    assert HiddenSelection().fraction(6, 6, [20, 5], 384) == 1.0
+
+
+def test_selection_study_table_by_hand():
+    from kdlsq_pl.report import selection_table
+
+    def rec(name, source, best, seed, frac, cache=None, t=100.0):
+        return {"status": "finished", "task": "mrpc", "metric": "f1", "best": best, "seed": seed, "teacher_source": source,
+                "hidden_selection": {"name": name}, "hidden_fraction": frac, "teacher_cache_bytes": cache, "fit_time_per_epoch_s": t}
+
+    records = [rec("full", "cached", 86.0, 1, 1.0, 400e6, 300.0), rec("full", "cached", 85.0, 2, 1.0, 400e6, 320.0),
+               rec("min_cls_mag", "cached", 85.7, 1, 0.008, 4e6, 250.0), rec("full", "live", 85.9, 1, 1.0, None, 465.0),
+               {"status": "finished", "task": "mrpc", "best": 80.0}]  # a record of another study: left out
+    header, rows, info = selection_table(records)
+    by = {(r[1], r[2]): dict(zip(header, r)) for r in rows}
+    assert len(rows) == 3
+    full = by[("full", "cached")]
+    assert full["kept (%)"] == "100.00" and full["metric"] == "85.50 +- 0.71 (n=2) (f1)" and full["vs full"] == "+0.00"
+    assert full["cache (MB)"] == "400.0" and full["s / epoch"] == "310" and full["speed-up vs live"] == "1.50x"
+    small = by[("min_cls_mag", "cached")]
+    assert small["kept (%)"] == "0.80" and small["vs full"] == "+0.20" and small["cache vs full"] == "100x smaller"
+    assert small["speed-up vs live"] == "1.86x"
+    assert by[("full", "live")]["cache (MB)"] == "-"
+
+
+def test_study_experiment_names_each_cell_by_its_selection():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=minimal_knowledge", "hkd=min_cls_mag", "method=kdlsq_per_channel", "seed=1"],
+                      return_hydra_config=True)
+    from omegaconf import OmegaConf
+    assert cfg.hydra.sweep.subdir == "kdlsq_per_channel_w2a8_mrpc_s1_min_cls_mag_cached"
+    sel = HiddenSelection.from_config(OmegaConf.to_container(cfg.loss.selection))
+    assert (sel.top_layers, sel.tokens, sel.token_rule, sel.width) == (1, 10, "cls_attention", 0.3)
+    assert cfg.teacher_cache.enabled and cfg.loss.attn == 0.0

@@ -8,6 +8,7 @@ All start from the same teacher checkpoint and share data, insertion and evaluat
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from itertools import islice
@@ -126,6 +127,28 @@ def export_best(cfg: DictConfig, student, ckpt: str | None, teacher_dir: Path, o
             "packed_compression_ratio": fp32_file / info["packed_bytes"]}
 
 
+def knowledge_fields(cfg: DictConfig, module: KDLSQModule, dm, fit_s: float | None) -> dict:
+    """What the minimal-knowledge study reads from a record: the selection (its name and values), the share of the
+    full hidden-state knowledge it keeps on the training split (``HiddenSelection.fraction``), where the teacher's
+    outputs came from (``cached`` / ``live``) with the cache's size on disk (bytes), and the training time per epoch
+    (seconds, evaluations included). Empty for a loss without a hidden-state term."""
+    if not cfg.method.train or module.loss.weights["hidden"] == 0:
+        return {}
+    from kdlsq_pl.distill.selection import HiddenSelection
+
+    raw = OmegaConf.to_container(cfg.loss.selection, resolve=True) if cfg.loss.get("selection") else {}
+    sel = HiddenSelection.from_config(raw)
+    lengths = [len(x) for x in dm.splits["train"].with_format(None)["input_ids"]]
+    L, D = module.student.config.num_hidden_layers, module.student.config.hidden_size
+    out = {"hidden_selection": {"name": raw.get("name", "full"), **dataclasses.asdict(sel)},
+           "hidden_fraction": sel.fraction(L, L, lengths, D), "teacher_source": "cached" if module.teacher_cache else "live"}
+    if module.teacher_cache is not None:
+        out["teacher_cache_bytes"] = int(module.teacher_cache.meta["bytes"])
+    if fit_s is not None:
+        out["fit_time_per_epoch_s"] = round(fit_s / max(int(cfg.trainer.max_epochs), 1), 1)
+    return out
+
+
 def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     """Train the ``cfg.method`` student of ``cfg.task`` at ``cfg.quant`` bits; return the record's fields.
 
@@ -145,9 +168,12 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     method = cfg.method.name
     run_name = cell_name(cfg.stage, method, cfg.task.name, cfg.quant.name, cfg.seed)  # W&B run name = cell folder name
     trainer = build_trainer(cfg, out_dir, run_name, extra_callbacks=quant_callbacks(cfg) if cfg.method.train else None)
+    fit_s = None
     try:
         if cfg.method.train:
+            t_fit = time.time()
             fit(trainer, module, dm)
+            fit_s = time.time() - t_fit
             module.metrics_from_trainer()
         else:
             post_training_quantize(cfg, module, dm)
@@ -169,7 +195,7 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
         "metrics": final, "best_metrics": best, "best": best.get(metric), "final": final.get(metric),
         "size_bytes": size["size_bytes"], "fp32_bytes": size["fp32_bytes"], "compression_ratio": size["compression_ratio"],
         "checkpoint": ckpt or None,
-        "student_wall_time_s": round(time.time() - t0, 1), **protocol_fields(dm),
+        "student_wall_time_s": round(time.time() - t0, 1), **protocol_fields(dm), **knowledge_fields(cfg, module, dm, fit_s),
     }
     if cfg.export_packed and packable(module.student):
         fields.update(export_best(cfg, module.student, ckpt, teacher_dir, out_dir))
