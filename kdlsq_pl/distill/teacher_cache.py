@@ -1,7 +1,7 @@
 """Teacher-output cache: the teacher's logits, hidden states and attention scores on the training split,
 computed once per (teacher, task, max length, selection) and read back by example id.
 
-Source: the "hidden-state knowledge compression" idea (Dong et al., ACL 2021; METHODS.md section 4):
+Source: minimal hidden-state knowledge (Liu et al., ACL 2021, arXiv 2106.05691; METHODS.md section 4):
 precompute the selected teacher knowledge (which layers, which tokens) once and train without
 loading the teacher. Here every cell of a grid that shares a teacher and task reads one cache.
 
