@@ -147,7 +147,7 @@ def token_ranking(attention_mask: torch.Tensor, k: int, rule: str, cls_attn: tor
 def width_mask(hidden: torch.Tensor, fraction: float, rule: str, layer: int, seed: int = 0) -> torch.Tensor:
     """Which dimensions of each hidden vector are kept: ``[B, T, D]`` bool with ``ceil(fraction * D)`` True per vector.
 
-    ``magnitude``: the largest ``|hidden|`` per (example, token) (ties to the lower index); ``random``: one random
+    ``magnitude``: the largest ``|hidden|`` per (example, token) (exact ties: ``torch.topk``'s pick); ``random``: one random
     set of dimensions for the layer, drawn from ``seed`` and ``layer`` (the same for every token and example).
     """
     B, T, D = hidden.shape
