@@ -66,7 +66,8 @@ def run(cfg: DictConfig, validated: bool = False) -> dict:
         path, teacher = train_teacher(cfg, model_path, out_dir)
         record.update(seed=teacher["seed"], metrics=teacher["metrics"], best=teacher["value"], teacher_dir=str(path),
                       recipe_digest=teacher["recipe_digest"], **{k: teacher[k] for k in ("squad_protocol",) if k in teacher})
-        print_summary(f"teacher {cfg.task.name}", [(f"dev {k}", fmt(v)) for k, v in teacher["metrics"].items()]
+        protocol = teacher.get("squad_protocol", {}).get("protocol")  # offline-dev-split: never mistaken for official dev
+        print_summary(f"teacher {cfg.task.name}" + (f" ({protocol})" if protocol else ""), [(f"dev {k}", fmt(v)) for k, v in teacher["metrics"].items()]
                       + [("wall time (s)", f"{teacher['wall_time_s']:.0f}"), ("saved to", str(path))])
     else:
         from kdlsq_pl.stages.student import train_student
