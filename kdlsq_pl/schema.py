@@ -77,6 +77,7 @@ class Task(_Section):
     protocol: Optional[SquadProtocol] = None
     eval_fraction: Optional[Annotated[float, Gt(0), Le(0.9)]] = None
     split_seed: Optional[Index] = None
+    pred_reduction: Optional[Reduction] = None  # a task whose "classes" are positions (QA) overrides loss.pred_reduction
 
 
 class Data(_Section):

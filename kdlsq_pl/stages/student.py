@@ -76,7 +76,7 @@ def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQMo
         n_layers = int(AutoConfig.from_pretrained(str(teacher_dir)).num_hidden_layers)
         hidden_map = depth_map(n_layers, n_layers, selection.map_top, selection.top_layers)
     loss = KDLoss(pred=cfg.loss.pred, attn=cfg.loss.attn, hidden=cfg.loss.hidden, gt=cfg.loss.gt, hidden_map=hidden_map,
-                  temperature=cfg.loss.temperature, pred_reduction=cfg.loss.pred_reduction,
+                  temperature=cfg.loss.temperature, pred_reduction=cfg.task.get("pred_reduction") or cfg.loss.pred_reduction,
                   is_regression=not cfg.task.labels and cfg.task.get("kind") != "qa", regression_target=cfg.loss.regression_target,
                   mask_padding=cfg.loss.mask_padding, intermediate_epochs=cfg.loss.intermediate_epochs)
     needs_teacher = loss.uses_teacher and cfg.method.train
