@@ -21,6 +21,8 @@ log = logging.getLogger("kdlsq_pl")
 
 #: Bumped when what a teacher recipe holds changes, so teachers are never matched across formats.
 RECIPE_FORMAT = 1
+#: Task keys read by the student stage only (left out of the recipe).
+STUDENT_TASK_KEYS = ("pred_reduction",)
 
 
 def teacher_recipe(cfg: DictConfig, model_path: str) -> dict:
@@ -36,6 +38,8 @@ def teacher_recipe(cfg: DictConfig, model_path: str) -> dict:
     from kdlsq_pl.models.loading import files_digest, model_digest
 
     task = OmegaConf.to_container(cfg.task, resolve=True)
+    for key in STUDENT_TASK_KEYS:  # the student's settings: they do not shape the teacher
+        task.pop(key, None)
     glue_root = resolve_glue_dir(cfg.data.glue_dir)
     if task.get("kind") == "qa":
         data = squad_data_digest(task, cfg.data.get("squad_dir"))
