@@ -45,6 +45,7 @@ def test_squad_tasks_compose_and_pick_their_protocol(make_cfg, task, version, me
     cfg = make_cfg(f"task={task}", "quant=w2a8")
     t = OmegaConf.to_container(cfg, resolve=True)["task"]
     assert (t["kind"], t["version"], t["metrics"], t["max_length"], t["doc_stride"]) == ("qa", version, metrics, 384, 128)
+    assert t["pred_reduction"] == "batchmean"  # the span soft CE per window, whatever the padded length
     validate_student(cfg)
     if version == "1.1":
         validate(cfg)
