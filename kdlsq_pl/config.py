@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdlsq_pl import schema
 from kdlsq_pl.data.tsv import read_glue_tsv, resolve_glue_dir, task_files
 from kdlsq_pl.errors import ConfigError
-from kdlsq_pl.models.loading import resolve_model_path
+from kdlsq_pl.models.loading import is_qa, resolve_model_path
 
 #: GLUE metric names (``kdlsq_pl.metrics`` builds them).
 METRICS = schema.allowed(schema.Metric)
@@ -64,7 +64,7 @@ def validate_student(cfg: DictConfig) -> None:
     if int(cfg.loss.intermediate_epochs) > last:  # then predictions: at least one epoch of them
         raise ConfigError(f"loss.intermediate_epochs={cfg.loss.intermediate_epochs} is out of range; allowed: 0..{last}")
     _check_quant_name(cfg)
-    if cfg.teacher_cache.enabled and cfg.task.get("kind") == "qa":
+    if cfg.teacher_cache.enabled and is_qa(cfg.task):
         raise ConfigError(f"teacher_cache.enabled=true is not supported for task={cfg.task.name} (question answering: the "
                           "cache holds classifier logits); allowed: teacher_cache.enabled=false")
     if cfg.teacher_cache.enabled and not cfg.loss.mask_padding:
@@ -96,7 +96,7 @@ def _check_quant_name(cfg: DictConfig) -> None:
 def validate_data(cfg: DictConfig) -> None:
     """Find the task's local TSVs and read them once (columns and labels), or for SQuAD its protocol's local
     files; the hub is checked on load."""
-    if cfg.task.get("kind") == "qa":
+    if is_qa(cfg.task):
         from kdlsq_pl.data import squad
         squad_dir = _resolved(cfg, "data.squad_dir") if "squad_dir" in cfg.data else None
         protocol = squad.resolve_protocol(cfg.task.protocol, cfg.task.version, squad_dir)

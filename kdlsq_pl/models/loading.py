@@ -78,12 +78,21 @@ def num_labels(task: Mapping[str, Any]) -> int:
     return len(task["labels"]) or 1
 
 
+def is_qa(task: Mapping[str, Any]) -> bool:
+    """Whether the task is extractive question answering (``task.kind: qa``, SQuAD): a span head, no classes."""
+    return task.get("kind") == "qa"
+
+
+def is_regression(task: Mapping[str, Any]) -> bool:
+    """Whether the task is regression (STS-B): no ``labels`` and not question answering."""
+    return not task["labels"] and not is_qa(task)
+
+
 def task_model_class(task: Mapping[str, Any]):
     """``AutoModelForQuestionAnswering`` for ``task.kind: qa`` (SQuAD), else ``AutoModelForSequenceClassification``."""
     import transformers
 
-    qa = task.get("kind") == "qa"
-    return transformers.AutoModelForQuestionAnswering if qa else transformers.AutoModelForSequenceClassification
+    return transformers.AutoModelForQuestionAnswering if is_qa(task) else transformers.AutoModelForSequenceClassification
 
 
 def load_classifier(path: str, task: Mapping[str, Any], attn_implementation: str = "eager", head: Mapping[str, Any] | None = None) -> "PreTrainedModel":
@@ -103,10 +112,9 @@ def load_classifier(path: str, task: Mapping[str, Any], attn_implementation: str
 
     from kdlsq_pl.models.pooling import apply_pooling
 
-    if task.get("kind") == "qa":
-        from transformers import AutoModelForQuestionAnswering
+    if is_qa(task):
         try:
-            return AutoModelForQuestionAnswering.from_pretrained(path, attn_implementation=attn_implementation)
+            return task_model_class(task).from_pretrained(path, attn_implementation=attn_implementation)
         except (OSError, ValueError) as e:
             raise ConfigError(f"model {path}: cannot be loaded as a Hugging Face model ({str(e).splitlines()[0][:160]})") from None
     n = num_labels(task)

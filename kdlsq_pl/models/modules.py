@@ -25,6 +25,7 @@ from kdlsq_pl.data.glue import model_inputs
 from kdlsq_pl.metrics import build_metrics, predictions
 from kdlsq_pl.models.attention import capture_attention_scores
 from kdlsq_pl.models.layout import no_decay_parameter_names
+from kdlsq_pl.models.loading import is_qa, is_regression
 from kdlsq_pl.quant.modules import lsq_quantizers
 
 log = logging.getLogger("kdlsq_pl")
@@ -79,8 +80,7 @@ class GLUEModule(pl.LightningModule):
     def __init__(self, task: Mapping[str, Any], warmup_ratio: float = 0.0):
         super().__init__()
         self.task = dict(task)
-        self.is_qa = task.get("kind") == "qa"
-        self.is_regression = not task["labels"] and not self.is_qa
+        self.is_qa, self.is_regression = is_qa(task), is_regression(task)
         self.dev_keys = list(task["dev_files"])
         self.val_metrics = nn.ModuleList([] if self.is_qa else [build_metrics(task) for _ in self.dev_keys])
         if self.is_qa:

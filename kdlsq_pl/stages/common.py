@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdlsq_pl.data.glue import GLUEDataModule
 from kdlsq_pl.errors import ConfigError
+from kdlsq_pl.models.loading import is_qa
 
 log = logging.getLogger("kdlsq_pl")
 
@@ -27,7 +28,7 @@ def build_datamodule(cfg: DictConfig, tokenizer_path: str, batch_size: int, seed
                   limit_train_examples=cfg.data.limit_train_examples, limit_eval_examples=cfg.data.limit_eval_examples,
                   num_workers=cfg.data.num_workers, seed=cfg.seed if seed is None else seed,
                   group_by_length=cfg.data.group_by_length, padding=cfg.data.padding)
-    if task.get("kind") == "qa":
+    if is_qa(task):
         from kdlsq_pl.data.squad_module import SQuADDataModule
         return SQuADDataModule(task, tokenizer_path, cfg.data.get("squad_dir"), cfg.paths.cache_dir, **kwargs)
     return GLUEDataModule(task, tokenizer_path, cfg.data.glue_dir, cfg.paths.cache_dir, **kwargs)

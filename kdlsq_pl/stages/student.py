@@ -24,7 +24,7 @@ from kdlsq_pl.distill.teacher_cache import ensure_teacher_cache
 from kdlsq_pl.export import export_packed, load_student_checkpoint, packable
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.layout import layout_for
-from kdlsq_pl.models.loading import load_classifier
+from kdlsq_pl.models.loading import is_qa, is_regression, load_classifier
 from kdlsq_pl.models.modules import KDLSQModule
 from kdlsq_pl.report import fmt, print_summary
 from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit, protocol_fields
@@ -57,7 +57,7 @@ def check_surgery(model_path: str, quant: DictConfig, task: DictConfig | None = 
         from kdlsq_pl.models.pooling import apply_pooling
         with torch.device("meta"):
             skeleton = task_model_class(task or {}).from_config(config)
-        if task is not None and "teacher" in task and task.get("kind") != "qa":  # the head the student will have (pooler dense or not)
+        if task is not None and "teacher" in task and not is_qa(task):  # the head the student will have (pooler dense or not)
             apply_pooling(skeleton, task.teacher.pooling, task.teacher.pooler_dense)
         weight_bits_by_module(skeleton, OmegaConf.to_container(quant, resolve=True))
 
@@ -77,7 +77,7 @@ def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQMo
         hidden_map = depth_map(n_layers, n_layers, selection.map_top, selection.top_layers)
     loss = KDLoss(pred=cfg.loss.pred, attn=cfg.loss.attn, hidden=cfg.loss.hidden, gt=cfg.loss.gt, hidden_map=hidden_map,
                   temperature=cfg.loss.temperature, pred_reduction=cfg.task.get("pred_reduction") or cfg.loss.pred_reduction,
-                  is_regression=not cfg.task.labels and cfg.task.get("kind") != "qa", regression_target=cfg.loss.regression_target,
+                  is_regression=is_regression(cfg.task), regression_target=cfg.loss.regression_target,
                   mask_padding=cfg.loss.mask_padding, intermediate_epochs=cfg.loss.intermediate_epochs)
     needs_teacher = loss.uses_teacher and cfg.method.train
 

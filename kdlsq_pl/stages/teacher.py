@@ -11,7 +11,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from kdlsq_pl import cell_name
-from kdlsq_pl.models.loading import TeacherStore, load_classifier
+from kdlsq_pl.models.loading import TeacherStore, is_qa, load_classifier
 from kdlsq_pl.models.modules import TeacherModule
 from kdlsq_pl.results import git_commit
 from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit, protocol_fields, restore_best
@@ -41,7 +41,7 @@ def teacher_recipe(cfg: DictConfig, model_path: str) -> dict:
     for key in STUDENT_TASK_KEYS:  # the student's settings: they do not shape the teacher
         task.pop(key, None)
     glue_root = resolve_glue_dir(cfg.data.glue_dir)
-    if task.get("kind") == "qa":
+    if is_qa(task):
         data = squad_data_digest(task, cfg.data.get("squad_dir"))
     elif glue_root is not None:
         data = {split: files_digest([path]) for split, path in task_files(task, glue_root).items()}
