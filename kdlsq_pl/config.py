@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdlsq_pl import schema
 from kdlsq_pl.data.tsv import read_glue_tsv, resolve_glue_dir, task_files
 from kdlsq_pl.errors import ConfigError
-from kdlsq_pl.models.loading import is_qa, resolve_model_path
+from kdlsq_pl.models.loading import STUDENT_INITS, is_qa, resolve_model_path, student_init_path
 
 #: GLUE metric names (``kdlsq_pl.metrics`` builds them).
 METRICS = schema.allowed(schema.Metric)
@@ -64,7 +64,12 @@ def validate_student(cfg: DictConfig) -> None:
     if int(cfg.loss.intermediate_epochs) > last:  # then predictions: at least one epoch of them
         raise ConfigError(f"loss.intermediate_epochs={cfg.loss.intermediate_epochs} is out of range; allowed: 0..{last}")
     _check_quant_name(cfg)
-    if cfg.teacher_cache.enabled and is_qa(cfg.task):
+    student = cfg.get("student") or {}
+    if cfg.method.name == "theseus" and (student.get("init", "teacher") != "teacher" or student.get("layers")):
+        raise ConfigError(f"student.init={student.get('init')} student.layers={student.get('layers')} do not apply to method=theseus "
+                          "(it builds its successor from the teacher); allowed: method.theseus.successor_layers")
+    if student.get("init") not in (None, *STUDENT_INITS):  # a saved model directory: readable before any teacher trains
+        student_init_path(str(student.get("init")), "", "")
         raise ConfigError(f"teacher_cache.enabled=true is not supported for task={cfg.task.name} (question answering: the "
                           "cache holds classifier logits); allowed: teacher_cache.enabled=false")
     if cfg.teacher_cache.enabled and not cfg.loss.mask_padding:

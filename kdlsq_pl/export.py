@@ -259,12 +259,12 @@ def main(argv: list[str] | None = None) -> None:
     from omegaconf import OmegaConf
 
     from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
-    from kdlsq_pl.models.loading import load_classifier
+    from kdlsq_pl.models.loading import init_student
 
     run = Path(args.run)
     record = json.loads((run / "result.json").read_text())
     cfg = OmegaConf.create(record["config"])
-    student = load_classifier(record["teacher_dir"], cfg.task, attn_implementation=ATTN_IMPLEMENTATION)
+    student = init_student(cfg, record["teacher_dir"], attn_implementation=ATTN_IMPLEMENTATION)
     quant = OmegaConf.to_container(cfg.quant, resolve=True)
     quantize_(student, quant)
     load_student_checkpoint(student, record["checkpoint"])

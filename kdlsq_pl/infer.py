@@ -36,7 +36,7 @@ def load_student(run: Path):
 
     from kdlsq_pl.export import load_packed, load_student_checkpoint
     from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
-    from kdlsq_pl.models.loading import load_classifier
+    from kdlsq_pl.models.loading import init_student
     from kdlsq_pl.quant.modules import quantize_
 
     if not (run / "result.json").is_file():
@@ -53,7 +53,7 @@ def load_student(run: Path):
     if (run / "packed" / "packed.json").is_file():
         return load_packed(run / "packed"), record
     cfg = OmegaConf.create(record["config"])
-    student = load_classifier(record["teacher_dir"], cfg.task, attn_implementation=ATTN_IMPLEMENTATION)
+    student = init_student(cfg, record["teacher_dir"], attn_implementation=ATTN_IMPLEMENTATION)
     quantize_(student, OmegaConf.to_container(cfg.quant, resolve=True))
     return load_student_checkpoint(student, record["checkpoint"]).eval(), record
 

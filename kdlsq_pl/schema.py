@@ -189,6 +189,11 @@ class Theseus(_Section):
     weight_decay: NonNegative
 
 
+class Student(_Section):
+    init: str  # teacher | pretrained | a model directory (checked in kdlsq_pl.config)
+    layers: Optional[Count] = None
+
+
 class Method(_Section):
     train: bool
     theseus: Optional[Theseus] = None
@@ -210,9 +215,10 @@ class Config(_Section):
     loss: Optional[Loss] = None
     optim: Optional[Optim] = None
     teacher_cache: Optional[TeacherCache] = None
+    student: Optional[Student] = None
 
 
-STUDENT_SECTIONS = ("export_packed", "method", "quant", "loss", "optim", "teacher_cache")
+STUDENT_SECTIONS = ("export_packed", "method", "quant", "loss", "optim", "teacher_cache", "student")
 
 
 def _field_type(loc: tuple) -> Any:

@@ -114,6 +114,27 @@ def test_mixed_precision_student_records_its_bits_and_exports_them(store, tmp_pa
     assert {v["bits"] for k, v in packed.items() if "embeddings" not in k} == {2}
 
 
+def test_three_layer_w2a8_student_distils_from_the_six_layer_teacher(store, tmp_path):
+    """Depth and bits together: a KDLSQ W2A8 student of the teacher's bottom 3 layers (``student.layers=3``), its
+    hidden-state and attention terms mapped to the teacher's layers 2, 4, 6 by the uniform layer map; the packed export
+    holds 3 layers and reloads to the recorded accuracy, and ``infer`` rebuilds the same student from the record."""
+    from kdlsq_pl.export import load_packed
+    from kdlsq_pl.infer import evaluate
+    root, _, teacher = store
+    cfg = compose_cfg(tmp_path, *SMALL, "task.teacher.epochs=1", "quant=w2a8", "student.layers=3", "trainer.max_epochs=1",
+                      "trainer.limit_train_batches=1", "callbacks.model_checkpoint=null", f"teacher.store={root}/teachers")
+    record = run(cfg)
+    assert record["status"] == "finished" and record["student_layers"] == 3 and record["student_init"] == "teacher"
+    packed = load_packed(tmp_path / "out" / "packed")
+    assert packed.config.num_hidden_layers == 3 and len(packed.bert.encoder.layer) == 3
+    from kdlsq_pl.models.loading import load_classifier
+    six = load_classifier(record["teacher_dir"], cfg.task)  # the FP32 size by hand: the teacher less three of its layers
+    full = sum(p.numel() for p in six.parameters()) - 3 * sum(p.numel() for p in six.bert.encoder.layer[0].parameters())
+    assert record["packed_compression_ratio"] > 18 and record["fp32_bytes"] == 4 * full  # against the 6-layer teacher's file
+    assert record["best"] == pytest.approx(hand_dev_accuracy(packed, record["teacher_dir"]), abs=1e-6)
+    assert evaluate(tmp_path / "out", "fake", limit=32)["dev"]["metrics"]["acc"] == pytest.approx(record["best"], abs=1e-6)
+
+
 def test_infer_reproduces_the_recorded_metric_and_labels_a_pair(store, tmp_path):
     from kdlsq_pl.infer import evaluate, label_text
     root, _, _ = store

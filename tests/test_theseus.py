@@ -101,3 +101,48 @@ def test_successor_layers_must_divide_the_predecessor(predecessor):
     with pytest.raises(ConfigError, match=r"successor_layers=4 does not divide the predecessor's 6 layers; allowed: 1, 2, 3, 6"):
         theseus_(copy.deepcopy(predecessor), 4, k=0.0, b=0.3)
     assert isinstance(theseus_(copy.deepcopy(predecessor), 2, k=0.0, b=0.3), TheseusEncoder)
+
+
+# --- the shallow students of the paper's baselines and of depth + bits (student.init, student.layers) ---
+
+def test_shallow_student_is_the_pretrained_models_bottom_layers(minilm_path, batch, tmp_path):
+    """``student.init=pretrained student.layers=3``: the encoder is the checkpoint's first three layers, read back from
+    the safetensors file, and its output is the full pretrained model's hidden state after layer 3 (a peer forward of
+    Hugging Face's untouched 6-layer model); the new head pools as the task's teacher recipe."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from conftest import compose_cfg
+    from kdlsq_pl.models.loading import init_student
+
+    cfg = compose_cfg(tmp_path, "task=rte", "method=shallow_kd")
+    assert cfg.student.init == "pretrained" and cfg.student.layers == 3 and cfg.quant.name == "fp32"
+    student = init_student(cfg, teacher_dir="unused: the pretrained checkpoint is read").eval()
+    assert student.config.num_hidden_layers == 3 and len(student.bert.encoder.layer) == 3
+    raw = load_file(f"{minilm_path}/model.safetensors")
+    prefix = "" if any(k.startswith("encoder.") for k in raw) else "bert."
+    for name, p in student.bert.encoder.named_parameters():
+        assert torch.equal(p, raw[f"{prefix}encoder.{name}"]), name
+    assert not any(k.startswith(f"{prefix}encoder.layer.3.") for k, _ in student.state_dict().items())
+    full = AutoModel.from_pretrained(minilm_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = full(**batch, output_hidden_states=True).hidden_states[3]
+        got = student.bert(**batch).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_student_init_and_layers_refused_in_one_line(tmp_path):
+    from conftest import compose_cfg
+    from kdlsq_pl.models.loading import init_student
+
+    with pytest.raises(ConfigError, match=r"^student.layers=7 is out of range; allowed: 1..6"):
+        init_student(compose_cfg(tmp_path, "task=rte", "method=shallow_kd", "student.layers=7"), teacher_dir="unused")
+    with pytest.raises(ConfigError, match=r"^student.init='/nonexistent/successor' is not allowed; allowed: teacher, pretrained or a saved model"):
+        init_student(compose_cfg(tmp_path, "task=rte", "student.init=/nonexistent/successor"), teacher_dir="unused")
+    from kdlsq_pl.config import validate
+    with pytest.raises(ConfigError, match=r"^student.layers=0 is out of range"):
+        validate(compose_cfg(tmp_path, "task=rte", "student.layers=0"))
+    with pytest.raises(ConfigError, match=r"^student.init='/nonexistent/successor' is not allowed"):  # before any teacher trains
+        validate(compose_cfg(tmp_path, "task=rte", "student.init=/nonexistent/successor"))
+    with pytest.raises(ConfigError, match=r"^student.init=teacher student.layers=2 do not apply to method=theseus"):
+        validate(compose_cfg(tmp_path, "task=rte", "method=theseus", "student.layers=2"))

@@ -128,6 +128,67 @@ def load_classifier(path: str, task: Mapping[str, Any], attn_implementation: str
     return apply_pooling(model, head.get("pooling"), head.get("pooler_dense"))
 
 
+STUDENT_INITS = ("teacher", "pretrained")
+
+
+def keep_bottom_layers_(model: "PreTrainedModel", n: int, what: str = "student.layers") -> "PreTrainedModel":
+    """Keep the bottom ``n`` encoder layers of a BERT-layout model (``base_model.encoder.layer``), in place, and set
+    ``config.num_hidden_layers = n``: the shallow student of BERT-of-Theseus' baselines (fine-tuning the bottom
+    layers, vanilla KD) and of PKD (Sun et al., 2019), initialised from the first layers. Returns ``model``.
+
+    Raises:
+        ConfigError: ``n`` outside ``1..L`` (L the model's layers), or a model without ``encoder.layer``.
+    """
+    from torch import nn
+
+    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ConfigError(f"{what}={n}: model type {model.config.model_type!r} has no encoder.layer list; allowed: bert, roberta")
+    if not 1 <= int(n) <= len(layers):
+        raise ConfigError(f"{what}={n} is out of range; allowed: 1..{len(layers)} (the model's encoder layers)")
+    model.base_model.encoder.layer = nn.ModuleList(list(layers)[:int(n)])
+    model.config.num_hidden_layers = int(n)
+    return model
+
+
+def student_init_path(init: str, teacher_dir: str | Path, model_path: str) -> tuple[str, bool]:
+    """Where a student's weights start (``student.init``): ``(path, new_head)``. ``teacher``: the fine-tuned teacher
+    (its head and pooling); ``pretrained``: ``model_path`` (the pretrained checkpoint), with a new head pooled as
+    the teacher's recipe; any other value: a saved Hugging Face classifier directory (e.g. a theseus run's
+    ``successor/``), its own head.
+
+    Raises:
+        ConfigError: ``init`` is neither a known value nor a readable model directory.
+    """
+    if init == "teacher":
+        return str(teacher_dir), False
+    if init == "pretrained":
+        return str(model_path), True
+    path = Path(str(init)).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"student.init={init!r} is not allowed; allowed: {', '.join(STUDENT_INITS)} or a saved model directory")
+    check_model_dir(path, f"student.init={init}")
+    return str(path), False
+
+
+def init_student(cfg: Any, teacher_dir: str | Path, attn_implementation: str = "eager") -> "PreTrainedModel":
+    """The student model of a run's config, before any quantizer: loaded from ``cfg.student.init`` (see
+    :func:`student_init_path`; default a copy of the teacher in ``teacher_dir``) and cut to its bottom
+    ``cfg.student.layers`` encoder layers when set. A config without a ``student`` section (records written
+    before it existed) loads the teacher.
+
+    Raises:
+        ConfigError: a bad ``student.init`` or ``student.layers`` (one line naming it).
+    """
+    student = cfg.get("student") or {}
+    init, layers = student.get("init") or "teacher", student.get("layers")
+    model_path = resolve_model_path(str(cfg["model"]["name_or_path"])) if init == "pretrained" else ""
+    path, new_head = student_init_path(init, teacher_dir, model_path)
+    head = dict(cfg["task"]["teacher"]) if new_head and "teacher" in cfg["task"] else None
+    model = load_classifier(path, cfg["task"], attn_implementation=attn_implementation, head=head)
+    return keep_bottom_layers_(model, layers) if layers else model
+
+
 def files_digest(paths: list[Path]) -> str:
     """SHA-1 (16 hex characters) over the names and bytes of ``paths`` in the given order (absent ones skipped)."""
     h = hashlib.sha1()

@@ -24,7 +24,7 @@ from kdlsq_pl.distill.teacher_cache import ensure_teacher_cache
 from kdlsq_pl.export import export_packed, load_student_checkpoint, packable
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.layout import layout_for
-from kdlsq_pl.models.loading import is_qa, is_regression, load_classifier
+from kdlsq_pl.models.loading import is_qa, is_regression, init_student, load_classifier
 from kdlsq_pl.models.modules import KDLSQModule
 from kdlsq_pl.report import fmt, print_summary
 from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit, protocol_fields
@@ -63,7 +63,7 @@ def check_surgery(model_path: str, quant: DictConfig, task: DictConfig | None = 
 
 
 def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQModule:
-    """Student (a load of the fine-tuned teacher checkpoint), the loss, and the teacher if the loss needs it:
+    """Student (``init_student``: by default a load of the fine-tuned teacher checkpoint), the loss, and the teacher if the loss needs it:
     live, or with ``teacher_cache.enabled`` its outputs on ``dm``'s training split, computed once and
     read from disk (no teacher in memory while training)."""
     from transformers import AutoConfig
@@ -91,7 +91,8 @@ def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQMo
                                      hidden=loss.weights["hidden"] > 0, attn=loss.weights["attn"] > 0,
                                      selection=selection, hidden_map=hidden_map)
     teacher = load() if needs_teacher and cache is None else None
-    return KDLSQModule(teacher, load(), OmegaConf.to_container(cfg.task, resolve=True), loss,
+    student = init_student(cfg, teacher_dir, attn_implementation=ATTN_IMPLEMENTATION)
+    return KDLSQModule(teacher, student, OmegaConf.to_container(cfg.task, resolve=True), loss,
                        OmegaConf.to_container(cfg.optim, resolve=True), teacher_cache=cache, selection=selection,
                        sep_token_id=dm.tokenizer.sep_token_id if dm is not None else None)
 
@@ -195,6 +196,7 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
         "metrics": final, "best_metrics": best, "best": best.get(metric), "final": final.get(metric),
         "size_bytes": size["size_bytes"], "fp32_bytes": size["fp32_bytes"], "compression_ratio": size["compression_ratio"],
         "checkpoint": ckpt or None,
+        "student_init": str(cfg.student.init), "student_layers": int(module.student.config.num_hidden_layers),
         "student_wall_time_s": round(time.time() - t0, 1), **protocol_fields(dm), **knowledge_fields(cfg, module, dm, fit_s),
     }
     if cfg.export_packed and packable(module.student):
