@@ -98,6 +98,25 @@ def test_baselines_experiment_and_method_cells():
     assert cell_name("teacher", "ptq", "rte", "w2a8", 3) == "teacher_rte_s3"
 
 
+def test_theseus_experiments_chain_successor_to_kdlsq_student(tmp_path):
+    """The 3-layer W2A8 student of ``experiment=theseus_w2a8`` starts from the successor that ``experiment=theseus``
+    writes for the same task and seed: ``student.init`` is that cell's ``successor/`` folder in the same grid."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from kdlsq_pl import cell_name
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        grid = compose("config", overrides=[f"paths.root_dir={tmp_path}", "experiment=theseus"], return_hydra_config=True)
+        w2 = compose("config", overrides=[f"paths.root_dir={tmp_path}", "experiment=theseus_w2a8"], return_hydra_config=True)
+        student = compose("config", overrides=[f"paths.root_dir={tmp_path}", "method=kdlsq_successor", "task=stsb", "seed=2"])
+    assert grid.hydra.sweeper.params.method == "theseus,shallow_ft,shallow_kd" and grid.trainer.max_epochs == 10
+    assert w2.hydra.sweep.dir == grid.hydra.sweep.dir == f"{tmp_path}/outputs/grid/theseus" and w2.trainer.max_epochs == 3
+    assert student.student.init == f"{grid.hydra.sweep.dir}/{cell_name('student', 'theseus', 'stsb', 'fp32', 2)}/successor"
+    assert student.quant.weight.per_channel and student.teacher_cache.enabled and student.student.layers is None
+    with pytest.raises(ConfigError, match=r"^student.init='.*/theseus_fp32_stsb_s2/successor' is not allowed"):
+        validate_student(student)  # not trained yet: refused before any teacher is
+
+
 def test_slurm_launcher_composes():
     from hydra import compose, initialize_config_dir
 

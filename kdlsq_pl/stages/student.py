@@ -188,13 +188,16 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     finally:
         finish_loggers(trainer)
     metric = cfg.task.metric
+    fp32 = size["fp32_bytes"]  # the FP32 reference is the teacher: a shallower student is measured against it
+    if cfg.student.layers or cfg.student.init != "teacher":
+        fp32 = model_size_bytes(load_classifier(str(teacher_dir), cfg.task))["fp32_bytes"]
     ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
     fields = {
         "bits": {k: int(cfg.quant[k]) for k in ("weight_bits", "embedding_bits", "act_bits")},
         "bit_overrides": OmegaConf.to_container(cfg.quant.overrides) if cfg.quant.get("overrides") else {}, "avg_weight_bits": size["avg_weight_bits"],
         "teacher_metric": teacher.get("value"), "teacher_metrics": teacher.get("metrics"), "teacher_dir": str(teacher_dir),
         "metrics": final, "best_metrics": best, "best": best.get(metric), "final": final.get(metric),
-        "size_bytes": size["size_bytes"], "fp32_bytes": size["fp32_bytes"], "compression_ratio": size["compression_ratio"],
+        "size_bytes": size["size_bytes"], "fp32_bytes": fp32, "compression_ratio": fp32 / size["size_bytes"],
         "checkpoint": ckpt or None,
         "student_init": str(cfg.student.init), "student_layers": int(module.student.config.num_hidden_layers),
         "student_wall_time_s": round(time.time() - t0, 1), **protocol_fields(dm), **knowledge_fields(cfg, module, dm, fit_s),
