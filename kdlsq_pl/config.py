@@ -70,6 +70,7 @@ def validate_student(cfg: DictConfig) -> None:
                           "(it builds its successor from the teacher); allowed: method.theseus.successor_layers")
     if student.get("init") not in (None, *STUDENT_INITS):  # a saved model directory: readable before any teacher trains
         student_init_path(str(student.get("init")), "", "")
+    if cfg.teacher_cache.enabled and is_qa(cfg.task):
         raise ConfigError(f"teacher_cache.enabled=true is not supported for task={cfg.task.name} (question answering: the "
                           "cache holds classifier logits); allowed: teacher_cache.enabled=false")
     if cfg.teacher_cache.enabled and not cfg.loss.mask_padding:
