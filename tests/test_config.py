@@ -109,7 +109,7 @@ def test_theseus_experiments_chain_successor_to_kdlsq_student(tmp_path):
         grid = compose("config", overrides=[f"paths.root_dir={tmp_path}", "experiment=theseus"], return_hydra_config=True)
         w2 = compose("config", overrides=[f"paths.root_dir={tmp_path}", "experiment=theseus_w2a8"], return_hydra_config=True)
         student = compose("config", overrides=[f"paths.root_dir={tmp_path}", "method=kdlsq_successor", "task=stsb", "seed=2"])
-    assert grid.hydra.sweeper.params.method == "theseus,shallow_ft,shallow_kd" and grid.trainer.max_epochs == 10
+    assert grid.hydra.sweeper.params.method == "theseus,shallow_ft,shallow_kd" and grid.trainer.max_epochs == 3
     assert w2.hydra.sweep.dir == grid.hydra.sweep.dir == f"{tmp_path}/outputs/grid/theseus" and w2.trainer.max_epochs == 3
     assert student.student.init == f"{grid.hydra.sweep.dir}/{cell_name('student', 'theseus', 'stsb', 'fp32', 2)}/successor"
     assert student.quant.weight.per_channel and student.teacher_cache.enabled and student.student.layers is None
