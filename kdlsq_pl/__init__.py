@@ -1,10 +1,11 @@
 """kdlsq-pl: KDLSQ quantization-aware distillation of BERT-family models with PyTorch Lightning.
 
-Importing the package registers the OmegaConf resolvers that ``conf/`` uses (``bits``, ``cell``).
+Importing the package registers the OmegaConf resolvers that ``conf/`` uses (``bits``, ``cell``, ``fresh_dir``).
 """
 
 import hashlib
 import json
+import os
 from typing import Any, Mapping
 
 from omegaconf import OmegaConf
@@ -35,6 +36,35 @@ def cell_name(stage: str, method: str, task: str, quant: str, seed: int) -> str:
     return f"{'' if method == 'kdlsq' else method + '_'}{quant}_{task}_s{seed}"
 
 
+_CLAIMED: dict[str, str] = {}
+
+
+def fresh_dir(base: str) -> str:
+    """A run folder no other run holds: ``base`` itself, or ``base_2``, ``base_3`` ... when a run started in the same
+    second under the same name already made it (two runs of one cell launched together would otherwise write into
+    one folder and overwrite each other's config, log and checkpoints). The folder is created here by ``os.makedirs``,
+    which fails when it exists, so two processes never claim the same one; within a process the same ``base`` gets
+    the same answer (Hydra resolves its run folder more than once).
+
+    Raises:
+        OSError: the parent folder cannot be created (permissions, disk).
+    """
+    base = str(base)
+    if base not in _CLAIMED:
+        for n in range(1, 10_000):
+            path = base if n == 1 else f"{base}_{n}"
+            try:
+                os.makedirs(path)
+            except FileExistsError:
+                continue
+            _CLAIMED[base] = path
+            break
+        else:
+            raise FileExistsError(f"{base}: 9999 folders of this name exist; allowed: a hydra.run.dir of your own")
+    return _CLAIMED[base]
+
+
 OmegaConf.register_new_resolver("bits", bits_name, replace=True)
+OmegaConf.register_new_resolver("fresh_dir", fresh_dir, replace=True)
 OmegaConf.register_new_resolver("cell", cell_name, replace=True)
 OmegaConf.register_new_resolver("teacher_source", lambda cached: "cached" if cached else "live", replace=True)
