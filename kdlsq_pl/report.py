@@ -57,11 +57,14 @@ def fmt_cell(values: Iterable[float], n_expected: int | None = None) -> str:
 
 def bits_label(rec: dict) -> str:
     """``2-2-8`` (weight, embedding, activation bits); a mixed-precision model (``bit_overrides`` in its record)
-    adds its average bits per weight: ``2-2-8, mixed (2.41 avg)``."""
+    adds its average bits per weight: ``2-2-8, mixed (2.41 avg)``; a student shallower than its teacher
+    (``student_layers`` < ``teacher_layers``) its depth: ``32-32-32, 3 layers``."""
     b = rec.get("bits") or {}
     label = f"{b.get('weight_bits', '?')}-{b.get('embedding_bits', '?')}-{b.get('act_bits', '?')}"
     if rec.get("bit_overrides") and rec.get("avg_weight_bits") is not None:
         label += f", mixed ({rec['avg_weight_bits']:.2f} avg)"
+    if rec.get("student_layers") and rec.get("teacher_layers") and rec["student_layers"] < rec["teacher_layers"]:
+        label += f", {rec['student_layers']} layers"  # a shallower student (theseus, shallow_ft/kd, student.layers)
     return label
 
 

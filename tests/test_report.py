@@ -90,3 +90,17 @@ def test_mixed_precision_row_shows_its_average_bits_and_packed_file(tmp_path):
     assert rows["kdlsq w2a8_emb4"][1] == "2-2-8, mixed (3.06 avg)" and rows["kdlsq w2a8_emb4"][3] == "11.90"
     assert rows["kdlsq w2a8"][1] == "2-2-8" and rows["kdlsq w2a8"][3] == "6.05"
     assert list(rows)[1:] == ["teacher (FP32)", "kdlsq w2a8_emb4", "kdlsq w2a8"]  # by (average) weight bits, highest first
+
+
+def test_shallow_students_show_their_depth(tmp_path):
+    root = tmp_path / "outputs"
+    write(root, "six", **student("mrpc", "w2a8", 2, 1, 84.0, 86.0), student_layers=6, teacher_layers=6)
+    three = student("mrpc", "w2a8", 2, 1, 81.0, 86.0) | {"method": "kdlsq_successor"}
+    write(root, "three", **three, student_layers=3, teacher_layers=6)
+    fp = student("mrpc", "fp32", 32, 1, 84.2, 86.0) | {"method": "theseus", "size_bytes": 69_562_376.0, "compression_ratio": 1.31,
+                                                         "bits": {"weight_bits": 32, "embedding_bits": 32, "act_bits": 32}}
+    write(root, "theseus", **fp, student_layers=3, teacher_layers=6)
+    text = report(root, tmp_path / "rep")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[1:] if line.startswith("| ") and "---" not in line}
+    assert rows["kdlsq w2a8"][1] == "2-2-8" and rows["kdlsq_successor w2a8"][1] == "2-2-8, 3 layers"
+    assert rows["theseus fp32"][1:3] == ["32-32-32, 3 layers", "69.6"] and rows["theseus fp32"][4] == "1.3x"

@@ -188,6 +188,8 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     finally:
         finish_loggers(trainer)
     metric = cfg.task.metric
+    from transformers import AutoConfig
+
     fp32 = size["fp32_bytes"]  # the FP32 reference is the teacher: a shallower student is measured against it
     if cfg.student.layers or cfg.student.init != "teacher":
         fp32 = model_size_bytes(load_classifier(str(teacher_dir), cfg.task))["fp32_bytes"]
@@ -200,6 +202,7 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
         "size_bytes": size["size_bytes"], "fp32_bytes": fp32, "compression_ratio": fp32 / size["size_bytes"],
         "checkpoint": ckpt or None,
         "student_init": str(cfg.student.init), "student_layers": int(module.student.config.num_hidden_layers),
+        "teacher_layers": int(AutoConfig.from_pretrained(str(teacher_dir)).num_hidden_layers),
         "student_wall_time_s": round(time.time() - t0, 1), **protocol_fields(dm), **knowledge_fields(cfg, module, dm, fit_s),
     }
     if cfg.export_packed and packable(module.student):

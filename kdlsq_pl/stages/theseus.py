@@ -65,6 +65,7 @@ def train_theseus(cfg: DictConfig, teacher_dir: Path, teacher: Mapping[str, Any]
         "metrics": final, "best_metrics": best, "best": best.get(metric), "final": final.get(metric),
         "size_bytes": size["size_bytes"], "fp32_bytes": teacher_bytes, "compression_ratio": teacher_bytes / size["size_bytes"],
         "successor_layers": int(th.successor_layers), "successor_dir": str(out_dir / "successor"), "checkpoint": ckpt,
+        "student_layers": int(th.successor_layers), "teacher_layers": len(model.base_model.encoder.predecessor),
         "student_wall_time_s": round(time.time() - t0, 1),
     }
     print_summary(f"theseus {th.successor_layers}-layer successor on {cfg.task.name} ({metric}, dev)", [
