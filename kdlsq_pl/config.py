@@ -70,12 +70,37 @@ def validate_student(cfg: DictConfig) -> None:
                           "(it builds its successor from the teacher); allowed: method.theseus.successor_layers")
     if student.get("init") not in (None, *STUDENT_INITS):  # a saved model directory: readable before any teacher trains
         student_init_path(str(student.get("init")), "", "")
+    if (student.get("layers") or student.get("init") not in (None, "teacher")) and not cfg.method.train:
+        raise ConfigError(f"student.init={student.get('init')} student.layers={student.get('layers')} need a trained student; "
+                          f"method={cfg.method.name} evaluates the teacher untrained; allowed: student.init=teacher student.layers=null")
+    if student.get("layers"):
+        _check_student_layers(cfg, int(student.get("layers")))
     if cfg.teacher_cache.enabled and is_qa(cfg.task):
         raise ConfigError(f"teacher_cache.enabled=true is not supported for task={cfg.task.name} (question answering: the "
                           "cache holds classifier logits); allowed: teacher_cache.enabled=false")
     if cfg.teacher_cache.enabled and not cfg.loss.mask_padding:
         raise ConfigError("loss.mask_padding=false is not allowed with teacher_cache.enabled=true: "
                           "the cache stores no padded positions; allowed: loss.mask_padding=true")
+
+
+def _check_student_layers(cfg: DictConfig, n: int) -> None:
+    """``student.layers`` against the depth of a local ``model.name_or_path`` (the teacher's): at most its layers, and
+    a divisor of them when hidden-state or attention terms map student layer i to teacher layer i L / n
+    (``losses.layer_map``). A hub id is checked when the model is loaded."""
+    import json
+
+    path = Path(resolve_model_path(_resolved(cfg, "model.name_or_path"))) / "config.json"
+    if not path.is_file():
+        return
+    L = int(json.loads(path.read_text(encoding="utf-8")).get("num_hidden_layers", 0)) or None
+    if L is None:
+        return
+    if n > L:
+        raise ConfigError(f"student.layers={n} is out of range; allowed: 1..{L} (the teacher's encoder layers)")
+    if L % n and (float(cfg.loss.hidden) > 0 or float(cfg.loss.attn) > 0):
+        raise ConfigError(f"student.layers={n} does not divide the teacher's {L} layers (the hidden-state and attention terms map "
+                          f"student layer i to teacher layer i*{L}/n); allowed: {', '.join(str(d) for d in range(1, L + 1) if L % d == 0)}, "
+                          "or loss.hidden=0 loss.attn=0")
 
 
 def _check_quant_name(cfg: DictConfig) -> None:

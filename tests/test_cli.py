@@ -81,7 +81,7 @@ CASES = [
     (["keep_freed_memory=1"], r"keep_freed_memory=1 is not allowed; allowed: True, False"),
     (["model.name_or_path=/tmp"], r"model.name_or_path=/tmp: not a Hugging Face model directory"),
     (["quant.weight.init=magic"], r"quant.weight.init='magic' is not allowed; allowed: lsq, percentile, kl, minmax"),
-    (["method=gptq"], r"method=gptq is not a known option; allowed: kdlsq, kdlsq_per_channel, lsq, ptq, q8bert, shallow_ft, shallow_kd, ternarybert, theseus"),
+    (["method=gptq"], r"method=gptq is not a known option; allowed: kdlsq, kdlsq_per_channel, kdlsq_successor, lsq, ptq, q8bert, shallow_ft, shallow_kd, ternarybert, theseus"),
     (["quant.act.quantizer=twn"], r"quant.act.quantizer='twn' is not allowed; allowed: lsq, dynamic_max, ema_max"),
     (["method=ternarybert", "quant.act.clip=-2.5"], r"quant.act.clip=-2.5 is out of range; allowed: > 0"),
     (["method=q8bert", "quant.act.ema_decay=1.5"], r"quant.act.ema_decay=1.5 is out of range; allowed: 0..0.999999"),

@@ -37,5 +37,8 @@ def test_two_runs_started_together_keep_their_own_config(tmp_path):
     assert [p.returncode for p in procs] == [2, 2], outs
     folders = sorted((tmp_path / "outputs" / "runs").glob("*/*_teacher_rte_s42*"))
     assert len(folders) == 2, folders
+    stamps = {f.name.split("_")[0] for f in folders}
+    if len(stamps) == 1:  # started in the same second (the usual case): the second claimant got <name>_2
+        assert [f.name.endswith("_2") for f in folders] == [False, True], folders
     lrs = sorted(next(line for line in (f / ".hydra" / "overrides.yaml").read_text().splitlines() if "lr" in line) for f in folders)
     assert lrs == ["- task.teacher.lr=-1.0", "- task.teacher.lr=-2.0"]

@@ -146,3 +146,25 @@ def test_student_init_and_layers_refused_in_one_line(tmp_path):
         validate(compose_cfg(tmp_path, "task=rte", "student.init=/nonexistent/successor"))
     with pytest.raises(ConfigError, match=r"^student.init=teacher student.layers=2 do not apply to method=theseus"):
         validate(compose_cfg(tmp_path, "task=rte", "method=theseus", "student.layers=2"))
+    with pytest.raises(ConfigError, match=r"^student.layers=4 does not divide the teacher's 6 layers.*allowed: 1, 2, 3, 6, or loss.hidden=0"):
+        validate(compose_cfg(tmp_path, "task=rte", "quant=w2a8", "student.layers=4"))
+    validate(compose_cfg(tmp_path, "task=rte", "method=shallow_kd", "student.layers=4"))  # logits only: any depth
+    with pytest.raises(ConfigError, match=r"^student.layers=9 is out of range; allowed: 1..6"):
+        validate(compose_cfg(tmp_path, "task=rte", "student.layers=9"))
+    with pytest.raises(ConfigError, match=r"^student.init=teacher student.layers=3 need a trained student; method=ptq"):
+        validate(compose_cfg(tmp_path, "task=rte", "method=ptq", "student.layers=3"))
+
+
+def test_shallow_kd_distils_regression_from_the_teacher(tmp_path):
+    """On STS-B the vanilla-KD baseline's prediction term is the MSE to the teacher's score, so it loads a teacher
+    (with the default ``regression_target: label`` it would be the fine-tuning baseline under another name)."""
+    from conftest import compose_cfg
+    from kdlsq_pl.distill.losses import KDLoss
+
+    cfg = compose_cfg(tmp_path, "task=stsb", "method=shallow_kd")
+    loss = KDLoss(pred=cfg.loss.pred, attn=cfg.loss.attn, hidden=cfg.loss.hidden, gt=cfg.loss.gt, is_regression=True,
+                  regression_target=cfg.loss.regression_target)
+    assert loss.uses_teacher
+    ft = compose_cfg(tmp_path, "task=stsb", "method=shallow_ft")
+    assert not KDLoss(pred=ft.loss.pred, attn=ft.loss.attn, hidden=ft.loss.hidden, gt=ft.loss.gt, is_regression=True,
+                      regression_target=ft.loss.regression_target).uses_teacher

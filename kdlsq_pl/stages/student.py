@@ -71,10 +71,11 @@ def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQMo
     from kdlsq_pl.distill.selection import HiddenSelection, depth_map
 
     selection = HiddenSelection.from_config(OmegaConf.to_container(cfg.loss.selection, resolve=True) if cfg.loss.get("selection") else None)
+    student = init_student(cfg, teacher_dir, attn_implementation=ATTN_IMPLEMENTATION)
     hidden_map = None
-    if not selection.is_full:  # minimal hidden-state knowledge: the depth map (the student is the teacher's depth)
-        n_layers = int(AutoConfig.from_pretrained(str(teacher_dir)).num_hidden_layers)
-        hidden_map = depth_map(n_layers, n_layers, selection.map_top, selection.top_layers)
+    if not selection.is_full:  # minimal hidden-state knowledge: the depth map from the student's layers to the teacher's
+        n_teacher = int(AutoConfig.from_pretrained(str(teacher_dir)).num_hidden_layers)
+        hidden_map = depth_map(int(student.config.num_hidden_layers), n_teacher, selection.map_top, selection.top_layers)
     loss = KDLoss(pred=cfg.loss.pred, attn=cfg.loss.attn, hidden=cfg.loss.hidden, gt=cfg.loss.gt, hidden_map=hidden_map,
                   temperature=cfg.loss.temperature, pred_reduction=cfg.task.get("pred_reduction") or cfg.loss.pred_reduction,
                   is_regression=is_regression(cfg.task), regression_target=cfg.loss.regression_target,
@@ -91,7 +92,6 @@ def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQMo
                                      hidden=loss.weights["hidden"] > 0, attn=loss.weights["attn"] > 0,
                                      selection=selection, hidden_map=hidden_map)
     teacher = load() if needs_teacher and cache is None else None
-    student = init_student(cfg, teacher_dir, attn_implementation=ATTN_IMPLEMENTATION)
     return KDLSQModule(teacher, student, OmegaConf.to_container(cfg.task, resolve=True), loss,
                        OmegaConf.to_container(cfg.optim, resolve=True), teacher_cache=cache, selection=selection,
                        sep_token_id=dm.tokenizer.sep_token_id if dm is not None else None)
@@ -128,7 +128,7 @@ def export_best(cfg: DictConfig, student, ckpt: str | None, teacher_dir: Path, o
             "packed_compression_ratio": fp32_file / info["packed_bytes"]}
 
 
-def knowledge_fields(cfg: DictConfig, module: KDLSQModule, dm, fit_s: float | None) -> dict:
+def knowledge_fields(cfg: DictConfig, module: KDLSQModule, dm, fit_s: float | None, teacher_dir: Path) -> dict:
     """What the minimal-knowledge study reads from a record: the selection (its name and values), the share of the
     full hidden-state knowledge it keeps on the training split (``HiddenSelection.fraction``), where the teacher's
     outputs came from (``cached`` / ``live``) with the cache's size on disk (bytes), and the training time per epoch
@@ -140,9 +140,12 @@ def knowledge_fields(cfg: DictConfig, module: KDLSQModule, dm, fit_s: float | No
     raw = OmegaConf.to_container(cfg.loss.selection, resolve=True) if cfg.loss.get("selection") else {}
     sel = HiddenSelection.from_config(raw)
     lengths = [len(x) for x in dm.splits["train"].with_format(None)["input_ids"]]
+    from transformers import AutoConfig
+
     L, D = module.student.config.num_hidden_layers, module.student.config.hidden_size
+    L_t = int(AutoConfig.from_pretrained(str(teacher_dir)).num_hidden_layers)
     out = {"hidden_selection": {"name": raw.get("name", "full"), **dataclasses.asdict(sel)},
-           "hidden_fraction": sel.fraction(L, L, lengths, D), "teacher_source": "cached" if module.teacher_cache else "live"}
+           "hidden_fraction": sel.fraction(L, L_t, lengths, D), "teacher_source": "cached" if module.teacher_cache else "live"}
     if module.teacher_cache is not None:
         out["teacher_cache_bytes"] = int(module.teacher_cache.meta["bytes"])
     if fit_s is not None:
@@ -203,7 +206,7 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
         "checkpoint": ckpt or None,
         "student_init": str(cfg.student.init), "student_layers": int(module.student.config.num_hidden_layers),
         "teacher_layers": int(AutoConfig.from_pretrained(str(teacher_dir)).num_hidden_layers),
-        "student_wall_time_s": round(time.time() - t0, 1), **protocol_fields(dm), **knowledge_fields(cfg, module, dm, fit_s),
+        "student_wall_time_s": round(time.time() - t0, 1), **protocol_fields(dm), **knowledge_fields(cfg, module, dm, fit_s, teacher_dir),
     }
     if cfg.export_packed and packable(module.student):
         fields.update(export_best(cfg, module.student, ckpt, teacher_dir, out_dir))
