@@ -103,8 +103,10 @@ def build_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], di
             if rec.get("fp32_file_bytes"):
                 meta.setdefault(TEACHER, {})["file"] = rec["fp32_file_bytes"]
         key = f"{rec.get('method', 'kdlsq')} {rec.get('quant', '?')}"
-        if key not in meta or (meta[key]["size"] is None and rec.get("size_bytes")):  # a failed record has no size or bits
-            meta[key] = {"bits": bits_label(rec), "size": rec.get("size_bytes"), "ratio": rec.get("compression_ratio"),
+        label = bits_label(rec)
+        if (key not in meta or (meta[key]["size"] is None and rec.get("size_bytes"))  # a failed record has no size or bits
+                or ("layers" in label and "layers" not in meta[key]["bits"])):  # records older than the depth fields
+            meta[key] = {"bits": label, "size": rec.get("size_bytes"), "ratio": rec.get("compression_ratio"),
                          "wbits": rec.get("avg_weight_bits") or (rec.get("bits") or {}).get("weight_bits", 32),
                          "file": rec.get("packed_bytes"), "mixed": bool(rec.get("bit_overrides"))}
         if rec.get("status") == "finished" and rec.get("best") is not None:

@@ -100,6 +100,7 @@ def test_shallow_students_show_their_depth(tmp_path):
     fp = student("mrpc", "fp32", 32, 1, 84.2, 86.0) | {"method": "theseus", "size_bytes": 69_562_376.0, "compression_ratio": 1.31,
                                                          "bits": {"weight_bits": 32, "embedding_bits": 32, "act_bits": 32}}
     write(root, "theseus", **fp, student_layers=3, teacher_layers=6)
+    write(root, "0theseus", **(fp | {"seed": 2}))  # a record written before the depth fields: its row still says 3 layers
     text = report(root, tmp_path / "rep")
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[1:] if line.startswith("| ") and "---" not in line}
     assert rows["kdlsq w2a8"][1] == "2-2-8" and rows["kdlsq_successor w2a8"][1] == "2-2-8, 3 layers"
