@@ -138,6 +138,19 @@ def test_three_layer_w2a8_student_distils_from_the_six_layer_teacher(store, tmp_
     assert evaluate(tmp_path / "out", "fake", limit=32)["dev"]["metrics"]["acc"] == pytest.approx(record["best"], abs=1e-6)
 
 
+def test_minimal_knowledge_with_a_three_layer_student_maps_to_the_teachers_top(store, tmp_path):
+    """``hkd=top1`` on a 3-layer student: only its top hidden state (index 3) is distilled, from the 6-layer teacher's
+    top state (index 6), and the record's knowledge fraction is 1 state of the student's 4 = 0.25 (by hand)."""
+    root, _, _ = store
+    cfg = compose_cfg(tmp_path, *SMALL, "task.teacher.epochs=1", "quant=w2a8", "student.layers=3", "hkd=top1", "trainer.max_epochs=1",
+                      "trainer.limit_train_batches=1", "callbacks.model_checkpoint=null", f"teacher.store={root}/teachers")
+    teacher_dir = TeacherStore(cfg.teacher.store).path(teacher_recipe(cfg, resolve_model_path(cfg.model.name_or_path)))
+    dm = build_datamodule(cfg, str(teacher_dir), cfg.data.batch_size)
+    assert build_student_module(cfg, teacher_dir, dm).loss.hidden_map == [None, None, None, 6]
+    record = run(cfg)
+    assert record["status"] == "finished" and record["student_layers"] == 3 and record["hidden_fraction"] == pytest.approx(0.25)
+
+
 def test_infer_reproduces_the_recorded_metric_and_labels_a_pair(store, tmp_path):
     from kdlsq_pl.infer import evaluate, label_text
     root, _, _ = store
