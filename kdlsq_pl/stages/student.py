@@ -128,7 +128,7 @@ def export_best(cfg: DictConfig, student, ckpt: str | None, teacher_dir: Path, o
             "packed_compression_ratio": fp32_file / info["packed_bytes"]}
 
 
-def knowledge_fields(cfg: DictConfig, module: KDLSQModule, dm, fit_s: float | None, teacher_dir: Path) -> dict:
+def knowledge_fields(cfg: DictConfig, module: KDLSQModule, dm, fit_s: float | None, teacher_layers: int) -> dict:
     """What the minimal-knowledge study reads from a record: the selection (its name and values), the share of the
     full hidden-state knowledge it keeps on the training split (``HiddenSelection.fraction``), where the teacher's
     outputs came from (``cached`` / ``live``) with the cache's size on disk (bytes), and the training time per epoch
@@ -140,12 +140,9 @@ def knowledge_fields(cfg: DictConfig, module: KDLSQModule, dm, fit_s: float | No
     raw = OmegaConf.to_container(cfg.loss.selection, resolve=True) if cfg.loss.get("selection") else {}
     sel = HiddenSelection.from_config(raw)
     lengths = [len(x) for x in dm.splits["train"].with_format(None)["input_ids"]]
-    from transformers import AutoConfig
-
     L, D = module.student.config.num_hidden_layers, module.student.config.hidden_size
-    L_t = int(AutoConfig.from_pretrained(str(teacher_dir)).num_hidden_layers)
     out = {"hidden_selection": {"name": raw.get("name", "full"), **dataclasses.asdict(sel)},
-           "hidden_fraction": sel.fraction(L, L_t, lengths, D), "teacher_source": "cached" if module.teacher_cache else "live"}
+           "hidden_fraction": sel.fraction(L, teacher_layers, lengths, D), "teacher_source": "cached" if module.teacher_cache else "live"}
     if module.teacher_cache is not None:
         out["teacher_cache_bytes"] = int(module.teacher_cache.meta["bytes"])
     if fit_s is not None:
@@ -193,6 +190,7 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     metric = cfg.task.metric
     from transformers import AutoConfig
 
+    teacher_layers = int(AutoConfig.from_pretrained(str(teacher_dir)).num_hidden_layers)  # read once for the record
     fp32 = size["fp32_bytes"]  # the FP32 reference is the teacher: a shallower student is measured against it
     if cfg.student.layers or cfg.student.init != "teacher":
         fp32 = model_size_bytes(load_classifier(str(teacher_dir), cfg.task))["fp32_bytes"]
@@ -205,8 +203,8 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
         "size_bytes": size["size_bytes"], "fp32_bytes": fp32, "compression_ratio": fp32 / size["size_bytes"],
         "checkpoint": ckpt or None,
         "student_init": str(cfg.student.init), "student_layers": int(module.student.config.num_hidden_layers),
-        "teacher_layers": int(AutoConfig.from_pretrained(str(teacher_dir)).num_hidden_layers),
-        "student_wall_time_s": round(time.time() - t0, 1), **protocol_fields(dm), **knowledge_fields(cfg, module, dm, fit_s, teacher_dir),
+        "teacher_layers": teacher_layers,
+        "student_wall_time_s": round(time.time() - t0, 1), **protocol_fields(dm), **knowledge_fields(cfg, module, dm, fit_s, teacher_layers),
     }
     if cfg.export_packed and packable(module.student):
         fields.update(export_best(cfg, module.student, ckpt, teacher_dir, out_dir))
