@@ -51,6 +51,9 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _option(cfg, "task.name", "task")
+    if is_qa(cfg.task) and cfg.task.teacher.get("head_bias", "zero") != "zero":
+        raise ConfigError(f"task.teacher.head_bias={cfg.task.teacher.head_bias} is not allowed for task={cfg.task.name} "
+                          "(question answering: a span head, no label prior); allowed: zero")
     if cfg.stage == "student":
         validate_student(cfg)
     resolve_model_path(_resolved(cfg, "model.name_or_path"))

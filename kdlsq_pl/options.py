@@ -16,6 +16,8 @@ Metric = Literal["acc", "f1", "mcc", "pearson", "spearman",  # GLUE (kdlsq_pl.me
 TaskKind = Literal["classification", "qa"]  # qa: extractive question answering (SQuAD, kdlsq_pl.data.squad)
 SquadProtocol = Literal["auto", "official-dev", "offline-dev-split"]
 Pooling = Literal["cls", "mean"]
+#: The new classifier head's bias at the start of fine-tuning (``kdlsq_pl.models.loading.init_head_bias_``).
+HeadBias = Literal["zero", "prior"]
 Padding = Literal["dynamic", "max_length"]
 Grid = Literal["symmetric", "lsq"]
 Param = Literal["clip", "step"]

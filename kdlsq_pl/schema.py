@@ -21,7 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError
 
 from kdlsq_pl.options import (  # noqa: F401  (re-exported: the schema's field types)
-    FULL_PRECISION_BITS, MAX_BITS, MIN_BITS, ActQuantizer, CacheDtype, Grid, Init, Metric, Padding, Param, Pooling,
+    FULL_PRECISION_BITS, MAX_BITS, MIN_BITS, ActQuantizer, CacheDtype, Grid, HeadBias, Init, Metric, Padding, Param, Pooling,
     RangeTest, Reduction, RegressionTarget, ReplacingScheduler, SquadProtocol, Stage, TaskKind, TokenRule, WeightQuantizer, WidthRule, allowed)
 
 
@@ -61,6 +61,7 @@ class TaskTeacher(_Section):
     pooling: Pooling
     pooler_dense: bool
     classifier_dropout: Optional[Ratio] = None
+    head_bias: HeadBias = "zero"
 
 
 class Task(_Section):

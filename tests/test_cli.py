@@ -64,6 +64,8 @@ CASES = [
     (["loss.pred_reduction=sum"], r"loss.pred_reduction='sum' is not allowed; allowed: mean, batchmean"),
     (["trainer.max_epochs=0"], r"trainer.max_epochs=0 is out of range; allowed: >= 1"),
     (["task.teacher.pooling=max"], r"task.teacher.pooling='max' is not allowed; allowed: cls, mean"),
+    (["task.teacher.head_bias=mean"], r"task.teacher.head_bias='mean' is not allowed; allowed: zero, prior"),
+    (["task=squad", "task.teacher.head_bias=prior"], r"task.teacher.head_bias=prior is not allowed for task=squad \(question answering"),
     (["task.teacher.classifier_dropout=1.5"], r"task.teacher.classifier_dropout=1.5 is out of range; allowed: 0..0.99"),
     (["teacher.seed=-1"], r"teacher.seed=-1 is out of range; allowed: >= 0"),
     (["loss.intermediate_epochs=1.5"], r"loss.intermediate_epochs=1.5 is not an integer"),

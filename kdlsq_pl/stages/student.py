@@ -24,7 +24,7 @@ from kdlsq_pl.distill.teacher_cache import ensure_teacher_cache
 from kdlsq_pl.export import export_packed, load_student_checkpoint, packable
 from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
 from kdlsq_pl.models.layout import layout_for
-from kdlsq_pl.models.loading import is_qa, is_regression, init_student, load_classifier
+from kdlsq_pl.models.loading import init_head_bias_, init_student, is_qa, is_regression, load_classifier
 from kdlsq_pl.models.modules import KDLSQModule
 from kdlsq_pl.report import fmt, print_summary
 from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit, protocol_fields
@@ -72,6 +72,9 @@ def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQMo
 
     selection = HiddenSelection.from_config(OmegaConf.to_container(cfg.loss.selection, resolve=True) if cfg.loss.get("selection") else None)
     student = init_student(cfg, teacher_dir, attn_implementation=ATTN_IMPLEMENTATION)
+    if (cfg.get("student") or {}).get("init") == "pretrained" and cfg.task.teacher.get("head_bias", "zero") == "prior":
+        dm.setup("fit")  # a new head, started as the teacher recipe's
+        init_head_bias_(student, dm.splits["train"]["labels"])
     hidden_map = None
     if not selection.is_full:  # minimal hidden-state knowledge: the depth map from the student's layers to the teacher's
         n_teacher = int(AutoConfig.from_pretrained(str(teacher_dir)).num_hidden_layers)

@@ -11,7 +11,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from kdlsq_pl import cell_name
-from kdlsq_pl.models.loading import TeacherStore, is_qa, load_classifier
+from kdlsq_pl.models.loading import TeacherStore, init_head_bias_, is_qa, load_classifier
 from kdlsq_pl.models.modules import TeacherModule
 from kdlsq_pl.results import git_commit
 from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit, protocol_fields, restore_best
@@ -23,6 +23,9 @@ log = logging.getLogger("kdlsq_pl")
 RECIPE_FORMAT = 1
 #: Task keys read by the student stage only (left out of the recipe).
 STUDENT_TASK_KEYS = ("pred_reduction",)
+#: ``task.teacher`` options added after teachers were stored: left out of the recipe at these values (what
+#: the code did before they existed), so adding an option never orphans the teachers already in the store.
+LATER_TEACHER_DEFAULTS = {"head_bias": "zero"}
 
 
 def teacher_recipe(cfg: DictConfig, model_path: str) -> dict:
@@ -40,6 +43,9 @@ def teacher_recipe(cfg: DictConfig, model_path: str) -> dict:
     task = OmegaConf.to_container(cfg.task, resolve=True)
     for key in STUDENT_TASK_KEYS:  # the student's settings: they do not shape the teacher
         task.pop(key, None)
+    for key, default in LATER_TEACHER_DEFAULTS.items():
+        if task.get("teacher", {}).get(key, default) == default:
+            task.get("teacher", {}).pop(key, None)
     glue_root = resolve_glue_dir(cfg.data.glue_dir)
     if is_qa(task):
         data = squad_data_digest(task, cfg.data.get("squad_dir"))
@@ -70,7 +76,7 @@ def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path, recipe: dict 
     """Fine-tune the full-precision teacher on ``cfg.task`` and save the best dev checkpoint to the store.
 
     Hyper-parameters come from ``cfg.task.teacher`` (lr, epochs, batch size, warm-up, weight decay, pooling,
-    classifier dropout); the seed is ``cfg.teacher.seed``. Returns the teacher directory and its record
+    classifier dropout, the head's initial bias); the seed is ``cfg.teacher.seed``. Returns the teacher directory and its record
     (dev metrics x100, wall time in seconds, the recipe).
     """
     t0 = time.time()
@@ -80,6 +86,9 @@ def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path, recipe: dict 
     pl.seed_everything(seed, workers=True)
     dm = build_datamodule(cfg, model_path, tcfg.batch_size, seed=seed)
     model = load_classifier(model_path, cfg.task, head=OmegaConf.to_container(tcfg, resolve=True))
+    if tcfg.get("head_bias", "zero") == "prior":
+        dm.setup("fit")
+        init_head_bias_(model, dm.splits["train"]["labels"])
     module = TeacherModule(model, cfg.task, lr=tcfg.lr, weight_decay=tcfg.weight_decay, warmup_ratio=tcfg.warmup_ratio)
     trainer = build_trainer(cfg, out_dir, cell_name("teacher", "", cfg.task.name, "", seed), max_epochs=tcfg.epochs, val_check_interval=1.0)
     try:
