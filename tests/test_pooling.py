@@ -106,3 +106,14 @@ def test_no_dense_pooling_leaves_no_pooler_quantizer(minilm_path):
 def test_bad_pooling_is_one_line_error(minilm_path):
     with pytest.raises(ConfigError, match="pooling='max' is not allowed; allowed: cls, mean"):
         model(minilm_path, "max")
+
+
+@pytest.mark.parametrize("pooler_dense", [True, False])
+def test_teacher_fp32_size_from_a_skeleton_counts_the_saved_head(minilm_path, tmp_path, pooler_dense):
+    from kdlsq_pl.stages.student import teacher_fp32_bytes
+    model = load_classifier(minilm_path, TASK, head={"pooling": "mean", "pooler_dense": pooler_dense})
+    model.save_pretrained(tmp_path)
+    # the reference a shallower student is measured against: the saved teacher's parameters, 4 bytes each
+    dense = 384 * 384 + 384
+    expected = 4 * sum(p.numel() for p in load_classifier(minilm_path, TASK).parameters()) - (0 if pooler_dense else 4 * dense)
+    assert teacher_fp32_bytes(tmp_path, TASK) == expected

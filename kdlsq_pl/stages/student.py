@@ -62,6 +62,23 @@ def check_surgery(model_path: str, quant: DictConfig, task: DictConfig | None = 
         weight_bits_by_module(skeleton, OmegaConf.to_container(quant, resolve=True))
 
 
+def teacher_fp32_bytes(teacher_dir: Path, task: DictConfig) -> float:
+    """The FP32 size of the stored teacher's parameters (bytes, 4 per value, as ``model_size_bytes``), counted on a
+    ``meta``-device skeleton of its config and head (no weights are read): the reference of a shallower student."""
+    import torch
+    from transformers import AutoConfig
+
+    from kdlsq_pl.models.loading import task_model_class
+    from kdlsq_pl.models.pooling import apply_pooling
+
+    config = AutoConfig.from_pretrained(str(teacher_dir))
+    with torch.device("meta"):
+        skeleton = task_model_class(task).from_config(config)
+    if not is_qa(task):
+        apply_pooling(skeleton)  # the pooling recorded in the teacher's config (no pooler dense: fewer parameters)
+    return model_size_bytes(skeleton)["fp32_bytes"]
+
+
 def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQModule:
     """Student (``init_student``: by default a load of the fine-tuned teacher checkpoint), the loss, and the teacher if the loss needs it:
     live, or with ``teacher_cache.enabled`` its outputs on ``dm``'s training split, computed once and
@@ -196,7 +213,7 @@ def train_student(cfg: DictConfig, model_path: str, out_dir: Path) -> dict:
     teacher_layers = int(AutoConfig.from_pretrained(str(teacher_dir)).num_hidden_layers)  # read once for the record
     fp32 = size["fp32_bytes"]  # the FP32 reference is the teacher: a shallower student is measured against it
     if cfg.student.layers or cfg.student.init != "teacher":
-        fp32 = model_size_bytes(load_classifier(str(teacher_dir), cfg.task))["fp32_bytes"]
+        fp32 = teacher_fp32_bytes(teacher_dir, cfg.task)
     ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
     fields = {
         "bits": {k: int(cfg.quant[k]) for k in ("weight_bits", "embedding_bits", "act_bits")},
