@@ -63,9 +63,15 @@ def bits_label(rec: dict) -> str:
     label = f"{b.get('weight_bits', '?')}-{b.get('embedding_bits', '?')}-{b.get('act_bits', '?')}"
     if rec.get("bit_overrides") and rec.get("avg_weight_bits") is not None:
         label += f", mixed ({rec['avg_weight_bits']:.2f} avg)"
-    if rec.get("student_layers") and rec.get("teacher_layers") and rec["student_layers"] < rec["teacher_layers"]:
+    if shallower_depth(rec):
         label += f", {rec['student_layers']} layers"  # a shallower student (theseus, shallow_ft/kd, student.layers)
     return label
+
+
+def shallower_depth(rec: dict) -> int | None:
+    """The student's encoder layers when fewer than its teacher's (``student_layers`` < ``teacher_layers``), else ``None``."""
+    n, teacher = rec.get("student_layers"), rec.get("teacher_layers")
+    return int(n) if n and teacher and n < teacher else None
 
 
 TEACHER = "teacher (FP32)"
@@ -105,8 +111,8 @@ def build_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], di
         key = f"{rec.get('method', 'kdlsq')} {rec.get('quant', '?')}"
         label = bits_label(rec)
         if (key not in meta or (meta[key]["size"] is None and rec.get("size_bytes"))  # a failed record has no size or bits
-                or ("layers" in label and "layers" not in meta[key]["bits"])):  # records older than the depth fields
-            meta[key] = {"bits": label, "size": rec.get("size_bytes"), "ratio": rec.get("compression_ratio"),
+                or (shallower_depth(rec) and not meta[key]["layers"])):  # records older than the depth fields
+            meta[key] = {"bits": label, "layers": shallower_depth(rec), "size": rec.get("size_bytes"), "ratio": rec.get("compression_ratio"),
                          "wbits": rec.get("avg_weight_bits") or (rec.get("bits") or {}).get("weight_bits", 32),
                          "file": rec.get("packed_bytes"), "mixed": bool(rec.get("bit_overrides"))}
         if rec.get("status") == "finished" and rec.get("best") is not None:
