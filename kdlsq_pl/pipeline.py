@@ -44,6 +44,32 @@ def record_failure(cfg: DictConfig, error: BaseException) -> dict:
     return record
 
 
+_UNKNOWN = object()
+#: Settings that change a cell's result but not its folder name (``kdlsq_pl.cell_name``: stage, method, task, bits,
+#: seed), with their value in records written before the setting existed (``_UNKNOWN``: not compared then).
+CELL_SETTINGS = {"student.init": "teacher", "student.layers": None, "loss.selection.name": "full",
+                 "trainer.max_epochs": _UNKNOWN, "optim.lr": _UNKNOWN, "quant.overrides": None}
+
+
+def check_same_cell(cfg: DictConfig, previous: dict, out_dir: Path) -> None:
+    """Refuse to skip a cell whose finished record was trained with other :data:`CELL_SETTINGS` than ``cfg``: a grid
+    rerun with, say, ``student.layers=3`` would otherwise report the 6-layer result as its own.
+
+    Raises:
+        ConfigError: one line naming the first differing setting, both values and the ways out.
+    """
+    from kdlsq_pl.errors import ConfigError
+
+    old_cfg = OmegaConf.create(previous.get("config") or {})
+    for key, before in CELL_SETTINGS.items():
+        old = OmegaConf.select(old_cfg, key, default=before)
+        new = OmegaConf.select(cfg, key, default=before)
+        old, new = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for v in (old, new))
+        if old is not _UNKNOWN and old != new:
+            raise ConfigError(f"{out_dir} holds a finished result with {key}={old}, not {key}={new}; allowed: the same settings "
+                              "(the cell is skipped), another output folder (experiment_name or hydra.sweep.dir), or delete its result.json")
+
+
 def run(cfg: DictConfig, validated: bool = False) -> dict:
     """Validate ``cfg`` (unless the caller already did) and run its stage; write and return the result record."""
     if not validated:
@@ -53,6 +79,7 @@ def run(cfg: DictConfig, validated: bool = False) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     previous = read_result(out_dir)
     if previous and previous.get("status") == "finished":
+        check_same_cell(cfg, previous, out_dir)
         log.info("%s already holds a finished result; skipping this cell (delete result.json to redo it)", out_dir)
         return previous
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,54 @@
+"""A finished grid cell is skipped only when it was trained with the same settings: ``student.layers=3`` (or another
+epoch count, lr, knowledge selection, init) on the command line never reports the cell's earlier result as its own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import compose_cfg
+from kdlsq_pl.errors import ConfigError
+from kdlsq_pl.pipeline import provenance, run
+
+SMALL = ("task=rte", "data.limit_train_examples=32", "data.limit_eval_examples=32")
+
+
+def finished(tmp_path, *overrides, drop=()):
+    """A finished record in the cell's folder, as the run of ``overrides`` wrote it (``drop``: config sections an
+    older record lacks)."""
+    cfg = compose_cfg(tmp_path, *SMALL, *overrides)
+    config = provenance(cfg)["config"]
+    for key in drop:
+        config.pop(key)
+    out = tmp_path / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps({"status": "finished", "best": 61.5, "config": config}))
+
+
+def test_same_settings_skip_the_finished_cell(tmp_path):
+    finished(tmp_path, "student.layers=3", "trainer.max_epochs=2")
+    assert run(compose_cfg(tmp_path, *SMALL, "student.layers=3", "trainer.max_epochs=2"))["best"] == 61.5
+
+
+@pytest.mark.parametrize("before, now, message", [
+    (["student.layers=3"], [], r"with student.layers=3, not student.layers=None"),
+    ([], ["student.layers=3"], r"with student.layers=None, not student.layers=3"),
+    ([], ["student.init=pretrained"], r"with student.init=teacher, not student.init=pretrained"),
+    ([], ["trainer.max_epochs=5"], r"with trainer.max_epochs=3, not trainer.max_epochs=5"),
+    ([], ["optim.lr=1e-4"], r"with optim.lr=5e-05, not optim.lr=0.0001"),
+    ([], ["hkd=top1"], r"with loss.selection.name=full, not loss.selection.name=top1"),
+])
+def test_other_settings_refuse_and_keep_the_record(tmp_path, before, now, message):
+    finished(tmp_path, *before)
+    kept = (tmp_path / "out" / "result.json").read_text()
+    with pytest.raises(ConfigError, match=r"out holds a finished result " + message + r"; allowed: the same settings"):
+        run(compose_cfg(tmp_path, *SMALL, *now))
+    assert (tmp_path / "out" / "result.json").read_text() == kept
+
+
+def test_record_older_than_the_student_section_counts_as_its_default(tmp_path):
+    finished(tmp_path, drop=("student",))
+    assert run(compose_cfg(tmp_path, *SMALL))["best"] == 61.5
+    with pytest.raises(ConfigError, match=r"with student.layers=None, not student.layers=2"):
+        run(compose_cfg(tmp_path, *SMALL, "student.layers=2"))
