@@ -69,3 +69,14 @@ def test_teacher_stage_starts_its_head_at_the_prior_of_its_training_rows(tmp_pat
         assert seen == []  # HF's own head, as before the option existed
     else:  # the labels of the (limited) training split, read from the TSV by hand
         assert seen == [pytest.approx([float(s) for s in tsv_column(GLUE / "STS-B" / "train.tsv", 9, limit=24)])]
+
+
+def test_shallow_student_with_a_new_head_starts_at_the_prior_too(tmp_path, minilm_path):
+    """method=shallow_ft (``student.init=pretrained``): its new head follows the teacher recipe's ``head_bias``."""
+    from kdlsq_pl.stages.common import build_datamodule
+    from kdlsq_pl.stages.student import build_student_module
+    cfg = compose_cfg(tmp_path, "task=stsb", "method=shallow_ft", "data.limit_train_examples=40", "task.teacher.head_bias=prior")
+    module = build_student_module(cfg, minilm_path, build_datamodule(cfg, minilm_path, 16))
+    scores = [float(s) for s in tsv_column(GLUE / "STS-B" / "train.tsv", 9, limit=40)]
+    assert module.teacher is None and len(module.student.bert.encoder.layer) == 3
+    assert module.student.classifier.bias.item() == pytest.approx(math.fsum(scores) / 40, abs=1e-5)
