@@ -44,6 +44,8 @@ def record_failure(cfg: DictConfig, error: BaseException) -> dict:
     return record
 
 
+SAME_CELL_WAYS_OUT = ("allowed: the same settings (the cell is skipped), another output folder (experiment_name or "
+                      "hydra.sweep.dir), or delete its result.json")
 _UNKNOWN = object()
 #: Settings that change a cell's result but not its folder name (``kdlsq_pl.cell_name``: stage, method, task, bits,
 #: seed), with their value in records written before the setting existed (``_UNKNOWN``: not compared then).
@@ -52,8 +54,9 @@ CELL_SETTINGS = {"student.init": "teacher", "student.layers": None, "loss.select
 
 
 def check_same_cell(cfg: DictConfig, previous: dict, out_dir: Path) -> None:
-    """Refuse to skip a cell whose finished record was trained with other :data:`CELL_SETTINGS` than ``cfg``: a grid
-    rerun with, say, ``student.layers=3`` would otherwise report the 6-layer result as its own.
+    """Refuse to skip a cell whose finished record was trained with other :data:`CELL_SETTINGS` than ``cfg``, or (a
+    student) distilled from another teacher than the current recipe's: a grid rerun with, say, ``student.layers=3``
+    or a changed ``task.teacher`` would otherwise report the earlier result as its own.
 
     Raises:
         ConfigError: one line naming the first differing setting, both values and the ways out.
@@ -66,8 +69,13 @@ def check_same_cell(cfg: DictConfig, previous: dict, out_dir: Path) -> None:
         new = OmegaConf.select(cfg, key, default=before)
         old, new = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for v in (old, new))
         if old is not _UNKNOWN and old != new:
-            raise ConfigError(f"{out_dir} holds a finished result with {key}={old}, not {key}={new}; allowed: the same settings "
-                              "(the cell is skipped), another output folder (experiment_name or hydra.sweep.dir), or delete its result.json")
+            raise ConfigError(f"{out_dir} holds a finished result with {key}={old}, not {key}={new}; {SAME_CELL_WAYS_OUT}")
+    if cfg.stage == "student" and previous.get("teacher_dir"):
+        from kdlsq_pl.stages.teacher import teacher_recipe, teacher_store
+        current = teacher_store(cfg).path(teacher_recipe(cfg, resolve_model_path(cfg.model.name_or_path))).name
+        if Path(previous["teacher_dir"]).name != current:
+            raise ConfigError(f"{out_dir} holds a finished result distilled from teacher {Path(previous['teacher_dir']).name}, "
+                              f"not from this task.teacher recipe's {current}; {SAME_CELL_WAYS_OUT}")
 
 
 def run(cfg: DictConfig, validated: bool = False) -> dict:

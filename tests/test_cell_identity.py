@@ -52,3 +52,17 @@ def test_record_older_than_the_student_section_counts_as_its_default(tmp_path):
     assert run(compose_cfg(tmp_path, *SMALL))["best"] == 61.5
     with pytest.raises(ConfigError, match=r"with student.layers=None, not student.layers=2"):
         run(compose_cfg(tmp_path, *SMALL, "student.layers=2"))
+
+
+def test_student_cell_of_another_teacher_recipe_refuses(tmp_path):
+    from kdlsq_pl.models.loading import resolve_model_path
+    from kdlsq_pl.stages.teacher import teacher_recipe, teacher_store
+    cfg = compose_cfg(tmp_path, *SMALL)
+    teacher = teacher_store(cfg).path(teacher_recipe(cfg, resolve_model_path(cfg.model.name_or_path)))
+    out = tmp_path / "out"
+    out.mkdir()
+    record = {"status": "finished", "best": 61.5, "config": provenance(cfg)["config"], "teacher_dir": str(teacher)}
+    (out / "result.json").write_text(json.dumps(record))
+    assert run(compose_cfg(tmp_path, *SMALL))["best"] == 61.5  # the same teacher recipe: skipped
+    with pytest.raises(ConfigError, match=rf"distilled from teacher {teacher.name}, not from this task.teacher recipe's seed42-"):
+        run(compose_cfg(tmp_path, *SMALL, "task.teacher.epochs=4"))
