@@ -62,6 +62,7 @@ class TaskTeacher(_Section):
     pooler_dense: bool
     classifier_dropout: Optional[Ratio] = None
     head_bias: HeadBias = "zero"
+    symmetric_pairs: bool = False
 
 
 class Task(_Section):

@@ -66,6 +66,7 @@ CASES = [
     (["task.teacher.pooling=max"], r"task.teacher.pooling='max' is not allowed; allowed: cls, mean"),
     (["task.teacher.head_bias=mean"], r"task.teacher.head_bias='mean' is not allowed; allowed: zero, prior"),
     (["task=squad", "task.teacher.head_bias=prior"], r"task.teacher.head_bias=prior is not allowed for task=squad \(question answering"),
+    (["task=cola", "task.teacher.symmetric_pairs=true"], r"task.teacher.symmetric_pairs=true needs sentence pairs; task=cola has single sentences; allowed: false"),
     (["task.teacher.classifier_dropout=1.5"], r"task.teacher.classifier_dropout=1.5 is out of range; allowed: 0..0.99"),
     (["teacher.seed=-1"], r"teacher.seed=-1 is out of range; allowed: >= 0"),
     (["loss.intermediate_epochs=1.5"], r"loss.intermediate_epochs=1.5 is not an integer"),

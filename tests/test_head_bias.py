@@ -80,3 +80,25 @@ def test_shallow_student_with_a_new_head_starts_at_the_prior_too(tmp_path, minil
     scores = [float(s) for s in tsv_column(GLUE / "STS-B" / "train.tsv", 9, limit=40)]
     assert module.teacher is None and len(module.student.bert.encoder.layer) == 3
     assert module.student.classifier.bias.item() == pytest.approx(math.fsum(scores) / 40, abs=1e-5)
+
+
+def test_symmetric_pairs_train_on_both_orders_of_the_real_rows(tmp_path, minilm_path):
+    """``task.teacher.symmetric_pairs=true``: the training split holds every STS-B pair as (A, B) and then as (B, A),
+    tokenised as the tokenizer does each order by hand; the dev split is untouched."""
+    from transformers import AutoTokenizer
+    from kdlsq_pl.stages.common import build_datamodule
+    cfg = compose_cfg(tmp_path, "task=stsb", "data.limit_train_examples=12", "data.limit_eval_examples=8")
+    dm = build_datamodule(cfg, minilm_path, 4, symmetric_pairs=True)
+    dm.setup("fit")
+    a, b = tsv_column(GLUE / "STS-B" / "train.tsv", 7, 12), tsv_column(GLUE / "STS-B" / "train.tsv", 8, 12)
+    scores = [float(s) for s in tsv_column(GLUE / "STS-B" / "train.tsv", 9, 12)]
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    train = dm.splits["train"]
+    assert len(train) == 24 and len(dm.splits["dev"]) == 8
+    for i in (0, 5, 11):
+        assert train[i]["input_ids"].tolist() == tok(a[i], b[i], truncation=True, max_length=128)["input_ids"]
+        assert train[12 + i]["input_ids"].tolist() == tok(b[i], a[i], truncation=True, max_length=128)["input_ids"]
+        assert train[12 + i]["labels"].item() == pytest.approx(scores[i]) and train[12 + i]["idx"] == train[i]["idx"]
+    plain = build_datamodule(cfg, minilm_path, 4)  # the default: one order, its own tokenised cache
+    plain.setup("fit")
+    assert len(plain.splits["train"]) == 12

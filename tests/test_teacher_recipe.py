@@ -22,7 +22,7 @@ def digest(make_cfg, *overrides):
 
 @pytest.mark.parametrize("change", ["task.teacher.lr=1e-4", "task.teacher.epochs=4", "task.teacher.pooling=mean",
                                     "task.teacher.pooler_dense=false", "task.teacher.classifier_dropout=0.2",
-                                    "task.teacher.batch_size=16", "task.teacher.head_bias=prior", "task.teacher.warmup_ratio=0", "task.max_length=64",
+                                    "task.teacher.batch_size=16", "task.teacher.head_bias=prior", "task.teacher.symmetric_pairs=true", "task.teacher.warmup_ratio=0", "task.max_length=64",
                                     "teacher.seed=1", "task=mrpc", "data.group_by_length=false", "data.limit_train_examples=16"])
 def test_recipe_changes_with_what_shapes_the_teacher(make_cfg, change):
     assert digest(make_cfg, change) != digest(make_cfg)
@@ -39,6 +39,7 @@ def test_recipe_of_a_later_option_at_its_default_is_the_recipe_without_it(make_c
     # and so every stored teacher's digest, is the one without the key
     assert digest(make_cfg, "task.teacher.head_bias=zero") == digest(make_cfg, "~task.teacher.head_bias")
     assert digest(make_cfg, "task.teacher.head_bias=prior") != digest(make_cfg, "~task.teacher.head_bias")
+    assert digest(make_cfg, "task.teacher.symmetric_pairs=false") == digest(make_cfg, "~task.teacher.symmetric_pairs")
 
 
 def test_recipe_changes_with_data_file_bytes(make_cfg, tmp_path):

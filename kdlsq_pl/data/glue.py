@@ -146,12 +146,20 @@ class GLUEDataModule(pl.LightningDataModule):
         group_by_length: draw training batches of similar length (Hugging Face's
             ``LengthGroupedSampler``: shuffled mega-batches of 50 batches sorted by length), which
             removes most padding (MRPC at batch 16: 30% of tokens) at the same number of steps.
+        symmetric_pairs: train on every pair in both orders, (A, B) then (B, A) with the same label and ``idx``
+            (the teacher recipe's ``task.teacher.symmetric_pairs``; sentence-transformers' cross-encoder STS-B
+            recipe): twice the training rows, and a model that scores a pair the same either way round.
+            Dev splits are unchanged.
+
+    Raises:
+        ConfigError: ``symmetric_pairs`` on a single-sentence task (at ``setup``).
     """
 
     def __init__(self, task: Mapping[str, Any], tokenizer_path: str, glue_dir: str | None, cache_dir: str,
                  batch_size: int = 32, eval_batch_size: int = 64, max_length: int = 128,
                  limit_train_examples: int | None = None, limit_eval_examples: int | None = None,
-                 num_workers: int = 0, seed: int = 42, group_by_length: bool = True, padding: str = "dynamic"):
+                 num_workers: int = 0, seed: int = 42, group_by_length: bool = True, padding: str = "dynamic",
+                 symmetric_pairs: bool = False):
         super().__init__()
         self.task = task
         self.tokenizer_path = tokenizer_path
@@ -163,6 +171,7 @@ class GLUEDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.group_by_length = group_by_length
+        self.symmetric_pairs = bool(symmetric_pairs)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         if padding not in allowed(Padding):
             raise ConfigError(f"data.padding={padding!r} is not allowed; allowed: {', '.join(allowed(Padding))}")
@@ -191,8 +200,15 @@ class GLUEDataModule(pl.LightningDataModule):
         limit = self.limits["train" if split == "train" else "eval"]
         if limit:
             rows = {k: v[:limit] for k, v in rows.items()}
+        symmetric = self.symmetric_pairs and split == "train"
+        if symmetric:  # each pair also in the other order (B, A), after the originals; same label and idx
+            if any(b is None for b in rows["text_b"]):
+                raise ConfigError(f"task.teacher.symmetric_pairs=true needs sentence pairs; task={self.task['name']} has single "
+                                  "sentences; allowed: false")
+            rows = {**{k: v + v for k, v in rows.items()}, "text_a": rows["text_a"] + rows["text_b"],
+                    "text_b": rows["text_b"] + rows["text_a"]}
         key = _fingerprint(source, self.tokenizer_path, self.max_length, limit, len(rows["idx"]),
-                           self.task["columns"], self.task["labels"], self.task["header"])
+                           self.task["columns"], self.task["labels"], self.task["header"], *(("symmetric",) if symmetric else ()))
         self.split_keys[split] = key
         cache = self.cache_dir / "tokenized" / self.task["name"] / f"{split}-{key}.arrow"
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,11 @@ from kdlsq_pl.models.loading import is_qa
 log = logging.getLogger("kdlsq_pl")
 
 
-def build_datamodule(cfg: DictConfig, tokenizer_path: str, batch_size: int, seed: int | None = None) -> GLUEDataModule:
+def build_datamodule(cfg: DictConfig, tokenizer_path: str, batch_size: int, seed: int | None = None,
+                     symmetric_pairs: bool = False) -> GLUEDataModule:
     """The data module for ``cfg.task`` with the given training batch size (shuffled by ``seed``, default ``cfg.seed``):
-    GLUE's, or for ``task.kind: qa`` SQuAD's (``kdlsq_pl.data.squad_module``)."""
+    GLUE's, or for ``task.kind: qa`` SQuAD's (``kdlsq_pl.data.squad_module``). ``symmetric_pairs``: the teacher
+    stage's ``task.teacher.symmetric_pairs`` (GLUE pairs in both orders)."""
     task = OmegaConf.to_container(cfg.task, resolve=True)
     kwargs = dict(batch_size=batch_size, eval_batch_size=cfg.data.eval_batch_size, max_length=cfg.task.max_length,
                   limit_train_examples=cfg.data.limit_train_examples, limit_eval_examples=cfg.data.limit_eval_examples,
@@ -31,7 +33,7 @@ def build_datamodule(cfg: DictConfig, tokenizer_path: str, batch_size: int, seed
     if is_qa(task):
         from kdlsq_pl.data.squad_module import SQuADDataModule
         return SQuADDataModule(task, tokenizer_path, cfg.data.get("squad_dir"), cfg.paths.cache_dir, **kwargs)
-    return GLUEDataModule(task, tokenizer_path, cfg.data.glue_dir, cfg.paths.cache_dir, **kwargs)
+    return GLUEDataModule(task, tokenizer_path, cfg.data.glue_dir, cfg.paths.cache_dir, symmetric_pairs=symmetric_pairs, **kwargs)
 
 
 def protocol_fields(dm: GLUEDataModule) -> dict:

@@ -25,7 +25,7 @@ RECIPE_FORMAT = 1
 STUDENT_TASK_KEYS = ("pred_reduction",)
 #: ``task.teacher`` options added after teachers were stored: left out of the recipe at these values (what
 #: the code did before they existed), so adding an option never orphans the teachers already in the store.
-LATER_TEACHER_DEFAULTS = {"head_bias": "zero"}
+LATER_TEACHER_DEFAULTS = {"head_bias": "zero", "symmetric_pairs": False}
 
 
 def teacher_recipe(cfg: DictConfig, model_path: str) -> dict:
@@ -76,7 +76,7 @@ def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path, recipe: dict 
     """Fine-tune the full-precision teacher on ``cfg.task`` and save the best dev checkpoint to the store.
 
     Hyper-parameters come from ``cfg.task.teacher`` (lr, epochs, batch size, warm-up, weight decay, pooling,
-    classifier dropout, the head's initial bias); the seed is ``cfg.teacher.seed``. Returns the teacher directory and its record
+    classifier dropout, the head's initial bias, pairs in both orders); the seed is ``cfg.teacher.seed``. Returns the teacher directory and its record
     (dev metrics x100, wall time in seconds, the recipe).
     """
     t0 = time.time()
@@ -84,7 +84,7 @@ def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path, recipe: dict 
     tcfg = cfg.task.teacher
     seed = int(cfg.teacher.seed)
     pl.seed_everything(seed, workers=True)
-    dm = build_datamodule(cfg, model_path, tcfg.batch_size, seed=seed)
+    dm = build_datamodule(cfg, model_path, tcfg.batch_size, seed=seed, symmetric_pairs=bool(tcfg.get("symmetric_pairs", False)))
     model = load_classifier(model_path, cfg.task, head=OmegaConf.to_container(tcfg, resolve=True))
     if tcfg.get("head_bias", "zero") == "prior":
         dm.setup("fit")
