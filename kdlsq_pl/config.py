@@ -54,9 +54,9 @@ def validate(cfg: DictConfig) -> None:
     if is_qa(cfg.task) and cfg.task.teacher.get("head_bias", "zero") != "zero":
         raise ConfigError(f"task.teacher.head_bias={cfg.task.teacher.head_bias} is not allowed for task={cfg.task.name} "
                           "(question answering: a span head, no label prior); allowed: zero")
-    if cfg.task.teacher.get("symmetric_pairs") and (is_qa(cfg.task) or cfg.task.columns.get("text_b") is None):
-        raise ConfigError(f"task.teacher.symmetric_pairs=true needs sentence pairs; task={cfg.task.name} has "
-                          f"{'question/context windows' if is_qa(cfg.task) else 'single sentences'}; allowed: false")
+    if cfg.task.teacher.get("symmetric_pairs") and not cfg.task.get("symmetric"):
+        raise ConfigError(f"task.teacher.symmetric_pairs=true needs pairs whose label does not depend on their order (task.symmetric: "
+                          f"true, as mrpc, qqp, stsb); task={cfg.task.name} is not; allowed: false")
     if cfg.stage == "student":
         validate_student(cfg)
     resolve_model_path(_resolved(cfg, "model.name_or_path"))

@@ -49,7 +49,7 @@ SAME_CELL_WAYS_OUT = ("allowed: the same settings (the cell is skipped), another
 _UNKNOWN = object()
 #: Settings that change a cell's result but not its folder name (``kdlsq_pl.cell_name``: stage, method, task, bits,
 #: seed), with their value in records written before the setting existed (``_UNKNOWN``: not compared then).
-CELL_SETTINGS = {"student.init": "teacher", "student.layers": None, "loss.selection.name": "full",
+CELL_SETTINGS = {"student.init": "teacher", "student.layers": None, "loss.selection": _UNKNOWN,
                  "trainer.max_epochs": _UNKNOWN, "optim.lr": _UNKNOWN, "quant.overrides": None}
 
 
@@ -63,6 +63,15 @@ def check_same_cell(cfg: DictConfig, previous: dict, out_dir: Path) -> None:
     """
     from kdlsq_pl.errors import ConfigError
 
+    if cfg.stage == "teacher":  # its identity is its recipe (task.teacher, data, model, teacher.seed)
+        if previous.get("recipe_digest"):
+            from kdlsq_pl.models.loading import recipe_digest
+            from kdlsq_pl.stages.teacher import teacher_recipe
+            current = recipe_digest(teacher_recipe(cfg, resolve_model_path(cfg.model.name_or_path)))
+            if previous["recipe_digest"] != current:
+                raise ConfigError(f"{out_dir} holds a finished teacher of recipe {previous['recipe_digest']}, not of this config's "
+                                  f"{current}; {SAME_CELL_WAYS_OUT}")
+        return
     old_cfg = OmegaConf.create(previous.get("config") or {})
     for key, before in CELL_SETTINGS.items():
         old = OmegaConf.select(old_cfg, key, default=before)

@@ -70,6 +70,7 @@ class Task(_Section):
     metrics: list[Metric]
     teacher: TaskTeacher
     kind: TaskKind = "classification"
+    symmetric: bool = False  # the label does not depend on the order of the two texts (task.teacher.symmetric_pairs)
     # kind=qa (conf/task/squad*.yaml): windows, answer decoding and the offline protocol (kdlsq_pl.data.squad)
     version: Optional[Literal["1.1", "2.0"]] = None
     doc_stride: Optional[Index] = None

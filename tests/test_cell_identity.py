@@ -37,7 +37,7 @@ def test_same_settings_skip_the_finished_cell(tmp_path):
     ([], ["student.init=pretrained"], r"with student.init=teacher, not student.init=pretrained"),
     ([], ["trainer.max_epochs=5"], r"with trainer.max_epochs=3, not trainer.max_epochs=5"),
     ([], ["optim.lr=1e-4"], r"with optim.lr=5e-05, not optim.lr=0.0001"),
-    ([], ["hkd=top1"], r"with loss.selection.name=full, not loss.selection.name=top1"),
+    ([], ["hkd=top1"], r"with loss.selection={.name.: .full.*, not loss.selection={.name.: .top1.*"),
 ])
 def test_other_settings_refuse_and_keep_the_record(tmp_path, before, now, message):
     finished(tmp_path, *before)
@@ -66,3 +66,18 @@ def test_student_cell_of_another_teacher_recipe_refuses(tmp_path):
     assert run(compose_cfg(tmp_path, *SMALL))["best"] == 61.5  # the same teacher recipe: skipped
     with pytest.raises(ConfigError, match=rf"distilled from teacher {teacher.name}, not from this task.teacher recipe's seed42-"):
         run(compose_cfg(tmp_path, *SMALL, "task.teacher.epochs=4"))
+
+
+def test_teacher_cell_is_identified_by_its_recipe(tmp_path):
+    from kdlsq_pl.models.loading import recipe_digest, resolve_model_path
+    from kdlsq_pl.stages.teacher import teacher_recipe
+    cfg = compose_cfg(tmp_path, *SMALL, "stage=teacher")
+    digest = recipe_digest(teacher_recipe(cfg, resolve_model_path(cfg.model.name_or_path)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "result.json").write_text(json.dumps({"status": "finished", "stage": "teacher", "best": 58.0, "recipe_digest": digest,
+                                                 "config": provenance(cfg)["config"]}))
+    # the student's settings do not shape a teacher: skipped
+    assert run(compose_cfg(tmp_path, *SMALL, "stage=teacher", "optim.lr=1e-4", "trainer.max_epochs=7"))["best"] == 58.0
+    with pytest.raises(ConfigError, match=rf"holds a finished teacher of recipe {digest}, not of this config's "):
+        run(compose_cfg(tmp_path, *SMALL, "stage=teacher", "task.teacher.head_bias=prior"))

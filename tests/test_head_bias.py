@@ -102,3 +102,17 @@ def test_symmetric_pairs_train_on_both_orders_of_the_real_rows(tmp_path, minilm_
     plain = build_datamodule(cfg, minilm_path, 4)  # the default: one order, its own tokenised cache
     plain.setup("fit")
     assert len(plain.splits["train"]) == 12
+
+
+def test_teacher_stage_trains_on_both_orders_with_symmetric_pairs(tmp_path, monkeypatch):
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(teacher_stage_build(*args, **kwargs))
+        return built[-1]
+
+    teacher_stage_build = teacher_stage.build_datamodule
+    monkeypatch.setattr(teacher_stage, "build_datamodule", spy)
+    run(compose_cfg(tmp_path, "stage=teacher", "task=mrpc", "data.limit_train_examples=10", "data.limit_eval_examples=8",
+                    "trainer.fast_dev_run=true", "task.teacher.symmetric_pairs=true"))
+    assert len(built) == 1 and len(built[0].splits["train"]) == 20 and len(built[0].splits["dev"]) == 8

@@ -110,7 +110,7 @@ def test_bad_pooling_is_one_line_error(minilm_path):
 
 @pytest.mark.parametrize("pooler_dense", [True, False])
 def test_teacher_fp32_size_from_a_skeleton_counts_the_saved_head(minilm_path, tmp_path, pooler_dense):
-    from kdlsq_pl.stages.student import teacher_fp32_bytes
+    from kdlsq_pl.stages.common import teacher_fp32_bytes
     model = load_classifier(minilm_path, TASK, head={"pooling": "mean", "pooler_dense": pooler_dense})
     model.save_pretrained(tmp_path)
     # the reference a shallower student is measured against: the saved teacher's parameters, 4 bytes each

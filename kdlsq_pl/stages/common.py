@@ -107,3 +107,20 @@ def restore_best(trainer: pl.Trainer, module: pl.LightningModule) -> str | None:
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
     return ckpt
+
+
+def teacher_fp32_bytes(teacher_dir: Path, task: DictConfig) -> float:
+    """The FP32 size of the stored teacher's parameters (bytes, 4 per value, as ``model_size_bytes``), counted on a
+    ``meta``-device skeleton of its config and head (no weights are read): the reference of a shallower student."""
+    from transformers import AutoConfig
+
+    from kdlsq_pl.models.loading import task_model_class
+    from kdlsq_pl.models.pooling import apply_pooling
+    from kdlsq_pl.quant.modules import model_size_bytes
+
+    config = AutoConfig.from_pretrained(str(teacher_dir))
+    with torch.device("meta"):
+        skeleton = task_model_class(task).from_config(config)
+    if not is_qa(task):
+        apply_pooling(skeleton)  # the pooling recorded in the teacher's config (no pooler dense: fewer parameters)
+    return model_size_bytes(skeleton)["fp32_bytes"]

@@ -27,7 +27,7 @@ from kdlsq_pl.models.layout import layout_for
 from kdlsq_pl.models.loading import init_head_bias_, init_student, is_qa, is_regression, load_classifier
 from kdlsq_pl.models.modules import KDLSQModule
 from kdlsq_pl.report import fmt, print_summary
-from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit, protocol_fields
+from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit, protocol_fields, teacher_fp32_bytes
 from kdlsq_pl.stages.teacher import ensure_teacher
 from kdlsq_pl.quant.modules import model_size_bytes, quantize_, weight_bits_by_module
 
@@ -62,23 +62,6 @@ def check_surgery(model_path: str, quant: DictConfig, task: DictConfig | None = 
         weight_bits_by_module(skeleton, OmegaConf.to_container(quant, resolve=True))
 
 
-def teacher_fp32_bytes(teacher_dir: Path, task: DictConfig) -> float:
-    """The FP32 size of the stored teacher's parameters (bytes, 4 per value, as ``model_size_bytes``), counted on a
-    ``meta``-device skeleton of its config and head (no weights are read): the reference of a shallower student."""
-    import torch
-    from transformers import AutoConfig
-
-    from kdlsq_pl.models.loading import task_model_class
-    from kdlsq_pl.models.pooling import apply_pooling
-
-    config = AutoConfig.from_pretrained(str(teacher_dir))
-    with torch.device("meta"):
-        skeleton = task_model_class(task).from_config(config)
-    if not is_qa(task):
-        apply_pooling(skeleton)  # the pooling recorded in the teacher's config (no pooler dense: fewer parameters)
-    return model_size_bytes(skeleton)["fp32_bytes"]
-
-
 def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQModule:
     """Student (``init_student``: by default a load of the fine-tuned teacher checkpoint), the loss, and the teacher if the loss needs it:
     live, or with ``teacher_cache.enabled`` its outputs on ``dm``'s training split, computed once and
@@ -90,7 +73,9 @@ def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQMo
     selection = HiddenSelection.from_config(OmegaConf.to_container(cfg.loss.selection, resolve=True) if cfg.loss.get("selection") else None)
     student = init_student(cfg, teacher_dir, attn_implementation=ATTN_IMPLEMENTATION)
     if (cfg.get("student") or {}).get("init") == "pretrained" and cfg.task.teacher.get("head_bias", "zero") == "prior":
-        dm.setup("fit")  # a new head, started as the teacher recipe's
+        if dm is None:
+            raise ValueError("build_student_module: student.init=pretrained with task.teacher.head_bias=prior needs the datamodule (dm)")
+        dm.setup("fit")  # a new head started at the prior of the student's own training rows (one order of each pair)
         init_head_bias_(student, dm.splits["train"]["labels"])
     hidden_map = None
     if not selection.is_full:  # minimal hidden-state knowledge: the depth map from the student's layers to the teacher's

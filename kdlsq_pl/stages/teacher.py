@@ -21,8 +21,9 @@ log = logging.getLogger("kdlsq_pl")
 
 #: Bumped when what a teacher recipe holds changes, so teachers are never matched across formats.
 RECIPE_FORMAT = 1
-#: Task keys read by the student stage only (left out of the recipe).
-STUDENT_TASK_KEYS = ("pred_reduction",)
+#: Task keys that do not shape the teacher (left out of the recipe): read by the student stage only
+#: (``pred_reduction``) or describing the task for validation (``symmetric``).
+NOT_RECIPE_TASK_KEYS = ("pred_reduction", "symmetric")
 #: ``task.teacher`` options added after teachers were stored: left out of the recipe at these values (what
 #: the code did before they existed), so adding an option never orphans the teachers already in the store.
 LATER_TEACHER_DEFAULTS = {"head_bias": "zero", "symmetric_pairs": False}
@@ -41,7 +42,7 @@ def teacher_recipe(cfg: DictConfig, model_path: str) -> dict:
     from kdlsq_pl.models.loading import files_digest, model_digest
 
     task = OmegaConf.to_container(cfg.task, resolve=True)
-    for key in STUDENT_TASK_KEYS:  # the student's settings: they do not shape the teacher
+    for key in NOT_RECIPE_TASK_KEYS:
         task.pop(key, None)
     for key, default in LATER_TEACHER_DEFAULTS.items():
         if task.get("teacher", {}).get(key, default) == default:

@@ -18,7 +18,7 @@ from kdlsq_pl.models.theseus import TheseusEncoder, successor_model, theseus_
 from kdlsq_pl.quant.modules import model_size_bytes
 from kdlsq_pl.report import fmt, print_summary
 from kdlsq_pl.results import atomic_output
-from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit, restore_best
+from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit, restore_best, teacher_fp32_bytes
 
 
 class TheseusModule(TeacherModule):
@@ -57,7 +57,7 @@ def train_theseus(cfg: DictConfig, teacher_dir: Path, teacher: Mapping[str, Any]
         successor.save_pretrained(tmp)
         dm.tokenizer.save_pretrained(tmp)
     size = model_size_bytes(successor)
-    teacher_bytes = model_size_bytes(load_classifier(str(teacher_dir), cfg.task))["size_bytes"]
+    teacher_bytes = teacher_fp32_bytes(teacher_dir, cfg.task)
     metric = cfg.task.metric
     fields = {
         "bits": {"weight_bits": 32, "embedding_bits": 32, "act_bits": 32}, "bit_overrides": {}, "avg_weight_bits": 32.0,
