@@ -34,9 +34,10 @@ def teacher_recipe(cfg: DictConfig, model_path: str) -> dict:
 
     The model (name and, for a local directory, the digest of its config and weight files), the task
     config (columns, labels, metric, max length and ``task.teacher``: lr, epochs, batch size, warm-up,
-    weight decay, pooling, dropout), the teacher seed, the data options that change training
-    (``group_by_length``, ``padding``, row limits) and the digest of the task's data files (or the hub
-    dataset's name when no local copy is used).
+    weight decay, pooling, dropout, head bias, symmetric pairs; :data:`LATER_TEACHER_DEFAULTS` left out at
+    their defaults), the teacher seed, the data options that change training (``group_by_length``,
+    ``padding``, row limits) and the digest of the task's data files (or the hub dataset's name when no
+    local copy is used). ``NOT_RECIPE_TASK_KEYS`` are left out.
     """
     from kdlsq_pl.data.tsv import resolve_glue_dir, task_files
     from kdlsq_pl.models.loading import files_digest, model_digest
