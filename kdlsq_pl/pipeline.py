@@ -79,7 +79,7 @@ def check_same_cell(cfg: DictConfig, previous: dict, out_dir: Path) -> None:
         old, new = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for v in (old, new))
         if old is not _UNKNOWN and old != new:
             raise ConfigError(f"{out_dir} holds a finished result with {key}={old}, not {key}={new}; {SAME_CELL_WAYS_OUT}")
-    if cfg.stage == "student" and previous.get("teacher_dir"):
+    if previous.get("teacher_dir"):  # a student (teachers returned above)
         from kdlsq_pl.stages.teacher import teacher_recipe, teacher_store
         current = teacher_store(cfg).path(teacher_recipe(cfg, resolve_model_path(cfg.model.name_or_path))).name
         if Path(previous["teacher_dir"]).name != current:
