@@ -139,12 +139,14 @@ def interleaved(steps: dict, n: int, device: torch.device,
                    peaks[name]) for name in steps}
 
 
-def outputs(model, batch: dict, need: bool = True) -> dict:
-    """Logits, hidden states and pre-softmax attention scores, as ``KDLSQModule._outputs``."""
+def outputs(model, batch: dict, need: bool = True, consume=None) -> dict:
+    """Logits, hidden states and pre-softmax attention scores, as ``KDLSQModule._outputs`` (with ``consume``, the
+    student's attention terms computed layer by layer, as the product's training step does)."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-    with capture_attention_scores() as scores:
+    with capture_attention_scores(consume) as scores:
         out = model(**inputs, output_hidden_states=need)
-    return {"logits": out.logits, "hidden_states": out.hidden_states, "attention_scores": scores}
+    return {"logits": out.logits, "hidden_states": out.hidden_states,
+            "attention_scores" if consume is None else "attention_terms": scores}
 
 
 def student_setup(path: str, task: dict, quant: str, calib: dict, device: torch.device):
@@ -199,14 +201,20 @@ def step_table(args, path: str, device: torch.device) -> None:
                 inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
                 optimise("qat", torch.nn.functional.cross_entropy(qat(**inputs).logits, labels))
 
+            # The teacher's outputs are released before the backward, as KDLSQModule.training_step's locals are
+            # when it returns the loss to Lightning.
             def kd_live_step():
                 with torch.no_grad():
                     t = outputs(teacher, batch)
-                optimise("kd", loss_live(outputs(kd, batch), t, labels)[0])
+                loss = loss_live(outputs(kd, batch, consume=loss_live.attention_consumer(t, kd.config.num_hidden_layers)), t, labels)[0]
+                del t
+                optimise("kd", loss)
 
             def kd_cached_step():
                 t = cache.lookup(batch["idx"], length, device)
-                optimise("kd", loss_cached(outputs(kd, batch), t, labels)[0])
+                loss = loss_cached(outputs(kd, batch, consume=loss_cached.attention_consumer(t, kd.config.num_hidden_layers)), t, labels)[0]
+                del t
+                optimise("kd", loss)
 
             results = interleaved({"FP fine-tuning": fp_step, "QAT, no teacher": qat_step,
                                    "KDLSQ, live teacher": kd_live_step, "KDLSQ, cached teacher": kd_cached_step},
@@ -257,7 +265,7 @@ def epoch_table(args, path: str, device: torch.device) -> None:
                 b = {k: v.to(device) for k, v in b.items()}
                 with torch.no_grad():
                     t = outputs(t_model, b)
-                loss_fn(outputs(student, b), t, b["labels"])[0].backward()
+                loss_fn(outputs(student, b, consume=loss_fn.attention_consumer(t, student.config.num_hidden_layers)), t, b["labels"])[0].backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 

@@ -8,7 +8,9 @@ elementwise passes cost about as much as all the matmuls of a step. The C++ kern
 the same arithmetic in the same order, so forward output and both gradients are bit-identical (tests compare with
 ``torch.equal``); the sum of ``d/ds`` over the elements stays in torch (``sum_to_size``), so its order is torch's.
 The attention-score MSE likewise replaces about fifteen passes per layer (two thresholds, difference, square,
-pair mask, and their backward) by one each way, the sum again left to torch.
+pair mask, and their backward) by one each way, the sum again left to torch, and keeps one tensor for the backward
+instead of both score tensors. The attention probabilities' dropout and quantizer run as one pass each way
+(``dropout_lsq_*``) that keeps a one-byte dropout mask instead of dropout's float noise and the dropped tensor.
 
 The kernels are compiled on first use with ``torch.utils.cpp_extension.load`` (g++ and ninja; about 15 s on
 2 cores) into the torch extensions folder (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
@@ -39,9 +41,10 @@ _loaded: dict[str, Any] = {}
 
 
 def cpu_kernels() -> Any | None:
-    """The ``torch.ops.kdlsq`` namespace (``lsq_forward``, ``lsq_backward``, ``attention_mse_forward``,
-    ``attention_mse_backward``, ``int_requant``, ``int_softmax_requant``, ``int_gelu_requant``,
-    ``int_residual_layernorm``), building it on first call.
+    """The ``torch.ops.kdlsq`` namespace (``lsq_forward``, ``lsq_backward``, ``dropout_lsq_forward``,
+    ``dropout_lsq_recompute``, ``dropout_lsq_backward``, ``attention_mse_forward``, ``attention_mse_backward``,
+    ``int_requant``, ``int_softmax_requant``, ``int_gelu_requant``, ``int_residual_layernorm``), building it on
+    first call.
 
     Returns:
         ``torch.ops.kdlsq``, or None when the C++ build fails (no compiler, no ninja, non-Linux); the failure is

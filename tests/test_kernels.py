@@ -182,3 +182,64 @@ def test_keep_freed_memory_applies_on_glibc():
         pytest.skip("not glibc")
     assert kernels.keep_freed_memory() is True
     assert kernels.keep_freed_memory(trim_threshold=2**31) is True
+
+
+
+def _attention(fused: bool, q, k, v, mask, quantizer, p_drop, training, seed, monkeypatch):
+    """(output, probabilities, d/dq, d/dk, d/dv, d/ds) of kdlsq_attention_forward with the one-node probability path
+    (fused) or the composite softmax -> dropout -> quantizer -> matmul, the dropout draw from ``seed``."""
+    from types import SimpleNamespace
+
+    from kdlsq_pl.models import attention
+
+    calls = []
+    real = attention._QuantizedProbsTimesValue.apply
+    monkeypatch.setattr(attention._QuantizedProbsTimesValue, "apply", lambda *a: calls.append(1) or real(*a))
+    if not fused:
+        monkeypatch.setattr(attention, "_fused_probs_quantizer", lambda *a: None)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    quantizer.scale.grad = None
+    module = SimpleNamespace(kdlsq_act_quant=torch.nn.ModuleDict({"probs": quantizer}), training=training)
+    torch.manual_seed(seed)
+    out, probs = attention.kdlsq_attention_forward(module, leaves[0] * 1.0, leaves[1] * 1.0, leaves[2].transpose(1, 2),
+                                                   mask, dropout=p_drop)
+    assert len(calls) == int(fused)  # the path asked for is the one that ran
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)))
+    monkeypatch.undo()
+    grad_s = None if quantizer.scale.grad is None else quantizer.scale.grad.clone()
+    return out.detach(), probs.detach(), *[x.grad for x in leaves], grad_s
+
+
+@needs_compiler
+@pytest.mark.parametrize("training,p_drop", [(True, 0.1), (True, 0.0), (False, 0.1)])
+@pytest.mark.parametrize("range_test", ["unrounded", "rounded"])
+@pytest.mark.parametrize("ste_clip,grad_scale,frozen", [(True, False, False), (False, True, False), (True, False, True)])
+def test_attention_probability_path_matches_the_composite(training, p_drop, range_test, ste_clip, grad_scale, frozen,
+                                                           monkeypatch):
+    """softmax -> dropout -> LSQ -> P @ V as one autograd node (three [B, H, T, T] tensors less kept) gives the
+    composite path's output, probabilities and gradients for Q, K, V and the step size bit for bit, on a padded
+    batch whose probabilities partly clip, with the same dropout draws."""
+    torch.manual_seed(0)
+    b, h, t_len, d = 3, 4, 11, 8
+    q, k = torch.randn(b, h, t_len, d) * 2, torch.randn(b, h, t_len, d) * 2
+    v = torch.randn(b, t_len, h, d)  # the model's V is a transposed view
+    real = torch.ones(b, t_len, dtype=torch.bool)
+    real[1, 7:] = False
+    mask = torch.where(real, 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
+    quantizer = LSQQuantizer(bits=8, kind="activation", ste_clip=ste_clip, grad_scale=grad_scale, range_test=range_test)
+    with torch.no_grad():
+        quantizer.scale.fill_(0.6)  # param "clip": s = 0.6 / 127, so dropped probabilities above 0.6 clip
+        quantizer.initialized.fill_(True)
+    if frozen:
+        quantizer.freeze()
+    want = _attention(False, q, k, v, mask, quantizer, p_drop, training, 7, monkeypatch)
+    got = _attention(True, q, k, v, mask, quantizer, p_drop, training, 7, monkeypatch)
+    for name, x, y in zip(("output", "probs", "dq", "dk", "dv", "ds"), got, want):
+        if y is None:
+            assert x is None, name
+            continue
+        assert x.shape == y.shape and torch.equal(x, y), (name, (x - y).abs().max())
+    probs = want[1]
+    assert (probs >= 0.6 - 1e-6).any() or p_drop == 0  # some clipped entries were exercised
+    if training and p_drop:
+        assert (probs == 0).float().mean() > 0.05  # and dropped ones

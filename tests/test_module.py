@@ -97,3 +97,51 @@ def test_best_metrics_are_one_evaluation_row():
     assert m.best_row == pytest.approx({"f1": 200 / 3, "acc": 50.0})
     assert m.best == pytest.approx({"f1": 200 / 3, "acc": 200 / 3})  # running maxima from different evaluations
     assert m.last == pytest.approx({"f1": 50.0, "acc": 100 / 3})
+
+
+@pytest.mark.parametrize("mask_padding", [False, True])
+def test_streamed_attention_terms_equal_the_whole_list_loss(minilm_path, mask_padding):
+    """The training step computes each layer's attention term while the student's forward runs (no layer's scores
+    outlive it). On real MRPC rows, in training mode (dropout on, the same draws), its loss and every student
+    gradient equal those of the loss over the whole captured score lists bit for bit, and the teacher's score
+    list is released entry by entry."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from conftest import CONF, GLUE
+    from kdlsq_pl.data.tsv import read_glue_tsv, task_files
+
+    mrpc = OmegaConf.to_container(OmegaConf.load(CONF / "task" / "mrpc.yaml"))
+    rows = read_glue_tsv(task_files(mrpc, GLUE)["dev"], mrpc)
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    batch = dict(tok(rows["text_a"][:4], rows["text_b"][:4], padding=True, return_tensors="pt"))
+    labels = torch.tensor(rows["label"][:4])
+    teacher = load_classifier(minilm_path, TASK, ATTN_IMPLEMENTATION).eval()
+    student = load_classifier(minilm_path, TASK, ATTN_IMPLEMENTATION)
+    student.load_state_dict(teacher.state_dict())
+    quantize_(student, quant_cfg("w2a8"))
+    student.train()
+    loss = KDLoss(pred=1, attn=1, hidden=1, mask_padding=mask_padding)
+    module = KDLSQModule(teacher, student, TASK, loss, OPTIM)
+    module._outputs(student, batch)  # initialises the activation step sizes
+    results = []
+    for streamed in (False, True):
+        student.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            t = module._outputs(teacher, batch)
+        t["mask"] = batch["attention_mask"].bool()
+        torch.manual_seed(3)
+        consume = loss.attention_consumer(t, 6) if streamed else None
+        s = module._outputs(student, batch, consume=consume)
+        assert (s["attention_terms"] is not None) is streamed and (s["attention_scores"] is None) is streamed
+        if streamed:
+            assert t["attention_scores"] == [None] * 6  # each teacher layer released once used
+        total, parts = loss(s, t, labels)
+        total.backward()
+        results.append((total.detach(), parts["attn"].detach(),
+                        {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}))
+    (t0, a0, g0), (t1, a1, g1) = results
+    assert torch.equal(t0, t1) and torch.equal(a0, a1) and a0 > 0
+    assert g0.keys() == g1.keys() and len(g0) > 100
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name

@@ -9,8 +9,11 @@
 //   forward   e = d * d                     (unmasked: torch then takes e.mean(), as F.mse_loss)
 //             e = (d * d) * p               (masked, p = 1 where query and key are real tokens, else 0;
 //                                            torch then takes e.sum() / D)
-//   backward  ds = s <= thr ? 0 : (alpha * d) * g          (unmasked: mse_loss_backward, alpha = 2 / N)
-//             ds = s <= thr ? 0 : (a * p) * (2 * d)        (masked: a = g / D, through mul and pow(2))
+//             m = s <= thr ? 0 : d          (kept for the backward in place of both score tensors)
+//   backward  ds = (alpha * m) * g          (unmasked: mse_loss_backward, alpha = 2 / N)
+//             ds = (a * p) * (2 * m)        (masked: a = g / D, through mul and pow(2))
+// The backward equals the torch formula's bit for bit except that an entry at or below the threshold gets the sign
+// of (alpha * 0) * g rather than +0 (the same value: torch.equal holds).
 // s, t: [B, H, T, T]; p: [B, T, T], shared by the H heads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -25,35 +28,31 @@ constexpr int64_t kGrain = 1 << 15;
 
 // Masked and unmasked variants are separate loops: a loop that may or may not read p does not vectorize.
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-void fwd_plain(const float* s, const float* t, float* e, int64_t n, float thr) {
+void fwd_plain(const float* s, const float* t, float* e, float* m, int64_t n, float thr) {
   for (int64_t i = 0; i < n; ++i) {
     const float d = (s[i] <= thr ? 0.0f : s[i]) - (t[i] <= thr ? 0.0f : t[i]);
     e[i] = d * d;
+    m[i] = s[i] <= thr ? 0.0f : d;
   }
 }
 
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-void fwd_masked(const float* s, const float* t, const float* p, float* e, int64_t n, float thr) {
+void fwd_masked(const float* s, const float* t, const float* p, float* e, float* m, int64_t n, float thr) {
   for (int64_t i = 0; i < n; ++i) {
     const float d = (s[i] <= thr ? 0.0f : s[i]) - (t[i] <= thr ? 0.0f : t[i]);
     e[i] = (d * d) * p[i];
+    m[i] = s[i] <= thr ? 0.0f : d;
   }
 }
 
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-void bwd_plain(const float* s, const float* t, float* ds, int64_t n, float thr, float coef, float g) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float d = (s[i] <= thr ? 0.0f : s[i]) - (t[i] <= thr ? 0.0f : t[i]);
-    ds[i] = s[i] <= thr ? 0.0f : (coef * d) * g;
-  }
+void bwd_plain(const float* m, float* ds, int64_t n, float coef, float g) {
+  for (int64_t i = 0; i < n; ++i) ds[i] = (coef * m[i]) * g;
 }
 
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-void bwd_masked(const float* s, const float* t, const float* p, float* ds, int64_t n, float thr, float coef) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float d = (s[i] <= thr ? 0.0f : s[i]) - (t[i] <= thr ? 0.0f : t[i]);
-    ds[i] = s[i] <= thr ? 0.0f : (coef * p[i]) * (2.0f * d);
-  }
+void bwd_masked(const float* m, const float* p, float* ds, int64_t n, float coef) {
+  for (int64_t i = 0; i < n; ++i) ds[i] = (coef * p[i]) * (2.0f * m[i]);
 }
 
 void check(const at::Tensor& s, const at::Tensor& t, const at::Tensor& p) {
@@ -82,32 +81,32 @@ void for_heads(const at::Tensor& s, const at::Tensor& p, F fn) {
   });
 }
 
-at::Tensor attention_mse_forward(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& pairs,
-                                 double threshold) {
+// (e, m): the elementwise squares (summed by torch) and the masked difference the backward reads
+std::tuple<at::Tensor, at::Tensor> attention_mse_forward(const at::Tensor& s, const at::Tensor& t,
+                                                         const c10::optional<at::Tensor>& pairs, double threshold) {
   const at::Tensor p = pairs.has_value() ? *pairs : at::Tensor();
   check(s, t, p);
-  at::Tensor e = at::empty_like(s);
+  at::Tensor e = at::empty_like(s), m = at::empty_like(s);
   const float *sp = s.data_ptr<float>(), *tp = t.data_ptr<float>();
-  float* ep = e.data_ptr<float>();
+  float *ep = e.data_ptr<float>(), *mp = m.data_ptr<float>();
   const float thr = static_cast<float>(threshold);
   for_heads(s, p, [&](int64_t b, int64_t end, const float* pb) {
-    if (pb) fwd_masked(sp + b, tp + b, pb, ep + b, end - b, thr);
-    else fwd_plain(sp + b, tp + b, ep + b, end - b, thr);
+    if (pb) fwd_masked(sp + b, tp + b, pb, ep + b, mp + b, end - b, thr);
+    else fwd_plain(sp + b, tp + b, ep + b, mp + b, end - b, thr);
   });
-  return e;
+  return {e, m};
 }
 
-at::Tensor attention_mse_backward(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& pairs,
-                                  double threshold, double coef, double grad) {
+at::Tensor attention_mse_backward(const at::Tensor& m, const c10::optional<at::Tensor>& pairs, double coef, double grad) {
   const at::Tensor p = pairs.has_value() ? *pairs : at::Tensor();
-  check(s, t, p);
-  at::Tensor ds = at::empty_like(s);
-  const float *sp = s.data_ptr<float>(), *tp = t.data_ptr<float>();
+  check(m, m, p);
+  at::Tensor ds = at::empty_like(m);
+  const float* mp = m.data_ptr<float>();
   float* dp = ds.data_ptr<float>();
-  const float thr = static_cast<float>(threshold), c = static_cast<float>(coef), g = static_cast<float>(grad);
-  for_heads(s, p, [&](int64_t b, int64_t end, const float* pb) {
-    if (pb) bwd_masked(sp + b, tp + b, pb, dp + b, end - b, thr, c);
-    else bwd_plain(sp + b, tp + b, dp + b, end - b, thr, c, g);
+  const float c = static_cast<float>(coef), g = static_cast<float>(grad);
+  for_heads(m, p, [&](int64_t b, int64_t end, const float* pb) {
+    if (pb) bwd_masked(mp + b, pb, dp + b, end - b, c);
+    else bwd_plain(mp + b, dp + b, end - b, c, g);
   });
   return ds;
 }
@@ -115,8 +114,8 @@ at::Tensor attention_mse_backward(const at::Tensor& s, const at::Tensor& t, cons
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kdlsq, m) {
-  m.def("attention_mse_forward(Tensor s, Tensor t, Tensor? pairs, float threshold) -> Tensor");
-  m.def("attention_mse_backward(Tensor s, Tensor t, Tensor? pairs, float threshold, float coef, float grad) -> Tensor");
+  m.def("attention_mse_forward(Tensor s, Tensor t, Tensor? pairs, float threshold) -> (Tensor, Tensor)");
+  m.def("attention_mse_backward(Tensor m, Tensor? pairs, float coef, float grad) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kdlsq, CPU, m) {

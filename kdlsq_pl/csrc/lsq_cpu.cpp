@@ -133,15 +133,154 @@ std::tuple<at::Tensor, at::Tensor> lsq_backward(const at::Tensor& grad_in, const
   return {gv, gs};
 }
 
+
+// ---- attention probabilities: dropout, then LSQ, without keeping the dropped tensor or the float noise --------
+// F.dropout on CPU (ATen _dropout_impl) draws noise = bernoulli(1 - p), divides it by (1 - p) and returns P * noise,
+// and autograd keeps that float noise; the quantizer then keeps the dropped tensor and P @ V its fake-quantized copy:
+// three float tensors of [B, H, T, T] per layer beside softmax's P. These kernels take the draw b (0 or 1, drawn by
+// torch, so the random stream is torch's) and q = float(1 - p): n = b / q (the IEEE division torch makes), v = P * n,
+// then LSQ's forward on v, and keep = (b != 0) as one byte. The backward rebuilds n as keep ? 1.0f / q : 0.0f (the
+// value b / q takes for b = 1 and b = 0) and v = P * n, so v, the recomputed output and both gradients are
+// bit-identical to dropout + fake_quantize + their autograd (tests/test_kernels.py).
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+void drop_fwd_span(const float* __restrict p, const float* __restrict b, float* __restrict out, bool* __restrict keep,
+                   int64_t n, float q, float s, float lo, float hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = p[i] * (b[i] / q);
+    float r = __builtin_rintf(v / s);
+    r = r < lo ? lo : (r > hi ? hi : r);
+    out[i] = r * s;
+    keep[i] = b[i] != 0.0f;
+  }
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+void drop_recompute_span(const float* __restrict p, const bool* __restrict keep, float* __restrict out, int64_t n,
+                         float c, float s, float lo, float hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = p[i] * (keep[i] ? c : 0.0f);
+    float r = __builtin_rintf(v / s);
+    r = r < lo ? lo : (r > hi ? hi : r);
+    out[i] = r * s;
+  }
+}
+
+// d/dP through the quantizer (STE mask when kSte) and dropout's multiply (grad * noise), and d/ds per element.
+template <bool kRounded, bool kSte, bool kGradS, bool kScale>
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+void drop_bwd_loop(const float* __restrict p, const bool* __restrict keep, const float* __restrict g, float* __restrict gp,
+                   float* __restrict gs_elem, int64_t n, float c, float s, float lo, float hi, float grad_scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float nz = keep[i] ? c : 0.0f;
+    const float r = (p[i] * nz) / s;
+    const float rr = __builtin_rintf(r);
+    const bool below = kRounded ? (rr < lo) : (r <= lo);
+    const bool above = kRounded ? (rr > hi) : (r >= hi);
+    const float gv = kSte ? ((below || above) ? 0.0f : g[i]) : g[i];
+    gp[i] = gv * nz;
+    if (kGradS) {
+      const float ds = above ? hi : (below ? lo : rr - r);
+      float t = ds * g[i];
+      if (kScale) t = t * grad_scale;
+      gs_elem[i] = t;
+    }
+  }
+}
+
+using DropBwdLoop = void (*)(const float*, const bool*, const float*, float*, float*, int64_t, float, float, float, float,
+                             float);
+
+template <bool kRounded, bool kSte>
+DropBwdLoop pick_drop_bwd_gs(bool grad_s, bool scale) {
+  if (!grad_s) return &drop_bwd_loop<kRounded, kSte, false, false>;
+  return scale ? &drop_bwd_loop<kRounded, kSte, true, true> : &drop_bwd_loop<kRounded, kSte, true, false>;
+}
+
+DropBwdLoop pick_drop_bwd(bool rounded, bool ste, bool grad_s, bool scale) {
+  if (rounded) return ste ? pick_drop_bwd_gs<true, true>(grad_s, scale) : pick_drop_bwd_gs<true, false>(grad_s, scale);
+  return ste ? pick_drop_bwd_gs<false, true>(grad_s, scale) : pick_drop_bwd_gs<false, false>(grad_s, scale);
+}
+
+void check_drop(const at::Tensor& p, const at::Tensor& other, const at::Tensor& s, at::ScalarType other_type) {
+  TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat && p.is_contiguous(),
+              "kdlsq dropout-lsq kernel: probabilities must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(other.scalar_type() == other_type && other.is_contiguous() && other.sizes() == p.sizes(),
+              "kdlsq dropout-lsq kernel: the draw / keep mask must be contiguous, of the probabilities' shape and dtype ",
+              other_type);
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == 1, "kdlsq dropout-lsq kernel: one float32 step size");
+}
+
+// (fake-quantized dropout(P), keep mask as bool)
+std::tuple<at::Tensor, at::Tensor> dropout_lsq_forward(const at::Tensor& p, const at::Tensor& b, double keep_prob,
+                                                       const at::Tensor& s, int64_t q_n, int64_t q_p) {
+  check_drop(p, b, s, at::kFloat);
+  at::Tensor out = at::empty_like(p);
+  at::Tensor keep = at::empty_like(p, p.options().dtype(at::kBool));
+  const float *pp = p.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  bool* kp = keep.data_ptr<bool>();
+  const float q = static_cast<float>(keep_prob), step = s.item<float>();
+  const float lo = -static_cast<float>(q_n), hi = static_cast<float>(q_p);
+  at::parallel_for(0, p.numel(), kGrain, [&](int64_t i, int64_t e) {
+    drop_fwd_span(pp + i, bp + i, op + i, kp + i, e - i, q, step, lo, hi);
+  });
+  return {out, keep};
+}
+
+// the forward's first output again, from P and the keep mask
+at::Tensor dropout_lsq_recompute(const at::Tensor& p, const at::Tensor& keep, double keep_prob, const at::Tensor& s,
+                                 int64_t q_n, int64_t q_p) {
+  check_drop(p, keep, s, at::kBool);
+  at::Tensor out = at::empty_like(p);
+  const float* pp = p.data_ptr<float>();
+  const bool* kp = keep.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  const float c = 1.0f / static_cast<float>(keep_prob), step = s.item<float>();
+  const float lo = -static_cast<float>(q_n), hi = static_cast<float>(q_p);
+  at::parallel_for(0, p.numel(), kGrain, [&](int64_t i, int64_t e) {
+    drop_recompute_span(pp + i, kp + i, op + i, e - i, c, step, lo, hi);
+  });
+  return out;
+}
+
+// (d/dP, d/ds per element or an empty tensor when not asked for); grad_out: contiguous, of P's shape
+std::tuple<at::Tensor, at::Tensor> dropout_lsq_backward(const at::Tensor& grad_out, const at::Tensor& p,
+                                                        const at::Tensor& keep, double keep_prob, const at::Tensor& s,
+                                                        int64_t q_n, int64_t q_p, bool rounded_test, bool ste_clip,
+                                                        double grad_scale, bool need_grad_s) {
+  check_drop(p, keep, s, at::kBool);
+  check_drop(p, grad_out, s, at::kFloat);
+  at::Tensor gp = at::empty_like(p);
+  at::Tensor gs = need_grad_s ? at::empty_like(p) : at::Tensor();
+  const float *pp = p.data_ptr<float>(), *g = grad_out.data_ptr<float>();
+  const bool* kp = keep.data_ptr<bool>();
+  float* gpp = gp.data_ptr<float>();
+  float* gsp = need_grad_s ? gs.data_ptr<float>() : nullptr;
+  const float c = 1.0f / static_cast<float>(keep_prob), step = s.item<float>();
+  const float lo = -static_cast<float>(q_n), hi = static_cast<float>(q_p), scale = static_cast<float>(grad_scale);
+  const DropBwdLoop loop = pick_drop_bwd(rounded_test, ste_clip, need_grad_s, grad_scale != 1.0);
+  at::parallel_for(0, p.numel(), kGrain, [&](int64_t i, int64_t e) {
+    loop(pp + i, kp + i, g + i, gpp + i, gsp ? gsp + i : nullptr, e - i, c, step, lo, hi, scale);
+  });
+  return {gp, gs};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kdlsq, m) {
   m.def("lsq_forward(Tensor v, Tensor s, int q_n, int q_p) -> Tensor");
   m.def("lsq_backward(Tensor grad_out, Tensor v, Tensor s, int q_n, int q_p, bool rounded_test, "
         "float grad_scale, bool need_grad_v, bool need_grad_s) -> (Tensor, Tensor)");
+  m.def("dropout_lsq_forward(Tensor p, Tensor b, float keep_prob, Tensor s, int q_n, int q_p) -> (Tensor, Tensor)");
+  m.def("dropout_lsq_recompute(Tensor p, Tensor keep, float keep_prob, Tensor s, int q_n, int q_p) -> Tensor");
+  m.def("dropout_lsq_backward(Tensor grad_out, Tensor p, Tensor keep, float keep_prob, Tensor s, int q_n, int q_p, "
+        "bool rounded_test, bool ste_clip, float grad_scale, bool need_grad_s) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kdlsq, CPU, m) {
   m.impl("lsq_forward", &lsq_forward);
   m.impl("lsq_backward", &lsq_backward);
+  m.impl("dropout_lsq_forward", &dropout_lsq_forward);
+  m.impl("dropout_lsq_recompute", &dropout_lsq_recompute);
+  m.impl("dropout_lsq_backward", &dropout_lsq_backward);
 }

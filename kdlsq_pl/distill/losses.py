@@ -17,7 +17,7 @@ The total loss is ``sum_k weight_k * term_k`` over the enabled (nonzero-weight) 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -127,7 +127,11 @@ class _AttentionMSE(torch.autograd.Function):
 
     ``s``, ``t``: ``[B, H, T, T]`` float32 contiguous (``t`` needs no gradient); ``pairs``: ``[B, T, T]`` float
     0/1 or None. Returns the same scalar as the torch formula of :func:`attention_score_mse`: ``e.mean()`` or
-    ``e.sum() / max(pairs.sum() * H, 1)`` of the kernel's elementwise squares ``e``, summed by torch.
+    ``e.sum() / max(pairs.sum() * H, 1)`` of the kernel's elementwise squares ``e``, summed by torch. For the
+    backward it keeps one ``[B, H, T, T]`` tensor, the thresholded difference, instead of both score tensors, so
+    the student's scores and the teacher's are freed once the loss is computed (one such tensor per layer less
+    during the backward; 25 MB a layer at batch 32, length 128, 12 heads). The gradient equals the torch
+    formula's (``torch.equal``; an entry at or below the threshold may be -0.0 instead of 0.0).
     """
 
     @staticmethod
@@ -142,26 +146,25 @@ class _AttentionMSE(torch.autograd.Function):
         from kdlsq_pl.kernels import cpu_kernels
 
         pairs = None if pairs is None else pairs.contiguous()
-        e = cpu_kernels().attention_mse_forward(s, t, pairs, threshold)
+        e, diff = cpu_kernels().attention_mse_forward(s, t, pairs, threshold)
         if pairs is None:
             term, ctx.denominator = e.mean(), None
         else:
             ctx.denominator = (pairs.sum() * s.shape[1]).clamp_min(1.0)
             term = e.sum() / ctx.denominator
-        ctx.save_for_backward(s, t, pairs)
-        ctx.threshold = threshold
+        ctx.save_for_backward(diff, pairs)
         return term
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         from kdlsq_pl.kernels import cpu_kernels
 
-        s, t, pairs = ctx.saved_tensors
+        diff, pairs = ctx.saved_tensors
         if pairs is None:  # F.mse_loss's backward: (2/N * d) * grad
-            coef, g = 2.0 / s.numel(), float(grad)
+            coef, g = 2.0 / diff.numel(), float(grad)
         else:  # through "/ D", "* pairs" and "square": (grad / D * pairs) * (2 * d)
             coef, g = float(grad / ctx.denominator), 1.0
-        return cpu_kernels().attention_mse_backward(s, t, pairs, ctx.threshold, coef, g), None, None, None
+        return cpu_kernels().attention_mse_backward(diff, pairs, coef, g), None, None, None
 
 
 def hidden_state_mse(
@@ -285,7 +288,9 @@ class KDLoss(nn.Module):
     holds terms whose weight is nonzero (zero-weight terms are never computed, so their
     inputs may be missing). If a layer count is ``None`` it is inferred from the lists. A teacher
     list entry that is ``None`` (a layer a teacher-output cache left out) drops that layer pair.
-    Teacher tensors are detached.
+    Teacher tensors are detached. A student output may hold ``attention_terms`` (one per student layer, the
+    layer's attention term or ``None``, from :meth:`attention_consumer`) in place of ``attention_scores``: the
+    same numbers, computed while the student's forward ran.
     """
 
     TERMS = ("pred", "attn", "hidden", "gt")
@@ -400,7 +405,17 @@ class KDLoss(nn.Module):
                 mask = _require(_get(teacher_out, "mask"), "teacher mask (mask_padding=True)").bool()
             hidden_masks = _get(teacher_out, "hidden_masks")  # a minimal-knowledge selection: per teacher state
 
-            if w["attn"] > 0:
+            terms = _get(student_out, "attention_terms")
+            if w["attn"] > 0 and terms is not None:  # computed layer by layer during the student's forward
+                if len(terms) != n_s:
+                    raise ValueError(f"expected {n_s} student attention terms, got {len(terms)}")
+                present = [x for x in terms if x is not None]
+                if not present:
+                    raise ValueError("KDLoss: no teacher attention score tensor for any mapped layer (all None)")
+                parts["attn"] = present[0]
+                for x in present[1:]:
+                    parts["attn"] = parts["attn"] + x
+            elif w["attn"] > 0:
                 s_att = list(_require(_get(student_out, "attention_scores"), "student attention_scores"))
                 t_att = list(_require(_get(teacher_out, "attention_scores"), "teacher attention_scores"))
                 if len(s_att) != n_s or len(t_att) != n_t:
@@ -442,12 +457,42 @@ class KDLoss(nn.Module):
             total = term if total is None else total + term
         return total, parts
 
+    def attention_consumer(self, teacher_out: Any, n_student_layers: int, epoch: int | None = None) -> Callable | None:
+        """A ``consume`` for :func:`kdlsq_pl.models.attention.capture_attention_scores` around the student's forward:
+        it turns student layer ``i``'s scores into that layer's term of :func:`attention_score_mse` against its mapped
+        teacher layer as soon as the layer has run, and drops its reference to that teacher tensor (the entry of
+        ``teacher_out``'s list becomes ``None``). So neither side's ``[B, H, T, T]`` scores outlive their layer: at
+        batch 32, length 128, 12 heads that is 25 MB a layer and side less at the end of the forward. The captured list
+        is the student output's ``attention_terms``; :meth:`forward` sums it in layer order, the same number and
+        gradient as from ``attention_scores``. ``None`` when the attention term has weight 0 at ``epoch``.
+
+        Args:
+            teacher_out: the teacher's outputs (``attention_scores``: ``L_t`` tensors ``[B, H, T, T]``; ``mask`` with
+                ``mask_padding``).
+            n_student_layers: the student's layer count (``config.num_hidden_layers``).
+        """
+        if self.weights_at(epoch)["attn"] <= 0:
+            return None
+        t_att = _require(_get(teacher_out, "attention_scores"), "teacher attention_scores")
+        attn_idx = layer_map(int(n_student_layers), len(t_att))[0]
+        mask = _require(_get(teacher_out, "mask"), "teacher mask (mask_padding=True)").bool() if self.mask_padding else None
+
+        def consume(i: int, scores: torch.Tensor) -> torch.Tensor | None:
+            j = attn_idx[i] if i < len(attn_idx) else None
+            if j is None or t_att[j] is None:
+                return None
+            teacher, t_att[j] = t_att[j], None
+            return attention_score_mse([scores], [teacher.detach()], threshold=self.attn_threshold, mask=mask)
+
+        return consume
+
     @staticmethod
     def _layer_counts(student_out, teacher_out, n_s, n_t) -> tuple[int, int]:
         def infer(out, n):
             if n is not None:
                 return int(n)
             att = _get(out, "attention_scores")
+            att = _get(out, "attention_terms") if att is None else att
             if att is not None:
                 return len(att)
             hid = _get(out, "hidden_states")

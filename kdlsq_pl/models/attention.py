@@ -41,20 +41,30 @@ If the attention module (``BertSelfAttention``) has an attribute ``kdlsq_act_qua
 With ``module.kdlsq_integer_softmax`` true (``quant.integer_ops``) the softmax is I-BERT's polynomial
 approximation (``kdlsq_pl.integer.ops.ibert_softmax``), the one the integer engine computes.
 
+Where the probability quantizer is an initialised per-tensor LSQ quantizer on float32 CPU tensors and the fused
+kernels are built, softmax, dropout, the quantizer and ``P @ V`` run as one autograd node
+(:class:`_QuantizedProbsTimesValue`) that keeps softmax's ``P`` and a one-byte dropout mask for the backward,
+instead of ``P``, dropout's float noise, the dropped tensor and its fake-quantized copy: three ``[B, H, T, T]``
+float32 tensors less per layer. The outputs and every gradient are bit-identical to the composite path.
+
 Score capture
 -------------
 Inside ``with capture_attention_scores() as scores:`` every call appends the pre-softmax
 scores ``Q K^T * scaling + mask`` (``[B, H, T, T]``, the exact tensor the softmax sees,
-not detached) to ``scores`` in call order (= layer order for an encoder). Captures use a
-``ContextVar``, so only the innermost active context receives scores and sequential
-teacher / student contexts never mix.
+not detached) to ``scores`` in call order (= layer order for an encoder). With
+``capture_attention_scores(consume=fn)`` it appends ``fn(layer index, scores)`` instead (the
+distillation loss turns each layer's scores into its loss term while the forward runs, so no layer's
+scores outlive it). Captures use a ``ContextVar``, so only the innermost active context receives
+scores and sequential teacher / student contexts never mix.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,21 +80,22 @@ __all__ = [
     "register",
 ]
 
-_CAPTURE: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
+_CAPTURE: contextvars.ContextVar[tuple[list, Callable | None] | None] = contextvars.ContextVar(
     "kdlsq_attention_score_capture", default=None
 )
 
 
 @contextlib.contextmanager
-def capture_attention_scores() -> Iterator[list[torch.Tensor]]:
+def capture_attention_scores(consume: Callable[[int, torch.Tensor], Any] | None = None) -> Iterator[list]:
     """Collect the pre-softmax attention scores of every ``kdlsq_eager`` call made inside.
 
     Yields a list that receives one ``[B, H, T_q, T_k]`` tensor per attention call, in
-    call order. Nested contexts shadow the outer one (the outer list gets nothing from
-    calls made inside the inner block); on exit the previous state is restored.
+    call order, or, with ``consume``, what ``consume(i, scores)`` returns for the ``i``-th call
+    (0-based), the scores themselves not kept. Nested contexts shadow the outer one (the outer
+    list gets nothing from calls made inside the inner block); on exit the previous state is restored.
     """
-    store: list[torch.Tensor] = []
-    token = _CAPTURE.set(store)
+    store: list = []
+    token = _CAPTURE.set((store, consume))
     try:
         yield store
     finally:
@@ -95,6 +106,96 @@ def _maybe_quant(quantizers: nn.ModuleDict | None, name: str, x: torch.Tensor) -
     if quantizers is not None and name in quantizers:
         return quantizers[name](x)
     return x
+
+
+class _QuantizedProbsTimesValue(torch.autograd.Function):
+    """``Q(dropout(softmax(scores))) @ value`` in one autograd node, with the LSQ quantizer ``Q``'s gradients.
+
+    Forward as the composite path computes it (``softmax``; CPU dropout's own arithmetic, ``P * (b / (1 - p))`` with
+    the Bernoulli draw ``b`` taken from torch's generator in the same order; LSQ's fused kernel; ``P @ V`` as
+    ``torch.matmul`` lowers it, one ``bmm`` over ``B * H``). The backward recomputes the fake-quantized
+    probabilities from ``P`` and the dropout mask (one pass) and applies the formulas of ``BmmBackward0``, the
+    fused LSQ backward, dropout's ``MulBackward0`` and ``SoftmaxBackward0`` in their order: bit-identical
+    (``tests/test_kernels.py``). Saved: ``P`` (float32), the keep mask (bool), the ``[B*H, T, d]`` value copy
+    ``bmm`` keeps anyway, the step size.
+
+    Inputs: ``scores`` ``[B, H, T, T]`` float32 contiguous CPU; ``value`` ``[B, H, T, d]``; ``s`` the step size
+    (one element); then the quantizer's ``q_n``, ``q_p``, gradient scale, ``ste_clip``, range test, eps; ``p_drop``
+    in ``[0, 1)``. Returns ``(out [B, H, T, d], fake-quantized probabilities [B, H, T, T], not differentiable)``.
+    Source: Esser et al. 2020, Eq. (1)-(3) (LSQ); the KDLSQ attention of :func:`kdlsq_attention_forward`.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, value, s, q_n, q_p, grad_scale, ste_clip, range_test, eps, p_drop):  # type: ignore[override]
+        from kdlsq_pl.kernels import cpu_kernels
+
+        ops = cpu_kernels()
+        probs = torch.softmax(scores, dim=-1)
+        s_eff = s.clamp_min(eps)
+        keep = None
+        if p_drop > 0.0:
+            draw = torch.empty_like(probs).bernoulli_(1.0 - p_drop)  # F.dropout's draw, from the same generator
+            probs_hat, keep = ops.dropout_lsq_forward(probs, draw, 1.0 - p_drop, s_eff, q_n, q_p)
+            del draw
+        else:
+            probs_hat = ops.lsq_forward(probs, s_eff, q_n, q_p)
+        b, h, t, _ = probs.shape
+        d = value.shape[-1]
+        value3 = value.reshape(b * h, t, d)  # torch.matmul's own reshape (a copy of the transposed V)
+        out = torch.bmm(probs_hat.view(b * h, t, t), value3).view(b, h, t, d)
+        ctx.save_for_backward(probs, keep, value3, s_eff)
+        ctx.q_n, ctx.q_p, ctx.grad_scale, ctx.ste_clip, ctx.range_test, ctx.p_drop = q_n, q_p, grad_scale, ste_clip, range_test, p_drop
+        ctx.s_shape = s.shape
+        ctx.mark_non_differentiable(probs_hat)
+        return out, probs_hat
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_probs):  # type: ignore[override]
+        from kdlsq_pl.kernels import cpu_kernels
+
+        ops = cpu_kernels()
+        probs, keep, value3, s_eff = ctx.saved_tensors
+        q_n, q_p, rounded, need_s = ctx.q_n, ctx.q_p, ctx.range_test == "rounded", ctx.needs_input_grad[2]
+        b, h, t, _ = probs.shape
+        d = value3.shape[-1]
+        if keep is None:
+            probs_hat = ops.lsq_forward(probs, s_eff, q_n, q_p)
+        else:
+            probs_hat = ops.dropout_lsq_recompute(probs, keep, 1.0 - ctx.p_drop, s_eff, q_n, q_p)
+        grad3 = grad_out.reshape(b * h, t, d)
+        grad_value = None
+        if ctx.needs_input_grad[1]:  # BmmBackward0: mat2 <- self^T @ grad
+            grad_value = torch.bmm(probs_hat.view(b * h, t, t).transpose(1, 2), grad3).view(b, h, t, d)
+        del probs_hat
+        grad_hat = torch.bmm(grad3, value3.transpose(1, 2)).view(b, h, t, t)  # self <- grad @ mat2^T
+        if keep is None:
+            grad_probs, gs = ops.lsq_backward(grad_hat, probs, s_eff, q_n, q_p, rounded, ctx.grad_scale, ctx.ste_clip, need_s)
+            if not ctx.ste_clip:
+                grad_probs = grad_hat
+        else:
+            grad_probs, gs = ops.dropout_lsq_backward(grad_hat, probs, keep, 1.0 - ctx.p_drop, s_eff, q_n, q_p, rounded,
+                                                      ctx.ste_clip, ctx.grad_scale, need_s)
+        del grad_hat
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype) if ctx.needs_input_grad[0] else None
+        grad_s = gs.sum_to_size(s_eff.shape).reshape(ctx.s_shape).to(s_eff.dtype) if need_s else None
+        return grad_scores, grad_value, grad_s, None, None, None, None, None, None, None
+
+
+def _fused_probs_quantizer(quantizers: nn.ModuleDict | None, scores: torch.Tensor, value: torch.Tensor, p_drop: float):
+    """The probability quantizer when :class:`_QuantizedProbsTimesValue` computes exactly what the composite path
+    would (an initialised per-tensor LSQ quantizer with the fused kernel, float32 CPU tensors, built kernels), else
+    None."""
+    q = quantizers["probs"] if quantizers is not None and "probs" in quantizers else None
+    from kdlsq_pl.quant.lsq import LSQQuantizer
+
+    if not (isinstance(q, LSQQuantizer) and q.fused_kernel and not q.per_channel and q.is_initialized):
+        return None
+    if not (scores.device.type == "cpu" and scores.dtype == torch.float32 and value.dtype == torch.float32
+            and scores.dim() == 4 and scores.is_contiguous() and 0.0 <= p_drop < 1.0):
+        return None
+    from kdlsq_pl.kernels import cpu_kernels
+
+    return q if cpu_kernels() is not None else None
 
 
 def kdlsq_attention_forward(
@@ -133,11 +234,22 @@ def kdlsq_attention_forward(
     if attention_mask is not None:
         scores = scores + attention_mask
 
-    store = _CAPTURE.get()
-    if store is not None:
-        store.append(scores)
+    capture = _CAPTURE.get()
+    if capture is not None:
+        store, consume = capture
+        store.append(scores if consume is None else consume(len(store), scores))
 
-    if getattr(module, "kdlsq_integer_softmax", False):  # quant.integer_ops: I-BERT's exp polynomial, as the integer engine
+    p_drop = float(dropout) if module.training else 0.0
+    integer_softmax = getattr(module, "kdlsq_integer_softmax", False)
+    q = None if integer_softmax else _fused_probs_quantizer(quantizers, scores, value, p_drop)
+    if q is not None:  # the same numbers with three [B, H, T, T] tensors less kept for the backward
+        s = q._step_from_scale().reshape(q._broadcast_shape(scores))
+        g = 1.0 / math.sqrt(max(scores.numel(), 1) * q.Q_P) if q.grad_scale else 1.0
+        attn_output, probs = _QuantizedProbsTimesValue.apply(scores, value, s, q.Q_N, q.Q_P, g, q.ste_clip, q.range_test,
+                                                             q.eps, p_drop)
+        return attn_output.transpose(1, 2).contiguous(), probs
+
+    if integer_softmax:  # quant.integer_ops: I-BERT's exp polynomial, as the integer engine
         from kdlsq_pl.integer.ops import ibert_softmax
         probs = ibert_softmax(scores, None if attention_mask is None else attention_mask == 0)
     else:

@@ -278,13 +278,18 @@ class KDLSQModule(GLUEModule):
             self.teacher.eval()
         return self
 
-    def _outputs(self, model: nn.Module, batch: Mapping[str, torch.Tensor], epoch: int | None = None, scores_for_selection: bool = False) -> dict:
+    def _outputs(self, model: nn.Module, batch: Mapping[str, torch.Tensor], epoch: int | None = None, scores_for_selection: bool = False,
+                 consume: Any = None) -> dict:
+        """Logits, hidden states and attention scores of ``model`` on ``batch``; with ``consume``
+        (``KDLoss.attention_consumer``) the attention terms computed layer by layer instead of the scores."""
         w = self.loss.weights_at(epoch)
         need_scores, need_hidden = w["attn"] > 0 or (scores_for_selection and w["hidden"] > 0), w["hidden"] > 0
-        with capture_attention_scores() as scores:
+        with capture_attention_scores(consume if need_scores else None) as scores:
             out = model(**model_inputs(batch), output_hidden_states=need_hidden)
+        streamed = consume is not None and need_scores
         return {"logits": head_logits(out, batch), "hidden_states": out.hidden_states if need_hidden else None,
-                "attention_scores": scores if need_scores else None}
+                "attention_scores": scores if need_scores and not streamed else None,
+                "attention_terms": scores if streamed else None}
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         teacher_out = None
@@ -302,7 +307,9 @@ class KDLSQModule(GLUEModule):
                     teacher_out["hidden_masks"] = selection_masks(sel, teacher_out["hidden_states"], batch["attention_mask"],
                                                                   teacher_out["attention_scores"], sep, layers=wanted)
             teacher_out["mask"] = batch["attention_mask"].bool()  # used by a loss with mask_padding=True
-        student_out = self._outputs(self.student, batch, epoch)
+        # each layer's attention term is computed as the layer runs, so no layer's scores outlive it (peak memory)
+        consume = None if teacher_out is None else self.loss.attention_consumer(teacher_out, self.student.config.num_hidden_layers, epoch)
+        student_out = self._outputs(self.student, batch, epoch, consume=consume)
         total, parts = self.loss(student_out, teacher_out, targets(batch), epoch=epoch)
         self.log("train/loss", total, prog_bar=True)
         for name, value in parts.items():
