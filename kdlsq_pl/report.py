@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -192,6 +193,14 @@ def plot(info: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def series(key: str, meta: dict) -> str:
+        """The top row's line: the method plus what its quant name adds to the bits (``_ibert``); a mixed setting alone."""
+        method, _, qname = key.partition(" ")
+        return key if meta.get("mixed") else method + re.sub(r"^w\d+(e\d+)?a\d+", "", qname)
+
+    # one colour per line and per model, the same in every task's panel
+    top_color = {name: f"C{i % 10}" for i, name in enumerate(sorted({series(k, m) for k, m in info["meta"].items() if k != TEACHER}))}
+    bottom_color = {key: f"C{i % 10}" for i, key in enumerate(sorted(info["meta"]))}
     tasks = info["tasks"]
     ncol = max(len(tasks), 1)
     fig, axes = plt.subplots(2, ncol, figsize=(4.2 * ncol, 6.4), squeeze=False)
@@ -205,13 +214,14 @@ def plot(info: dict, path: Path) -> None:
             std = vals.std(ddof=1) if len(vals) > 1 else 0.0
             if key != TEACHER:
                 # a mixed-precision setting is its own point (at its average bits), not a point on the method's line
-                by_method[key if meta.get("mixed") else key.split(" ")[0]].append((meta["wbits"], vals.mean(), std))
+                by_method[series(key, meta)].append((meta["wbits"], vals.mean(), std))
             if meta.get("file"):
                 bottom.errorbar([meta["file"] / 1e6], [vals.mean()], yerr=[std], marker="s" if key == TEACHER else "o",
-                                capsize=3, linestyle="none", label=key)
+                                capsize=3, linestyle="none", label=key, color=bottom_color[key])
         for method, pts in sorted(by_method.items()):
             pts.sort()
-            top.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=method)
+            top.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=method,
+                         color=top_color[method])
         teacher = info["cells"].get((TEACHER, task))
         if teacher:
             top.axhline(pd.Series(teacher).mean(), linestyle="--", color="gray", label=TEACHER)
