@@ -5,8 +5,10 @@ Usage: .venv/bin/python benchmarks/train_step.py [--batch 32] [--lengths 64 128]
                                                  [--epoch-tasks mrpc sst2] [--epoch-batches 40] [--skip-epochs]
                                                  [--torch-quantizer] [--default-malloc] [--profile K]
 
-Part 1 (one process, the offline MiniLM, real MRPC rows padded to each length): seconds per training step
-(forward, backward, AdamW step; the median of ``--steps`` after one warm-up step, the four settings taking
+Part 1 (one process, the offline MiniLM, real MRPC rows padded to each length): seconds per training step of FP
+fine-tuning, QAT without teacher, KDLSQ with the live teacher, with the cached teacher and with the live teacher's
+forward in bfloat16 (``teacher.forward_dtype=bfloat16``)
+(forward, backward, AdamW step; the median of ``--steps`` after one warm-up step, the settings taking
 turns so that the machine's slow spells fall on all of them; the ratio to FP fine-tuning is the median over
 rounds of the ratio within a round) and the peak memory of one more step above the
 process's resident set before it (CPU: RSS sampled every 2 ms after ``malloc_trim``, MB; GPU:
@@ -210,21 +212,28 @@ def step_table(args, path: str, device: torch.device) -> None:
                 del t
                 optimise("kd", loss)
 
+            def kd_live_bf16_step():  # teacher.forward_dtype=bfloat16, as KDLSQModule._teacher_outputs
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                    t = outputs(teacher, batch)
+                t = {k: v.float() if torch.is_tensor(v) else [x.float() for x in v] for k, v in t.items()}
+                loss = loss_live(outputs(kd, batch, consume=loss_live.attention_consumer(t, kd.config.num_hidden_layers)), t, labels)[0]
+                del t
+                optimise("kd", loss)
+
             def kd_cached_step():
                 t = cache.lookup(batch["idx"], length, device)
                 loss = loss_cached(outputs(kd, batch, consume=loss_cached.attention_consumer(t, kd.config.num_hidden_layers)), t, labels)[0]
                 del t
                 optimise("kd", loss)
 
-            results = interleaved({"FP fine-tuning": fp_step, "QAT, no teacher": qat_step,
-                                   "KDLSQ, live teacher": kd_live_step, "KDLSQ, cached teacher": kd_cached_step},
-                                  args.steps, device)
+            steps = {"FP fine-tuning": fp_step, "QAT, no teacher": qat_step, "KDLSQ, live teacher": kd_live_step,
+                     "KDLSQ, cached teacher": kd_cached_step, "KDLSQ, live bf16 teacher": kd_live_bf16_step}
+            results = interleaved(steps, args.steps, device)
             base_m = results["FP fine-tuning"][2]
             for name, (sec, ratio, mb) in results.items():
                 print(f"{length:>6} | {name:<24} | {sec:>7.3f} | {ratio:>5.2f} | {mb:>8.0f} | {mb / max(base_m, 1e-9):>5.2f}")
             if args.profile:
-                profile_steps({"FP fine-tuning": fp_step, "QAT, no teacher": qat_step, "KDLSQ, live teacher": kd_live_step,
-                               "KDLSQ, cached teacher": kd_cached_step}, args.profile, length)
+                profile_steps(steps, args.profile, length)
 
 
 def profile_steps(steps: dict, rows: int, length: int) -> None:

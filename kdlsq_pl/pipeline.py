@@ -50,7 +50,8 @@ _UNKNOWN = object()
 #: Settings that change a cell's result but not its folder name (``kdlsq_pl.cell_name``: stage, method, task, bits,
 #: seed), with their value in records written before the setting existed (``_UNKNOWN``: not compared then).
 CELL_SETTINGS = {"student.init": "teacher", "student.layers": None, "loss.selection": _UNKNOWN,
-                 "trainer.max_epochs": _UNKNOWN, "optim.lr": _UNKNOWN, "quant.overrides": None}
+                 "trainer.max_epochs": _UNKNOWN, "optim.lr": _UNKNOWN, "quant.overrides": None,
+                 "teacher.forward_dtype": "float32"}
 
 
 def check_same_cell(cfg: DictConfig, previous: dict, out_dir: Path) -> None:

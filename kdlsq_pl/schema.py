@@ -21,7 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError
 
 from kdlsq_pl.options import (  # noqa: F401  (re-exported: the schema's field types)
-    FULL_PRECISION_BITS, MAX_BITS, MIN_BITS, ActQuantizer, CacheDtype, Grid, HeadBias, Init, Metric, Padding, Param, Pooling,
+    FULL_PRECISION_BITS, MAX_BITS, MIN_BITS, ActQuantizer, CacheDtype, TeacherDtype, Grid, HeadBias, Init, Metric, Padding, Param, Pooling,
     RangeTest, Reduction, RegressionTarget, ReplacingScheduler, SquadProtocol, Stage, TaskKind, TokenRule, WeightQuantizer, WidthRule, allowed)
 
 
@@ -98,6 +98,7 @@ class Trainer(_Section):
 
 class Teacher(_Section):
     seed: Index
+    forward_dtype: TeacherDtype = "float32"
 
 
 class QuantSide(_Section):

@@ -145,3 +145,40 @@ def test_streamed_attention_terms_equal_the_whole_list_loss(minilm_path, mask_pa
     assert g0.keys() == g1.keys() and len(g0) > 100
     for name in g0:
         assert torch.equal(g0[name], g1[name]), name
+
+
+def test_bfloat16_teacher_forward_is_an_option_close_to_float32(module, minilm_path, make_cfg):
+    """teacher.forward_dtype=bfloat16 runs the live teacher under autocast: its outputs come back as float32, within
+    bfloat16's rounding of the float32 teacher's on real MRPC rows (logits to 2e-2, each hidden state and attention
+    score tensor to 3% relative norm), and the default float32 path is the plain forward. A bad value is one line."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from conftest import CONF, GLUE
+    from kdlsq_pl.config import validate
+    from kdlsq_pl.data.tsv import read_glue_tsv, task_files
+    from kdlsq_pl.errors import ConfigError
+
+    mrpc = OmegaConf.to_container(OmegaConf.load(CONF / "task" / "mrpc.yaml"))
+    rows = read_glue_tsv(task_files(mrpc, GLUE)["dev"], mrpc)
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    batch = dict(tok(rows["text_a"][:8], rows["text_b"][:8], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        want = module._teacher_outputs(batch, None, False)
+        module.teacher_dtype = "bfloat16"
+        try:
+            got = module._teacher_outputs(batch, None, False)
+        finally:
+            module.teacher_dtype = "float32"
+    assert got["logits"].dtype == torch.float32 and (got["logits"] - want["logits"]).abs().max() < 2e-2
+    for key in ("hidden_states", "attention_scores"):
+        assert len(got[key]) == len(want[key])
+        for g, w in zip(got[key], want[key]):
+            w = torch.where(w <= -100, 0.0, w)  # the additive padding mask is the same huge value in both
+            g = torch.where(g <= -100, 0.0, g)
+            assert g.dtype == torch.float32 and float((g - w).norm() / w.norm()) < 0.03, key
+        assert not torch.equal(got[key][-1], want[key][-1])  # the top layer did run in bfloat16 (the embeddings do not)
+    with pytest.raises(ValueError, match="teacher_dtype='float16' is not supported; allowed: float32, bfloat16"):
+        KDLSQModule(module.teacher, module.student, TASK, module.loss, OPTIM, teacher_dtype="float16")
+    with pytest.raises(ConfigError, match="teacher.forward_dtype"):
+        validate(make_cfg("teacher.forward_dtype=float16"))

@@ -249,6 +249,8 @@ class KDLSQModule(GLUEModule):
         selection: a minimal-knowledge ``HiddenSelection`` (``kdlsq_pl.distill.selection``): the live teacher's
             hidden states get the selection's masks (``hidden_masks``), as a cache built with it stores them.
         sep_token_id: the tokenizer's [SEP] id (a selection that excludes [SEP]).
+        teacher_dtype: ``"float32"`` or ``"bfloat16"``: the live teacher's forward under CPU/CUDA autocast in bfloat16
+            (its outputs cast back to float32 for the loss; ``teacher.forward_dtype``). Changes the numbers a little.
 
     Raises:
         ValueError: the loss needs a teacher and neither a teacher nor a cache is given; a cache with
@@ -256,7 +258,7 @@ class KDLSQModule(GLUEModule):
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, task: Mapping[str, Any], loss: nn.Module, optim: Mapping[str, Any],
-                 teacher_cache: Any = None, selection: Any = None, sep_token_id: int | None = None):
+                 teacher_cache: Any = None, selection: Any = None, sep_token_id: int | None = None, teacher_dtype: str = "float32"):
         super().__init__(task, float(optim.get("warmup_ratio", 0.0)))
         if teacher is None and teacher_cache is None and loss.uses_teacher:
             raise ValueError(f"the loss ({loss.extra_repr()}) distils from a teacher, but teacher=None")
@@ -271,6 +273,9 @@ class KDLSQModule(GLUEModule):
         self.optim = dict(optim)
         self.selection = None if selection is None or selection.is_full else selection
         self.sep_token_id = sep_token_id
+        if teacher_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"teacher_dtype={teacher_dtype!r} is not supported; allowed: float32, bfloat16")
+        self.teacher_dtype = teacher_dtype
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -291,6 +296,18 @@ class KDLSQModule(GLUEModule):
                 "attention_scores": scores if need_scores and not streamed else None,
                 "attention_terms": scores if streamed else None}
 
+    def _teacher_outputs(self, batch: Mapping[str, torch.Tensor], epoch: int | None, scores_for_selection: bool) -> dict:
+        """The live teacher's outputs; with ``teacher_dtype="bfloat16"`` its forward runs under autocast and every
+        output comes back as float32."""
+        if self.teacher_dtype == "float32":
+            return self._outputs(self.teacher, batch, epoch, scores_for_selection=scores_for_selection)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            out = self._outputs(self.teacher, batch, epoch, scores_for_selection=scores_for_selection)
+        as_float = lambda x: None if x is None else x.float()  # noqa: E731
+        return {"logits": as_float(out["logits"]),
+                "hidden_states": None if out["hidden_states"] is None else [as_float(h) for h in out["hidden_states"]],
+                "attention_scores": None if out["attention_scores"] is None else [as_float(a) for a in out["attention_scores"]]}
+
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         teacher_out = None
         epoch = self.current_epoch  # two-stage losses (loss.intermediate_epochs) switch terms by epoch
@@ -299,7 +316,7 @@ class KDLSQModule(GLUEModule):
         elif self.teacher is not None:
             sel = self.selection
             with torch.no_grad():
-                teacher_out = self._outputs(self.teacher, batch, epoch, scores_for_selection=sel is not None and sel.needs_attention)
+                teacher_out = self._teacher_outputs(batch, epoch, scores_for_selection=sel is not None and sel.needs_attention)
                 if sel is not None and teacher_out["hidden_states"] is not None:  # the kept entries, as a cache stores them
                     from kdlsq_pl.distill.selection import selection_masks
                     sep = batch["input_ids"] == self.sep_token_id if self.sep_token_id is not None else None

@@ -99,7 +99,8 @@ def build_student_module(cfg: DictConfig, teacher_dir: Path, dm=None) -> KDLSQMo
     teacher = load() if needs_teacher and cache is None else None
     return KDLSQModule(teacher, student, OmegaConf.to_container(cfg.task, resolve=True), loss,
                        OmegaConf.to_container(cfg.optim, resolve=True), teacher_cache=cache, selection=selection,
-                       sep_token_id=dm.tokenizer.sep_token_id if dm is not None else None)
+                       sep_token_id=dm.tokenizer.sep_token_id if dm is not None else None,
+                       teacher_dtype=str(cfg.teacher.get("forward_dtype", "float32")))
 
 
 def quant_callbacks(cfg: DictConfig) -> list[pl.Callback]:
