@@ -151,6 +151,11 @@ def outputs(model, batch: dict, need: bool = True, consume=None) -> dict:
             "attention_scores" if consume is None else "attention_terms": scores}
 
 
+def adamw(params, impl: str) -> torch.optim.AdamW:
+    """AdamW as the product builds it (``optim.adamw``: foreach or fused; ``loop``: torch's per-tensor default)."""
+    return torch.optim.AdamW(params, lr=1e-5, foreach=impl == "foreach", fused=impl == "fused" or None)
+
+
 def student_setup(path: str, task: dict, quant: str, calib: dict, device: torch.device):
     student = load_classifier(path, task, ATTN_IMPLEMENTATION)
     quantize_(student, quant_cfg(quant))
@@ -178,7 +183,7 @@ def step_table(args, path: str, device: torch.device) -> None:
         fp = load_classifier(path, task, ATTN_IMPLEMENTATION).to(device).train()
         qat = student_setup(path, task, args.quant, batch, device)
         kd = student_setup(path, task, args.quant, batch, device)
-        opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-5) for name, m in (("fp", fp), ("qat", qat), ("kd", kd))}
+        opts = {name: adamw(m.parameters(), args.adamw) for name, m in (("fp", fp), ("qat", qat), ("kd", kd))}
         loss_live = KDLoss(pred=1, attn=1, hidden=1)
         loss_cached = KDLoss(pred=1, attn=1, hidden=1, mask_padding=True)
         with tempfile.TemporaryDirectory() as tmp:
@@ -267,7 +272,7 @@ def epoch_table(args, path: str, device: torch.device) -> None:
             batches = [b for i, b in enumerate(loader) if i in keep]
             t_model = load_classifier(path, task, ATTN_IMPLEMENTATION).to(device).eval()  # timing only: the head needs no training
             student = student_setup(path, task, args.quant, batches[0], device)
-            opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+            opt = adamw(student.parameters(), args.adamw)
             loss_fn = KDLoss(pred=1, attn=1, hidden=1, is_regression=not task["labels"])
 
             def step(b):
@@ -302,6 +307,8 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="K",
                     help="after each length's table, torch.profiler's K costliest operators per setting")
     ap.add_argument("--default-malloc", action="store_true", help="leave glibc malloc's thresholds at their defaults")
+    ap.add_argument("--adamw", choices=("foreach", "fused", "loop"), default="foreach",
+                    help="AdamW implementation in every setting (optim.adamw; loop: torch's per-tensor default before)")
     ap.add_argument("--torch-quantizer", action="store_true", help="LSQ by the unfused torch formula, not the C++ kernel")
     args = ap.parse_args()
     FUSED["kernel"] = not args.torch_quantizer
@@ -317,7 +324,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     from kdlsq_pl.kernels import cpu_kernels
     fused = FUSED["kernel"] and device.type == "cpu" and cpu_kernels() is not None
-    print(f"torch {torch.__version__}, {name}; LSQ quantizer: {'fused C++ kernel' if fused else 'torch formula'}")
+    print(f"torch {torch.__version__}, {name}; LSQ quantizer: {'fused C++ kernel' if fused else 'torch formula'}; AdamW: {args.adamw}")
     step_table(args, path, device)
     if not args.skip_epochs and args.epoch_tasks:
         epoch_table(args, path, device)

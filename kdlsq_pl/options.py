@@ -30,6 +30,7 @@ Reduction = Literal["mean", "batchmean"]
 RegressionTarget = Literal["label", "teacher"]
 CacheDtype = Literal["float16", "float32"]
 TeacherDtype = Literal["float32", "bfloat16"]  # the live teacher's forward (teacher.forward_dtype)
+AdamWImpl = Literal["foreach", "fused"]  # torch AdamW's implementation (optim.adamw)
 TokenRule = Literal["first", "cls_attention"]  # minimal hidden-state knowledge: which k tokens (kdlsq_pl.distill.selection)
 WidthRule = Literal["magnitude", "random"]  # ... and which dimensions of each kept hidden vector
 ReplacingScheduler = Literal["linear", "constant"]  # BERT-of-Theseus: p = min(1, k t + b), or a constant p

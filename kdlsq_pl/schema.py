@@ -21,7 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError
 
 from kdlsq_pl.options import (  # noqa: F401  (re-exported: the schema's field types)
-    FULL_PRECISION_BITS, MAX_BITS, MIN_BITS, ActQuantizer, CacheDtype, TeacherDtype, Grid, HeadBias, Init, Metric, Padding, Param, Pooling,
+    FULL_PRECISION_BITS, MAX_BITS, MIN_BITS, ActQuantizer, AdamWImpl, CacheDtype, TeacherDtype, Grid, HeadBias, Init, Metric, Padding, Param, Pooling,
     RangeTest, Reduction, RegressionTarget, ReplacingScheduler, SquadProtocol, Stage, TaskKind, TokenRule, WeightQuantizer, WidthRule, allowed)
 
 
@@ -172,6 +172,7 @@ class Optim(_Section):
     weight_step_weight_decay: NonNegative
     act_step_weight_decay: NonNegative
     warmup_ratio: Ratio
+    adamw: AdamWImpl = "foreach"
 
 
 class TeacherCache(_Section):

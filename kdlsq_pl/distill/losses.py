@@ -105,7 +105,7 @@ def attention_score_mse(
     """
     _check_pairs("attention_score_mse", student_scores, teacher_scores)
     pairs = None if mask is None else (mask[:, None, :, None] & mask[:, None, None, :]).float()  # [B, 1, T, T]
-    total = None
+    terms = []
     for s, t in zip(student_scores, teacher_scores):
         s = s.float()
         t = t.float()
@@ -118,8 +118,8 @@ def attention_score_mse(
                 term = F.mse_loss(s, t, reduction="mean")
             else:
                 term = ((s - t).square() * pairs).sum() / (pairs.sum() * s.shape[1]).clamp_min(1.0)
-        total = term if total is None else total + term
-    return total
+        terms.append(term)
+    return _sum_in_order(terms, "attention score")
 
 
 class _AttentionMSE(torch.autograd.Function):
@@ -184,7 +184,7 @@ def hidden_state_mse(
     """
     _check_pairs("hidden_state_mse", student_hidden, teacher_hidden)
     masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * len(student_hidden)
-    total = None
+    terms = []
     for s, t, m in zip(student_hidden, teacher_hidden, masks):
         weight = None if m is None else (m[..., None] if m.dim() == 2 else m).float()  # [B, T, 1] or [B, T, D]
         if weight is None:
@@ -192,8 +192,8 @@ def hidden_state_mse(
         else:
             per_entry = s.shape[-1] if weight.shape[-1] == 1 else 1
             term = ((s.float() - t.float()).square() * weight).sum() / (weight.sum() * per_entry).clamp_min(1.0)
-        total = term if total is None else total + term
-    return total
+        terms.append(term)
+    return _sum_in_order(terms, "hidden state")
 
 
 def layer_map(n_student: int, n_teacher: int) -> tuple[list[int], list[int]]:
@@ -409,12 +409,7 @@ class KDLoss(nn.Module):
             if w["attn"] > 0 and terms is not None:  # computed layer by layer during the student's forward
                 if len(terms) != n_s:
                     raise ValueError(f"expected {n_s} student attention terms, got {len(terms)}")
-                present = [x for x in terms if x is not None]
-                if not present:
-                    raise ValueError("KDLoss: no teacher attention score tensor for any mapped layer (all None)")
-                parts["attn"] = present[0]
-                for x in present[1:]:
-                    parts["attn"] = parts["attn"] + x
+                parts["attn"] = _sum_in_order(terms, "attention score")
             elif w["attn"] > 0:
                 s_att = list(_require(_get(student_out, "attention_scores"), "student attention_scores"))
                 t_att = list(_require(_get(teacher_out, "attention_scores"), "teacher attention_scores"))
@@ -508,8 +503,28 @@ def _present(student: list, teacher: list, mapped: list[int], what: str) -> list
     present teacher tensor."""
     pairs = [(s, teacher[j].detach()) for s, j in zip(student, mapped) if j is not None and teacher[j] is not None]
     if not pairs:
-        raise ValueError(f"KDLoss: no teacher {what} tensor for any mapped layer (all None)")
+        raise _none_mapped(what)
     return pairs
+
+
+def _sum_in_order(terms: Sequence[torch.Tensor | None], what: str) -> torch.Tensor:
+    """``terms[0] + terms[1] + ...`` left to right over the entries that are not None (per-layer loss terms: the
+    order fixes the float32 rounding, so the streamed and the whole-list attention losses agree bit for bit).
+
+    Raises:
+        ValueError: every entry is None (no student layer had a teacher ``what`` tensor).
+    """
+    present = [x for x in terms if x is not None]
+    if not present:
+        raise _none_mapped(what)
+    total = present[0]
+    for x in present[1:]:
+        total = total + x
+    return total
+
+
+def _none_mapped(what: str) -> ValueError:
+    return ValueError(f"KDLoss: no teacher {what} tensor for any mapped layer (all None)")
 
 
 def _require(x, what: str):

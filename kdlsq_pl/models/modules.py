@@ -26,6 +26,7 @@ from kdlsq_pl.metrics import build_metrics, predictions
 from kdlsq_pl.models.attention import capture_attention_scores
 from kdlsq_pl.models.layout import no_decay_parameter_names
 from kdlsq_pl.models.loading import is_qa, is_regression
+from kdlsq_pl.options import AdamWImpl, TeacherDtype, allowed
 from kdlsq_pl.quant.modules import lsq_quantizers
 
 log = logging.getLogger("kdlsq_pl")
@@ -75,10 +76,20 @@ class GLUEModule(pl.LightningModule):
     Args:
         task: the task config (``labels``, ``metrics``, ``metric``, ``dev_files``).
         warmup_ratio: share of the training steps with linear warm-up (0 for none).
+        adamw: torch AdamW's implementation (``optim.adamw``): ``"foreach"`` (the default: the same numbers as
+            torch's per-tensor loop, ``torch.equal``, in fewer passes and temporaries) or ``"fused"`` (one C++
+            pass per tensor, several times faster again; its rounding differs in the last bit, so the numbers
+            change a little).
+
+    Raises:
+        ValueError: ``adamw`` is not one of those two.
     """
 
-    def __init__(self, task: Mapping[str, Any], warmup_ratio: float = 0.0):
+    def __init__(self, task: Mapping[str, Any], warmup_ratio: float = 0.0, adamw: str = "foreach"):
         super().__init__()
+        if adamw not in allowed(AdamWImpl):
+            raise ValueError(f"optim.adamw={adamw!r} is not supported; allowed: {', '.join(allowed(AdamWImpl))}")
+        self.adamw = adamw
         self.task = dict(task)
         self.is_qa, self.is_regression = is_qa(task), is_regression(task)
         self.dev_keys = list(task["dev_files"])
@@ -186,8 +197,13 @@ class GLUEModule(pl.LightningModule):
     def parameter_groups(self) -> list[dict]:
         raise NotImplementedError
 
+    def build_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over :meth:`parameter_groups` in the ``adamw`` implementation (torch's own; ``foreach`` explicitly,
+        since on CPU torch would otherwise pick its per-tensor loop)."""
+        return torch.optim.AdamW(self.parameter_groups(), foreach=self.adamw == "foreach", fused=self.adamw == "fused" or None)
+
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameter_groups())
+        optimizer = self.build_optimizer()
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -243,7 +259,7 @@ class KDLSQModule(GLUEModule):
         loss: the distillation loss.
         optim: ``lr``, ``weight_decay`` (model weights), ``weight_step_lr``,
             ``weight_step_weight_decay`` (weight/embedding step sizes), ``act_step_lr``,
-            ``act_step_weight_decay`` (activation step sizes), ``warmup_ratio``.
+            ``act_step_weight_decay`` (activation step sizes), ``warmup_ratio``, ``adamw`` (see :class:`GLUEModule`).
         teacher_cache: a ``TeacherCache`` to read instead of running ``teacher`` (then ``None``); the
             loss must have ``mask_padding=True`` (the cache holds no padding).
         selection: a minimal-knowledge ``HiddenSelection`` (``kdlsq_pl.distill.selection``): the live teacher's
@@ -259,7 +275,7 @@ class KDLSQModule(GLUEModule):
 
     def __init__(self, teacher: nn.Module, student: nn.Module, task: Mapping[str, Any], loss: nn.Module, optim: Mapping[str, Any],
                  teacher_cache: Any = None, selection: Any = None, sep_token_id: int | None = None, teacher_dtype: str = "float32"):
-        super().__init__(task, float(optim.get("warmup_ratio", 0.0)))
+        super().__init__(task, float(optim.get("warmup_ratio", 0.0)), str(optim.get("adamw", "foreach")))
         if teacher is None and teacher_cache is None and loss.uses_teacher:
             raise ValueError(f"the loss ({loss.extra_repr()}) distils from a teacher, but teacher=None")
         if teacher_cache is not None and not loss.mask_padding:
@@ -273,8 +289,8 @@ class KDLSQModule(GLUEModule):
         self.optim = dict(optim)
         self.selection = None if selection is None or selection.is_full else selection
         self.sep_token_id = sep_token_id
-        if teacher_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"teacher_dtype={teacher_dtype!r} is not supported; allowed: float32, bfloat16")
+        if teacher_dtype not in allowed(TeacherDtype):
+            raise ValueError(f"teacher_dtype={teacher_dtype!r} is not supported; allowed: {', '.join(allowed(TeacherDtype))}")
         self.teacher_dtype = teacher_dtype
 
     def train(self, mode: bool = True):
