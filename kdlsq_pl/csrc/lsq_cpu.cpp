@@ -24,18 +24,38 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;
 
+// The per-element arithmetic, shared by the plain LSQ loops and the dropout + LSQ loops below (inlined into each
+// loop, so every loop stays one vectorized pass).
+// forward: clamp(rint(v / s), lo, hi) * s
+__attribute__((always_inline)) inline float fake_quant(float v, float s, float lo, float hi) {
+  float q = __builtin_rintf(v / s);
+  q = q < lo ? lo : (q > hi ? hi : q);  // NaN passes through, as torch.clamp
+  return q * s;
+}
+
+// backward at r = v / s for the incoming gradient g: whether v lies outside the range (the STE's zero), and in
+// gs (when kGradS) the step size's gradient: (rint(r) - r inside, lo below, hi above) times g, times grad_scale when kScale.
+template <bool kRounded, bool kGradS, bool kScale>
+__attribute__((always_inline)) inline bool lsq_grad(float r, float g, float lo, float hi, float grad_scale, float& gs) {
+  const float rr = __builtin_rintf(r);
+  const bool below = kRounded ? (rr < lo) : (r <= lo);
+  const bool above = kRounded ? (rr > hi) : (r >= hi);
+  if (kGradS) {
+    const float ds = above ? hi : (below ? lo : rr - r);
+    float t = ds * g;
+    if (kScale) t = t * grad_scale;
+    gs = t;
+  }
+  return below || above;
+}
+
 // One row (or the whole tensor) with a single step size. The backward loop is templated on every flag, so each
 // instantiation is branch-free and vectorizes (a runtime flag inside the loop kept GCC from vectorizing it).
 // target_clones: an AVX-512 (x86-64-v4), an AVX2 and a baseline copy, picked at load time by the CPU, so the same build runs on any
 // x86-64.
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 void fwd_span(const float* __restrict v, float* __restrict out, int64_t n, float s, float lo, float hi) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float r = v[i] / s;
-    float q = __builtin_rintf(r);
-    q = q < lo ? lo : (q > hi ? hi : q);  // NaN passes through, as torch.clamp
-    out[i] = q * s;
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = fake_quant(v[i], s, lo, hi);
 }
 
 template <bool kRounded, bool kGradV, bool kGradS, bool kScale>
@@ -43,17 +63,10 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 void bwd_loop(const float* __restrict v, const float* __restrict g, float* __restrict gv, float* __restrict gs_elem,
               int64_t n, float s, float lo, float hi, float grad_scale) {
   for (int64_t i = 0; i < n; ++i) {
-    const float r = v[i] / s;
-    const float rr = __builtin_rintf(r);
-    const bool below = kRounded ? (rr < lo) : (r <= lo);
-    const bool above = kRounded ? (rr > hi) : (r >= hi);
-    if (kGradV) gv[i] = (below || above) ? 0.0f : g[i];
-    if (kGradS) {
-      const float ds = above ? hi : (below ? lo : rr - r);
-      float t = ds * g[i];
-      if (kScale) t = t * grad_scale;
-      gs_elem[i] = t;
-    }
+    float gs = 0.0f;
+    const bool clipped = lsq_grad<kRounded, kGradS, kScale>(v[i] / s, g[i], lo, hi, grad_scale, gs);
+    if (kGradV) gv[i] = clipped ? 0.0f : g[i];
+    if (kGradS) gs_elem[i] = gs;
   }
 }
 
@@ -146,10 +159,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 void drop_fwd_span(const float* __restrict p, const float* __restrict b, float* __restrict out, bool* __restrict keep,
                    int64_t n, float q, float s, float lo, float hi) {
   for (int64_t i = 0; i < n; ++i) {
-    const float v = p[i] * (b[i] / q);
-    float r = __builtin_rintf(v / s);
-    r = r < lo ? lo : (r > hi ? hi : r);
-    out[i] = r * s;
+    out[i] = fake_quant(p[i] * (b[i] / q), s, lo, hi);
     keep[i] = b[i] != 0.0f;
   }
 }
@@ -157,12 +167,7 @@ void drop_fwd_span(const float* __restrict p, const float* __restrict b, float* 
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 void drop_recompute_span(const float* __restrict p, const bool* __restrict keep, float* __restrict out, int64_t n,
                          float c, float s, float lo, float hi) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = p[i] * (keep[i] ? c : 0.0f);
-    float r = __builtin_rintf(v / s);
-    r = r < lo ? lo : (r > hi ? hi : r);
-    out[i] = r * s;
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = fake_quant(p[i] * (keep[i] ? c : 0.0f), s, lo, hi);
 }
 
 // d/dP through the quantizer (STE mask when kSte) and dropout's multiply (grad * noise), and d/ds per element.
@@ -172,18 +177,10 @@ void drop_bwd_loop(const float* __restrict p, const bool* __restrict keep, const
                    float* __restrict gs_elem, int64_t n, float c, float s, float lo, float hi, float grad_scale) {
   for (int64_t i = 0; i < n; ++i) {
     const float nz = keep[i] ? c : 0.0f;
-    const float r = (p[i] * nz) / s;
-    const float rr = __builtin_rintf(r);
-    const bool below = kRounded ? (rr < lo) : (r <= lo);
-    const bool above = kRounded ? (rr > hi) : (r >= hi);
-    const float gv = kSte ? ((below || above) ? 0.0f : g[i]) : g[i];
-    gp[i] = gv * nz;
-    if (kGradS) {
-      const float ds = above ? hi : (below ? lo : rr - r);
-      float t = ds * g[i];
-      if (kScale) t = t * grad_scale;
-      gs_elem[i] = t;
-    }
+    float gs = 0.0f;
+    const bool clipped = lsq_grad<kRounded, kGradS, kScale>((p[i] * nz) / s, g[i], lo, hi, grad_scale, gs);
+    gp[i] = (kSte && clipped ? 0.0f : g[i]) * nz;
+    if (kGradS) gs_elem[i] = gs;
   }
 }
 
