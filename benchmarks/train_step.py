@@ -210,12 +210,13 @@ def step_table(args, path: str, device: torch.device) -> None:
 
             # The teacher's outputs are released before the backward, as KDLSQModule.training_step's locals are
             # when it returns the loss to Lightning.
-            def kd_live_step():
+            def kd_live_loss():  # the teacher's outputs go out of scope on return
                 with torch.no_grad():
                     t = outputs(teacher, batch)
-                loss = loss_live(outputs(kd, batch, consume=loss_live.attention_consumer(t, kd.config.num_hidden_layers)), t, labels)[0]
-                del t
-                optimise("kd", loss)
+                return loss_live(outputs(kd, batch, consume=loss_live.attention_consumer(t, kd.config.num_hidden_layers)), t, labels)[0]
+
+            def kd_live_step():
+                optimise("kd", kd_live_loss())
 
             def kd_live_bf16_step():  # teacher.forward_dtype=bfloat16, as KDLSQModule._teacher_outputs
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
@@ -239,6 +240,36 @@ def step_table(args, path: str, device: torch.device) -> None:
                 print(f"{length:>6} | {name:<24} | {sec:>7.3f} | {ratio:>5.2f} | {mb:>8.0f} | {mb / max(base_m, 1e-9):>5.2f}")
             if args.profile:
                 profile_steps(steps, args.profile, length)
+            if args.optimizer_steps:
+                optimizer_table(kd, kd_live_loss, args.optimizer_steps, length)
+
+
+def optimizer_table(model, loss_fn, n: int, length: int) -> None:
+    """The AdamW step alone on the KDLSQ student's real gradients (one backward of ``loss_fn``), for torch's per-tensor
+    loop (its CPU default), ``foreach`` and ``fused``: median and spread of ``n`` steps each, the three taking turns
+    on copies of the same parameters and gradients."""
+    import copy
+
+    model.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    grads = [p.grad for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    copies = {impl: copy.deepcopy(model) for impl in ("loop", "foreach", "fused")}
+    for m in copies.values():
+        for p, g in zip(m.parameters(), grads):
+            p.grad = None if g is None else g.clone()  # kept: every step applies the same gradients
+    opts = {impl: adamw(m.parameters(), impl) for impl, m in copies.items()}
+    times = {impl: [] for impl in copies}
+    for i in range(n + 1):
+        for impl, opt in opts.items():
+            t = time.perf_counter()
+            opt.step()
+            if i:  # the first step allocates the state
+                times[impl].append(time.perf_counter() - t)
+    print(f"\n### AdamW step alone, length {length} gradients, {n} steps each (ms: median, min-max)")
+    for impl, ts in times.items():
+        ms = [t * 1e3 for t in ts]
+        print(f"{impl:>8} | {statistics.median(ms):7.1f} | {min(ms):6.1f}-{max(ms):6.1f}")
 
 
 def profile_steps(steps: dict, rows: int, length: int) -> None:
@@ -307,6 +338,8 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="K",
                     help="after each length's table, torch.profiler's K costliest operators per setting")
     ap.add_argument("--default-malloc", action="store_true", help="leave glibc malloc's thresholds at their defaults")
+    ap.add_argument("--optimizer-steps", type=int, default=0, metavar="N",
+                    help="after each length's table, the AdamW step alone (loop, foreach, fused), N steps each")
     ap.add_argument("--adamw", choices=("foreach", "fused", "loop"), default="foreach",
                     help="AdamW implementation in every setting (optim.adamw; loop: torch's per-tensor default before)")
     ap.add_argument("--torch-quantizer", action="store_true", help="LSQ by the unfused torch formula, not the C++ kernel")
