@@ -184,6 +184,14 @@ def write_csv(records: list[dict], path: Path) -> None:
         pd.DataFrame(rows, columns=CSV_FIELDS).to_csv(tmp, index=False)
 
 
+def series(key: str, meta: dict) -> str:
+    """The plot's top-row line of a table row ``"<method> <quant name>"``: the method plus what the quant name adds to
+    its bits (``"kdlsq w2a8_ibert"`` -> ``"kdlsq_ibert"``, ``"theseus fp32"`` -> ``"theseus"``); a mixed-precision
+    setting (``meta["mixed"]``) is a line of its own, its whole key."""
+    method, _, qname = key.partition(" ")
+    return key if meta.get("mixed") else method + re.sub(r"^(w\d+(e\d+)?a\d+|fp32)", "", qname)
+
+
 def plot(info: dict, path: Path) -> None:
     """Two rows of panels, one column per task. Top: metric against weight bits per method, mean with the
     sample std over seeds as error bars (a mixed-precision setting: its own point at its average weight bits), the
@@ -192,11 +200,6 @@ def plot(info: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    def series(key: str, meta: dict) -> str:
-        """The top row's line: the method plus what its quant name adds to the bits (``_ibert``); a mixed setting alone."""
-        method, _, qname = key.partition(" ")
-        return key if meta.get("mixed") else method + re.sub(r"^w\d+(e\d+)?a\d+", "", qname)
 
     # one colour per line and per model, the same in every task's panel
     top_color = {name: f"C{i % 10}" for i, name in enumerate(sorted({series(k, m) for k, m in info["meta"].items() if k != TEACHER}))}
@@ -226,8 +229,10 @@ def plot(info: dict, path: Path) -> None:
         if teacher:
             top.axhline(pd.Series(teacher).mean(), linestyle="--", color="gray", label=TEACHER)
         top.set_title(TASK_LABEL.get(task, task))
-        top.set_xlabel("weight bits")
-        top.set_xticks([2, 4, 8])
+        top.set_xlabel("weight bits (log scale)")
+        top.set_xscale("log", base=2)
+        bits = sorted({2, 4, 8} | {round(p[0]) for pts in by_method.values() for p in pts})
+        top.set_xticks(bits, [str(b) for b in bits])
         bottom.set_xscale("log")
         bottom.set_xlabel("file size (MB, log scale)")
         for ax in (top, bottom):

@@ -105,3 +105,14 @@ def test_shallow_students_show_their_depth(tmp_path):
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[1:] if line.startswith("| ") and "---" not in line}
     assert rows["kdlsq w2a8"][1] == "2-2-8" and rows["kdlsq_successor w2a8"][1] == "2-2-8, 3 layers"
     assert rows["theseus fp32"][1:3] == ["32-32-32, 3 layers", "69.6"] and rows["theseus fp32"][4] == "1.3x"
+
+
+def test_plot_series_joins_the_bits_of_a_method_and_keeps_variants_apart():
+    """One line per method across bit-widths: the bits part of the quant name is dropped (w8a8, w2e4a8, fp32), what
+    else the name says (``_ibert``) stays, and a mixed-precision setting is its own line."""
+    from kdlsq_pl.report import series
+
+    assert series("kdlsq w8a8", {}) == series("kdlsq w2a8", {}) == series("kdlsq w2e4a8", {}) == "kdlsq"
+    assert series("kdlsq_per_channel w2a8_ibert", {}) == "kdlsq_per_channel_ibert"
+    assert series("theseus fp32", {}) == "theseus"
+    assert series("kdlsq w2a8_emb4", {"mixed": True}) == "kdlsq w2a8_emb4"
