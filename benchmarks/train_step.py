@@ -153,7 +153,9 @@ def outputs(model, batch: dict, need: bool = True, consume=None) -> dict:
 
 def adamw(params, impl: str) -> torch.optim.AdamW:
     """AdamW as the product builds it (``optim.adamw``: foreach or fused; ``loop``: torch's per-tensor default)."""
-    return torch.optim.AdamW(params, lr=1e-5, foreach=impl == "foreach", fused=impl == "fused" or None)
+    from kdlsq_pl.models.modules import adamw_optimizer
+
+    return torch.optim.AdamW(params, lr=1e-5, foreach=False) if impl == "loop" else adamw_optimizer(params, impl, lr=1e-5)
 
 
 def student_setup(path: str, task: dict, quant: str, calib: dict, device: torch.device):

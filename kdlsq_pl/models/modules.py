@@ -67,6 +67,12 @@ def decay_groups(model: nn.Module, lr: float, weight_decay: float, exclude: Iter
     ]
 
 
+def adamw_optimizer(params: Iterable, impl: str, **defaults: Any) -> torch.optim.AdamW:
+    """torch's AdamW in implementation ``impl`` (``optim.adamw``): ``"foreach"`` (asked for explicitly: on CPU torch
+    would pick its per-tensor loop, the same numbers in more passes) or ``"fused"``; ``defaults`` as AdamW's."""
+    return torch.optim.AdamW(params, foreach=impl == "foreach", fused=impl == "fused" or None, **defaults)
+
+
 class GLUEModule(pl.LightningModule):
     """Evaluation and optimisation shared by the teacher and student stages.
 
@@ -200,7 +206,7 @@ class GLUEModule(pl.LightningModule):
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW over :meth:`parameter_groups` in the ``adamw`` implementation (torch's own; ``foreach`` explicitly,
         since on CPU torch would otherwise pick its per-tensor loop)."""
-        return torch.optim.AdamW(self.parameter_groups(), foreach=self.adamw == "foreach", fused=self.adamw == "fused" or None)
+        return adamw_optimizer(self.parameter_groups(), self.adamw)
 
     def configure_optimizers(self):
         optimizer = self.build_optimizer()
