@@ -210,29 +210,29 @@ def step_table(args, path: str, device: torch.device) -> None:
                 inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
                 optimise("qat", torch.nn.functional.cross_entropy(qat(**inputs).logits, labels))
 
+            def kd_loss(t, loss_fn):  # the student's forward and the distillation loss against teacher outputs t
+                return loss_fn(outputs(kd, batch, consume=loss_fn.attention_consumer(t, kd.config.num_hidden_layers)), t, labels)[0]
+
             # The teacher's outputs are released before the backward, as KDLSQModule.training_step's locals are
             # when it returns the loss to Lightning.
             def kd_live_loss():  # the teacher's outputs go out of scope on return
                 with torch.no_grad():
                     t = outputs(teacher, batch)
-                return loss_live(outputs(kd, batch, consume=loss_live.attention_consumer(t, kd.config.num_hidden_layers)), t, labels)[0]
+                return kd_loss(t, loss_live)
+
+            def kd_live_bf16_loss():  # teacher.forward_dtype=bfloat16, as KDLSQModule._teacher_outputs
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                    t = outputs(teacher, batch)
+                return kd_loss({k: v.float() if torch.is_tensor(v) else [x.float() for x in v] for k, v in t.items()}, loss_live)
 
             def kd_live_step():
                 optimise("kd", kd_live_loss())
 
-            def kd_live_bf16_step():  # teacher.forward_dtype=bfloat16, as KDLSQModule._teacher_outputs
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-                    t = outputs(teacher, batch)
-                t = {k: v.float() if torch.is_tensor(v) else [x.float() for x in v] for k, v in t.items()}
-                loss = loss_live(outputs(kd, batch, consume=loss_live.attention_consumer(t, kd.config.num_hidden_layers)), t, labels)[0]
-                del t
-                optimise("kd", loss)
+            def kd_live_bf16_step():
+                optimise("kd", kd_live_bf16_loss())
 
             def kd_cached_step():
-                t = cache.lookup(batch["idx"], length, device)
-                loss = loss_cached(outputs(kd, batch, consume=loss_cached.attention_consumer(t, kd.config.num_hidden_layers)), t, labels)[0]
-                del t
-                optimise("kd", loss)
+                optimise("kd", kd_loss(cache.lookup(batch["idx"], length, device), loss_cached))
 
             steps = {"FP fine-tuning": fp_step, "QAT, no teacher": qat_step, "KDLSQ, live teacher": kd_live_step,
                      "KDLSQ, cached teacher": kd_cached_step, "KDLSQ, live bf16 teacher": kd_live_bf16_step}
