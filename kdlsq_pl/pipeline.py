@@ -51,7 +51,7 @@ _UNKNOWN = object()
 #: seed), with their value in records written before the setting existed (``_UNKNOWN``: not compared then).
 CELL_SETTINGS = {"student.init": "teacher", "student.layers": None, "loss.selection": _UNKNOWN,
                  "trainer.max_epochs": _UNKNOWN, "optim.lr": _UNKNOWN, "quant.overrides": None,
-                 "teacher.forward_dtype": "float32", "optim.adamw": "foreach"}
+                 "teacher.forward_dtype": "float32", "optim.adamw": "foreach", "loss.regression_target": "label"}
 
 
 def check_same_cell(cfg: DictConfig, previous: dict, out_dir: Path) -> None:

@@ -38,6 +38,7 @@ def test_same_settings_skip_the_finished_cell(tmp_path):
     ([], ["trainer.max_epochs=5"], r"with trainer.max_epochs=3, not trainer.max_epochs=5"),
     ([], ["optim.lr=1e-4"], r"with optim.lr=5e-05, not optim.lr=0.0001"),
     ([], ["hkd=top1"], r"with loss.selection={.name.: .full.*, not loss.selection={.name.: .top1.*"),
+    ([], ["loss.regression_target=teacher"], r"with loss.regression_target=label, not loss.regression_target=teacher"),
 ])
 def test_other_settings_refuse_and_keep_the_record(tmp_path, before, now, message):
     finished(tmp_path, *before)
