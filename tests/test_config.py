@@ -127,3 +127,26 @@ def test_slurm_launcher_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 240
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_stsb_long_experiment_is_the_committed_records_recipe(seed):
+    """``make reproduce EXPERIMENT=stsb_long`` composes the cells whose records README quotes
+    (results/grid/stsb_ablations/): the same folder, epochs, regression target and teacher recipe, so a rerun skips
+    them (check_same_cell raises on any difference)."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from kdlsq_pl import cell_name
+    from kdlsq_pl.pipeline import check_same_cell
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        grid = compose("config", overrides=["experiment=stsb_long"], return_hydra_config=True)
+        cfg = compose("config", overrides=["experiment=stsb_long", "method=kdlsq_per_channel", "task=stsb", "quant=w2a8",
+                                           f"seed={seed}"])
+    assert grid.hydra.sweep.dir.endswith("/grid/stsb_ablations") and grid.hydra.sweeper.params.seed == "1,2,3"
+    cell = cell_name("student", "kdlsq_per_channel", "stsb", "w2a8", seed)
+    record = json.loads((CONF.parent / "results" / "grid" / "stsb_ablations" / cell / "result.json").read_text())
+    assert (cfg.trainer.max_epochs, cfg.loss.regression_target) == (6, "teacher")
+    check_same_cell(cfg, record, CONF.parent / "results" / "grid" / "stsb_ablations" / cell)
