@@ -52,6 +52,8 @@ _UNKNOWN = object()
 CELL_SETTINGS = {"student.init": "teacher", "student.layers": None, "loss.selection": _UNKNOWN,
                  "trainer.max_epochs": _UNKNOWN, "optim.lr": _UNKNOWN, "quant.overrides": None,
                  "teacher.forward_dtype": "float32", "optim.adamw": "foreach", "loss.regression_target": "label"}
+#: Settings of CELL_SETTINGS that shape only a regression task's result (STS-B), not compared for a classifier.
+REGRESSION_ONLY = {"loss.regression_target"}
 
 
 def check_same_cell(cfg: DictConfig, previous: dict, out_dir: Path) -> None:
@@ -73,8 +75,12 @@ def check_same_cell(cfg: DictConfig, previous: dict, out_dir: Path) -> None:
                 raise ConfigError(f"{out_dir} holds a finished teacher of recipe {previous['recipe_digest']}, not of this config's "
                                   f"{current}; {SAME_CELL_WAYS_OUT}")
         return
+    from kdlsq_pl.models.loading import is_regression
     old_cfg = OmegaConf.create(previous.get("config") or {})
+    regression = is_regression(cfg.task)
     for key, before in CELL_SETTINGS.items():
+        if key in REGRESSION_ONLY and not regression:
+            continue
         old = OmegaConf.select(old_cfg, key, default=before)
         new = OmegaConf.select(cfg, key, default=before)
         old, new = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for v in (old, new))
