@@ -288,30 +288,48 @@ def selection_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]]
                      f"{mean(full, 'teacher_cache_bytes') / cache:.0f}x smaller" if full and cache == cache and cache > 0 else "-",
                      f"{t:.0f}", f"{mean(live, 'fit_time_per_epoch_s') / t:.2f}x" if live and t > 0 else "-"])
         points[task].append((name, source, 100 * mean(recs, "hidden_fraction"), m,
-                             float(pd.Series([r["best"] for r in recs]).std(ddof=1)) if len(recs) > 1 else 0.0))
+                             float(pd.Series([r["best"] for r in recs]).std(ddof=1)) if len(recs) > 1 else 0.0,
+                             cache / 1e6, t))
     return header, rows, {"points": dict(points)}
 
 
 def plot_selection(info: dict, path: Path) -> None:
-    """One panel per task: dev metric (mean, std over seeds as error bars) against the share of the hidden-state
-    knowledge kept (%, log scale), one point per selection, labelled; the full cached selection as a dashed line."""
+    """Two panels per task (one column each). Top: dev metric (mean, std over seeds as error bars) against the share
+    of the hidden-state knowledge kept (%, log scale), one point per selection, labelled; the full cached selection as
+    a dashed line. Bottom: training time per epoch (s) against the teacher cache on disk (MB, log scale), one point
+    per cached selection; the live teacher's time per epoch (no cache) as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = sorted(info["points"])
-    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5.5 * max(len(tasks), 1), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for name, source, frac, m, std in info["points"][task]:
-            ax.errorbar([frac], [m], yerr=[std], marker="s" if source == "live" else "o", capsize=3, linestyle="none")
-            ax.annotate(f"{name}{' (live)' if source == 'live' else ''}", (frac, m), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    n = max(len(tasks), 1)
+    fig, axes = plt.subplots(2, n, figsize=(5.5 * n, 8.0), squeeze=False)
+    for col, task in enumerate(tasks):
+        top, bottom = axes[0][col], axes[1][col]
+        for name, source, frac, m, std, cache_mb, t in info["points"][task]:
+            label = f"{name}{' (live)' if source == 'live' else ''}"
+            top.errorbar([frac], [m], yerr=[std], marker="s" if source == "live" else "o", capsize=3, linestyle="none")
+            top.annotate(label, (frac, m), fontsize=7, xytext=(3, 3), textcoords="offset points")
             if name == "full" and source == "cached":
-                ax.axhline(m, linestyle="--", color="gray")
-        ax.set_xscale("log")
-        ax.set_xlabel("hidden-state knowledge kept (%, log scale)")
-        ax.set_ylabel("dev metric (x100)")
-        ax.set_title(TASK_LABEL.get(task, task))
-        ax.grid(alpha=0.3)
+                top.axhline(m, linestyle="--", color="gray")
+            if source == "live":
+                bottom.axhline(t, linestyle="--", color="red", label=f"live teacher, no cache ({t:.0f} s)")
+            elif cache_mb == cache_mb and cache_mb > 0:
+                bottom.plot([cache_mb], [t], marker="o", linestyle="none")
+                bottom.annotate(name, (cache_mb, t), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        top.set_xscale("log")
+        top.set_xlabel("hidden-state knowledge kept (%, log scale)")
+        top.set_ylabel("dev metric (x100)")
+        top.set_title(TASK_LABEL.get(task, task))
+        bottom.set_xscale("log")
+        bottom.set_xlabel("teacher cache on disk (MB, log scale)")
+        bottom.set_ylabel("training time per epoch (s)")
+        bottom.set_ylim(bottom=0)
+        if bottom.get_legend_handles_labels()[0]:
+            bottom.legend(fontsize=7)
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -120,8 +120,8 @@ def test_fraction_of_the_knowledge_by_hand():
     assert HiddenSelection().fraction(6, 6, [20, 5], 384) == 1.0
 
 
-def test_selection_study_table_by_hand():
-    from kdlsq_pl.report import selection_table
+def test_selection_study_table_by_hand(tmp_path):
+    from kdlsq_pl.report import plot_selection, selection_table
 
     def rec(name, source, best, seed, frac, cache=None, t=100.0):
         return {"status": "finished", "task": "mrpc", "metric": "f1", "best": best, "seed": seed, "teacher_source": source,
@@ -140,6 +140,11 @@ def test_selection_study_table_by_hand():
     assert small["kept (%)"] == "0.80" and small["vs full"] == "+0.20" and small["cache vs full"] == "100x smaller"
     assert small["speed-up vs live"] == "1.86x"
     assert by[("full", "live")]["cache (MB)"] == "-"
+    # the plot's points: (selection, source, kept %, metric, std, cache MB, s / epoch)
+    assert sorted(p[:2] + p[5:] for p in info["points"]["mrpc"] if p[1] == "cached") == [("full", "cached", 400.0, 310.0),
+                                                                                        ("min_cls_mag", "cached", 4.0, 250.0)]
+    plot_selection(info, tmp_path / "selection.png")
+    assert (tmp_path / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_study_experiment_names_each_cell_by_its_selection():
