@@ -103,3 +103,43 @@ def test_onnx_runtime_attention_products_are_exact_or_refused():
     assert scores.dtype == ctx.dtype == torch.int32 and scores.shape == (B, H, T, T) and ctx.shape == (B, T, H, d)
     exact = torch.equal(scores.long(), want_scores) and torch.equal(ctx.long(), want_ctx)
     assert (products(2) is not None) == exact  # used only where exact
+
+
+def test_fused_requant_equals_the_reference_on_edge_inputs(kernels):
+    """int32 products at the ends of their range, biases far beyond int32, per-channel and scalar multipliers with
+    right and left shifts: the kernel equals ``Requantize`` of ``x + bias`` in int64, integer for integer."""
+    g = torch.Generator().manual_seed(4)
+    N, C = 33, 96
+    x = torch.randint(-2 ** 31, 2 ** 31 - 1, (N, C), generator=g, dtype=torch.int64)
+    x[0], x[1], x[2, ::2] = 2 ** 31 - 1, -2 ** 31, 0
+    x = x.to(torch.int32)
+    bias = torch.randint(-2 ** 40, 2 ** 40, (C,), generator=g, dtype=INT)
+    scales = [torch.rand(C, generator=g, dtype=torch.float64) * 1e-6 + 1e-9, 3.7e-4, 5.0]  # per channel; e > 0; e < 0
+    for scale_in in scales:
+        for lo, hi, int8 in ((-127, 127, True), (-2 ** 40, 2 ** 40, False)):
+            rq = Requantize(scale_in, 0.01, lo, hi)
+            want = rq(x.to(INT) + bias)
+            got = kernels.int_requant(x, bias, rq.m.reshape(-1), rq.e.reshape(-1), lo, hi, int8)
+            assert got.dtype == (torch.int8 if int8 else INT)
+            assert torch.equal(got.to(INT), want)
+
+
+@pytest.mark.parametrize("s_g", [2.0 ** -14, 4e-6])
+def test_fused_gelu_equals_the_reference_on_edge_inputs(kernels, s_g):
+    """The GELU kernel (requantization onto the GELU scale, i-GELU, requantization onto the next grid) against the
+    reference operators, over inputs that reach the clamp, the polynomial's flat end ``|q| >= -b_int`` and zero."""
+    from kdlsq_pl.integer.ops import IntGELU
+    g = torch.Generator().manual_seed(5)
+    N, C, act_bits = 40, 128, 20
+    acc = torch.randint(-2 ** 26, 2 ** 26, (N, C), generator=g, dtype=torch.int32)
+    acc[0], acc[1], acc[2] = 2 ** 31 - 1, -2 ** 31, 0
+    bias = torch.randint(-2 ** 20, 2 ** 20, (C,), generator=g, dtype=INT)
+    scale_acc = torch.rand(C, generator=g, dtype=torch.float64) * 1e-6 + 1e-7
+    g_rq = Requantize(scale_acc, s_g, -2 ** (act_bits + 1), 2 ** (act_bits + 1))
+    gelu = IntGELU(s_g)
+    n_rq = Requantize(gelu.scale_out, 0.05, -127, 127, in_bits=gelu.out_bits(act_bits + 2))
+    want = n_rq(gelu(g_rq(acc.to(INT) + bias)))
+    assert want.min() == -127 or want.max() == 127  # the inputs reach the output clamp
+    got = kernels.int_gelu_requant(acc, bias, g_rq.m.reshape(-1), g_rq.e.reshape(-1), g_rq.hi, gelu.b_int, gelu.c_int, gelu.shift,
+                                   gelu.one, int(n_rq.m), int(n_rq.e), n_rq.lo, n_rq.hi)
+    assert torch.equal(got.to(INT), want)
