@@ -122,6 +122,20 @@ KDLSQ_CLONES void normalise_row(const int64_t* __restrict ex, int8_t* __restrict
   }
 }
 
+// The largest score over a row's visible keys, or masked_value where none is visible (the reference's max after
+// masked keys become masked_value). In int32 lanes (16 per AVX-512 vector): the int64 form did not vectorize.
+KDLSQ_CLONES int64_t row_max(const int32_t* __restrict row, const bool* __restrict vis, int64_t T, int64_t masked_value) {
+  int32_t mx = std::numeric_limits<int32_t>::min();
+  int32_t any = 0;
+  for (int64_t j = 0; j < T; ++j) {
+    const int32_t keep = -int32_t(vis[j]);  // all ones, or 0 for a masked key
+    const int32_t x = (row[j] & keep) | (std::numeric_limits<int32_t>::min() & ~keep);
+    mx = mx > x ? mx : x;
+    any |= keep;
+  }
+  return any ? int64_t(mx) : masked_value;
+}
+
 int64_t isqrt_newton(int64_t n) {  // kdlsq_pl.integer.ops.int_sqrt, element by element
   if (n == 0) return 0;
   int64_t x = int64_t(1) << ((bit_length(n) + 1) >> 1);
@@ -182,8 +196,7 @@ at::Tensor softmax_requant(const at::Tensor& scores, const at::Tensor& mask, int
     for (int64_t r = r0; r < r1; ++r) {
       const int32_t* row = s + r * Tk;
       const bool* vis = mk + (r / rows_per_b) * Tk;
-      int64_t mx = std::numeric_limits<int64_t>::min();
-      for (int64_t j = 0; j < Tk; ++j) mx = std::max(mx, vis[j] ? int64_t(row[j]) : masked_value);
+      const int64_t mx = row_max(row, vis, Tk, masked_value);
       const int64_t total = std::max<int64_t>(exp_row(row, vis, ex.data(), Tk, mx, floor_x, d0, R, b_int, c_int, widen), 1);
       const int64_t down = std::max<int64_t>(bit_length(total) - sum_bits, 0);
       const int64_t factor = (int64_t(1) << num_bits) / (total >> down);  // one division per row (I-BERT)
