@@ -9,7 +9,8 @@ Linears' ``torch._int_mm`` (oneDNN), the attention products (ONNX Runtime's ``Ma
 integer kernel (``csrc/integer_cpu.cpp``); ``rest`` is the forward's time outside them (the embedding gathers,
 Python, reshapes). It prints milliseconds per forward and shares, the FP32 model's median time, and two ceilings:
 the FP32 time over the ``_int_mm`` time alone (the speed-up if everything else were free) and over the
-``_int_mm`` plus attention-product time (if only the elementwise passes were free).
+``_int_mm`` plus attention-product time (if only the elementwise passes were free); and the memory each holds
+(the FP32 parameters; every tensor of the engine, ``IntegerEngine.nbytes``).
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ def main() -> None:
     fp32, engine, x = build(args.quant, args.batch, args.length)
     print(f"torch {torch.__version__}; bundled MiniLM, {args.quant}; batch {args.batch}, length {args.length}; "
           f"{args.repeats} forwards each")
+    fp_bytes = sum(p.numel() * p.element_size() for p in fp32.parameters())
+    print(f"held in memory: HF FP32 parameters {fp_bytes / 2 ** 20:.1f} MiB, integer engine {engine.nbytes / 2 ** 20:.1f} MiB")
     with torch.no_grad():
         for threads in args.threads:
             torch.set_num_threads(threads)

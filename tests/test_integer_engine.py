@@ -130,3 +130,22 @@ def test_fused_kernels_give_the_reference_integers(minilm_path, batches, name, p
             lr, hr = ref(b["input_ids"], b["attention_mask"], b["token_type_ids"], output_hidden_states=True)
             lf, hf = fused(b["input_ids"], b["attention_mask"], b["token_type_ids"], output_hidden_states=True)
         assert torch.equal(lr, lf) and all(torch.equal(x, y) for x, y in zip(hr, hf))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_low_bit_word_table_is_codes_and_a_lookup_of_the_same_integers(minilm_path, batches, per_channel):
+    """At <= 4 bits the engine keeps the word embeddings as codes plus each row's table of level values: its rows equal
+    round(code * s / s_e) computed by hand from the float weights; one byte per entry (the int64 table's eighth) plus
+    Q_N + Q_P + 1 level values per row."""
+    student = quantized_student(minilm_path, batches, "w2a8", per_channel)
+    engine = IntegerEngine.from_student(student, batches[:1])
+    emb = student.bert.embeddings.word_embeddings
+    q = emb.weight_quantizer
+    s = q.step_size.detach().double().reshape(-1, 1)
+    w = emb.weight.detach().double()
+    ids = torch.cat([b["input_ids"].reshape(-1) for b in batches] + [torch.tensor([0, w.shape[0] - 1])])
+    by_hand = torch.round(torch.clamp(torch.round(w[ids] / s[ids if s.shape[0] > 1 else 0]), -q.Q_N, q.Q_P)
+                          * s[ids if s.shape[0] > 1 else 0] / engine.embedding_scale).long()
+    assert torch.equal(engine._word_rows(ids.reshape(2, -1)).reshape(-1, w.shape[1]), by_hand)
+    assert engine.word is None and engine.word_codes.dtype == torch.uint8
+    assert engine.word_codes.nbytes == w.numel() and engine.word_lut.shape == (s.shape[0], q.Q_N + q.Q_P + 1)

@@ -8,7 +8,8 @@ products (``attention_products.py``; int32 ``torch.matmul`` in the reference pat
 biases are integers on the accumulator's scale; requantization between them is dyadic (``ops.Requantize``: an integer
 multiplier and a right shift). GELU, softmax and LayerNorm are I-BERT's integer operators (``ops``), the pooler's
 tanh is ``2 sigmoid(2x) - 1`` with the sigmoid as a two-way integer softmax, and the classifier head's weights
-(full precision in the student) are 16-bit integers. Embeddings are integer tables summed in integers. Between
+(full precision in the student) are 16-bit integers. Embeddings are integer tables summed in integers; at
+4 bits or fewer the word table is kept as its codes (one byte each) and each row's few level values, above as int32. Between
 the token ids and the logits no floating-point operation runs: every float scale is folded into integer
 constants when the engine is built (:meth:`IntegerEngine.from_student`), where one float forward of the student
 on calibration batches also fixes the scales of the tensors the student keeps in full precision (the residual
@@ -197,7 +198,19 @@ class IntegerEngine:
             return torch.clamp(torch.round(w / s), -q.Q_N, q.Q_P) * s
 
         s_e = MARGIN * ranges["bert.embeddings.LayerNorm"] / 2 ** (RESIDUAL_BITS - 1)
-        self.word = torch.round(table(emb.word_embeddings) / s_e).to(INT)
+        self.embedding_scale = s_e  # the float scale of the integer embedding sum
+        self.word, self.word_codes, self.word_lut = None, None, None
+        wq = _lsq(emb.word_embeddings.weight_quantizer, "embedding")
+        if wq.bits <= 4:  # codes + a per-row table of their values on s_e: the same integers, a fraction of the memory
+            s = _f64(wq.step_size)
+            s = s.reshape(-1, 1) if s.numel() > 1 else s.reshape(1, 1)
+            codes = torch.clamp(torch.round(_f64(emb.word_embeddings.weight) / s), -wq.Q_N, wq.Q_P)  # as table()
+            levels = torch.arange(-wq.Q_N, wq.Q_P + 1, dtype=torch.float64).reshape(1, -1)
+            self.word_lut = torch.round(levels * s / s_e).to(INT)  # [V or 1, Q_N + Q_P + 1]
+            self.word_codes = (codes + wq.Q_N).to(torch.uint8)  # [V, D]: each entry's column in word_lut
+        else:  # int32 where the values allow (half the memory of int64; the same integers)
+            word = torch.round(table(emb.word_embeddings) / s_e)
+            self.word = word.to(torch.int32 if float(word.abs().max()) < 2 ** 30 else INT)
         self.position = torch.round(table(emb.position_embeddings) / s_e).to(INT)
         self.token_type = torch.round(table(emb.token_type_embeddings) / s_e).to(INT)
         self.clamp_e = 2 ** (RESIDUAL_BITS + 1)
@@ -321,7 +334,7 @@ class IntegerEngine:
         B, T = input_ids.shape
         mask = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.to(torch.bool)
         tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-        e = self.word[input_ids] + self.position[:T].unsqueeze(0) + self.token_type[tt]
+        e = self._word_rows(input_ids) + self.position[:T].unsqueeze(0) + self.token_type[tt]
         if self.kernels is not None:  # the residual kernel with a zero first term and the identity multiplier
             D = e.shape[-1]
             zeros = torch.zeros(B * T, D, dtype=torch.int32)
@@ -352,6 +365,33 @@ class IntegerEngine:
             pooled = 2 * self.sigmoid(pair)[..., 0] - 2 ** 15  # tanh(x) = 2 sigmoid(2x) - 1, scale 2^-15
         logits = torch.matmul(pooled, self.head_w_t) + self.head_b
         return (logits, hidden) if output_hidden_states else logits
+
+    def _word_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The word embeddings of ``input_ids`` ``[B, T]`` on the embedding sum's scale, ``[B, T, D]`` int64."""
+        if self.word_codes is None:
+            return self.word[input_ids].to(INT)
+        idx = self.word_codes[input_ids].long()  # [B, T, D]
+        if self.word_lut.shape[0] == 1:  # one step size for the whole table
+            return self.word_lut[0][idx]
+        return torch.gather(self.word_lut[input_ids], -1, idx)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor the engine holds (integer weights, tables, biases, multipliers)."""
+        seen: dict[int, int] = {}
+
+        def walk(obj, depth=0):
+            if isinstance(obj, torch.Tensor):
+                seen[id(obj)] = obj.numel() * obj.element_size()
+            elif depth < 4 and isinstance(obj, (list, tuple)):
+                for x in obj:
+                    walk(x, depth + 1)
+            elif depth < 4 and hasattr(obj, "__dict__") and not isinstance(obj, type):
+                for x in vars(obj).values():
+                    walk(x, depth + 1)
+
+        walk([v for k, v in vars(self).items() if k not in ("kernels", "attention")])
+        return sum(seen.values())
 
     @property
     def hidden_scales(self) -> list[float]:
