@@ -18,7 +18,7 @@ import re
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import pandas as pd
 
@@ -239,9 +239,13 @@ def plot(info: dict, path: Path) -> None:
             ax.grid(alpha=0.3)
     for row in axes:
         row[0].set_ylabel("dev metric (x100)")
-        labelled = next((ax for ax in row if ax.get_legend_handles_labels()[0]), None)
-        if labelled is not None:
-            labelled.legend(fontsize=7)
+        # one legend per row, on its first panel, naming every series of the row (a task may lack some of them)
+        entries: dict[str, Any] = {}
+        for ax in row:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                entries.setdefault(label, handle)
+        if entries:
+            row[0].legend(list(entries.values()), list(entries.keys()), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

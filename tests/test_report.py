@@ -116,3 +116,24 @@ def test_plot_series_joins_the_bits_of_a_method_and_keeps_variants_apart():
     assert series("kdlsq_per_channel w2a8_ibert", {}) == "kdlsq_per_channel_ibert"
     assert series("theseus fp32", {}) == "theseus"
     assert series("kdlsq w2a8_emb4", {"mixed": True}) == "kdlsq w2a8_emb4"
+
+
+def test_plot_legend_names_series_found_only_in_a_later_task(tmp_path, monkeypatch):
+    """Each row of the plot has one legend, on its first panel, and it names every series of the row: here the
+    ``lsq`` rows exist for STS-B only (the second panel), and the first panel's legend still lists them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = tmp_path / "outputs"
+    write(root, "a", **student("mrpc", "w2a8", 2, 1, 80.0, 87.0) | {"packed_bytes": 6e6})
+    write(root, "b", **student("stsb", "w2a8", 2, 1, 85.5, 88.0) | {"method": "lsq", "packed_bytes": 6e6})
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    report(root, tmp_path / "rep")
+    fig = figures[0]
+    top, bottom = fig.axes[0], fig.axes[2]  # row-major: mrpc top, stsb top, mrpc bottom, stsb bottom
+    assert sorted(t.get_text() for t in top.get_legend().get_texts()) == ["kdlsq", "lsq", "teacher (FP32)"]
+    assert fig.axes[1].get_legend() is None and fig.axes[3].get_legend() is None
+    assert "lsq w2a8" in [t.get_text() for t in bottom.get_legend().get_texts()]
