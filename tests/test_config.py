@@ -129,10 +129,11 @@ def test_slurm_launcher_composes():
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 240
 
 
+@pytest.mark.parametrize("experiment,folder,epochs", [("stsb_long", "stsb_ablations", 6), ("stsb_long8", "stsb_8ep", 8)])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_stsb_long_experiment_is_the_committed_records_recipe(seed):
-    """``make reproduce EXPERIMENT=stsb_long`` composes the cells whose records README quotes
-    (results/grid/stsb_ablations/): the same folder, epochs, regression target and teacher recipe, so a rerun skips
+def test_stsb_long_experiment_is_the_committed_records_recipe(experiment, folder, epochs, seed):
+    """``make reproduce EXPERIMENT=stsb_long`` (and ``stsb_long8``) composes the cells whose records README quotes
+    (results/grid/<folder>/): the same folder, epochs, regression target and teacher recipe, so a rerun skips
     them (check_same_cell raises on any difference)."""
     import json
 
@@ -142,11 +143,12 @@ def test_stsb_long_experiment_is_the_committed_records_recipe(seed):
     from kdlsq_pl import cell_name
     from kdlsq_pl.pipeline import check_same_cell
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        grid = compose("config", overrides=["experiment=stsb_long"], return_hydra_config=True)
-        cfg = compose("config", overrides=["experiment=stsb_long", "method=kdlsq_per_channel", "task=stsb", "quant=w2a8",
+        grid = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+        cfg = compose("config", overrides=[f"experiment={experiment}", "method=kdlsq_per_channel", "task=stsb", "quant=w2a8",
                                            f"seed={seed}"])
-    assert grid.hydra.sweep.dir.endswith("/grid/stsb_ablations") and grid.hydra.sweeper.params.seed == "1,2,3"
+    assert grid.hydra.sweep.dir.endswith(f"/grid/{folder}") and grid.hydra.sweeper.params.seed == "1,2,3"
     cell = cell_name("student", "kdlsq_per_channel", "stsb", "w2a8", seed)
-    record = json.loads((CONF.parent / "results" / "grid" / "stsb_ablations" / cell / "result.json").read_text())
-    assert (cfg.trainer.max_epochs, cfg.loss.regression_target) == (6, "teacher")
-    check_same_cell(cfg, record, CONF.parent / "results" / "grid" / "stsb_ablations" / cell)
+    record = json.loads((CONF.parent / "results" / "grid" / folder / cell / "result.json").read_text())
+    assert (cfg.trainer.max_epochs, cfg.loss.regression_target) == (epochs, "teacher")
+    assert record["config"]["trainer"]["max_epochs"] == epochs
+    check_same_cell(cfg, record, CONF.parent / "results" / "grid" / folder / cell)
