@@ -48,8 +48,6 @@ def dev_outputs(model, batches: list[dict], regression: bool) -> tuple[torch.Ten
 
 
 def main(argv: list[str] | None = None) -> None:
-    from omegaconf import OmegaConf
-
     from kdlsq_pl.data.glue import GLUEDataModule
     from kdlsq_pl.metrics import build_metrics, predictions
     from kdlsq_pl.models.loading import is_regression, load_classifier
@@ -78,9 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     batches = list(loader[0] if isinstance(loader, list) else loader)
     model = load_classifier(str(args.teacher), task).eval()
 
+    metric = build_metrics(task)[metric_name]
+
     def score(out: torch.Tensor, y: torch.Tensor) -> float:
-        m = build_metrics(task)[metric_name]
-        return 100 * float(m(predictions(out.unsqueeze(-1) if regression else out, regression), y))
+        metric.reset()
+        metric.update(predictions(out.unsqueeze(-1) if regression else out, regression), y)
+        return 100 * float(metric.compute())
 
     out, y = dev_outputs(model, batches, regression)
     base = score(out, y)
