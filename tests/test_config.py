@@ -129,12 +129,13 @@ def test_slurm_launcher_composes():
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 240
 
 
-@pytest.mark.parametrize("experiment,folder,epochs", [("stsb_long", "stsb_ablations", 6), ("stsb_long8", "stsb_8ep", 8)])
+@pytest.mark.parametrize("experiment,folder,task,epochs", [("stsb_long", "stsb_ablations", "stsb", 6), ("stsb_long8", "stsb_8ep", "stsb", 8),
+                                                          ("cola_long10", "cola_10ep", "cola", 10)])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_stsb_long_experiment_is_the_committed_records_recipe(experiment, folder, epochs, seed):
-    """``make reproduce EXPERIMENT=stsb_long`` (and ``stsb_long8``) composes the cells whose records README quotes
-    (results/grid/<folder>/): the same folder, epochs, regression target and teacher recipe, so a rerun skips
-    them (check_same_cell raises on any difference)."""
+def test_long_schedule_experiment_is_the_committed_records_recipe(experiment, folder, task, epochs, seed):
+    """``make reproduce EXPERIMENT=stsb_long`` (and ``stsb_long8``, ``cola_long10``) composes the cells whose records
+    README quotes (results/grid/<folder>/): the same folder, epochs, regression target (STS-B: the teacher's score) and
+    teacher recipe, so a rerun skips them (check_same_cell raises on any difference)."""
     import json
 
     from hydra import compose, initialize_config_dir
@@ -144,11 +145,13 @@ def test_stsb_long_experiment_is_the_committed_records_recipe(experiment, folder
     from kdlsq_pl.pipeline import check_same_cell
     with initialize_config_dir(str(CONF), version_base="1.3"):
         grid = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
-        cfg = compose("config", overrides=[f"experiment={experiment}", "method=kdlsq_per_channel", "task=stsb", "quant=w2a8",
+        cfg = compose("config", overrides=[f"experiment={experiment}", "method=kdlsq_per_channel", f"task={task}", "quant=w2a8",
                                            f"seed={seed}"])
     assert grid.hydra.sweep.dir.endswith(f"/grid/{folder}") and grid.hydra.sweeper.params.seed == "1,2,3"
-    cell = cell_name("student", "kdlsq_per_channel", "stsb", "w2a8", seed)
+    assert (grid.hydra.sweeper.params.task, grid.hydra.sweeper.params.quant) == (task, "w2a8")
+    cell = cell_name("student", "kdlsq_per_channel", task, "w2a8", seed)
     record = json.loads((CONF.parent / "results" / "grid" / folder / cell / "result.json").read_text())
-    assert (cfg.trainer.max_epochs, cfg.loss.regression_target) == (epochs, "teacher")
-    assert record["config"]["trainer"]["max_epochs"] == epochs
+    assert cfg.trainer.max_epochs == epochs and record["config"]["trainer"]["max_epochs"] == epochs
+    if task == "stsb":
+        assert cfg.loss.regression_target == "teacher"
     check_same_cell(cfg, record, CONF.parent / "results" / "grid" / folder / cell)
