@@ -192,18 +192,31 @@ def series(key: str, meta: dict) -> str:
     return key if meta.get("mixed") else method + re.sub(r"^(w\d+(e\d+)?a\d+|fp32)", "", qname)
 
 
+#: The bottom row's marker per weight bits (the teacher: a square; a mixed setting or other bits: a diamond).
+BITS_MARKER = {32: "P", 8: "o", 4: "^", 2: "v"}
+
+
+def point_marker(key: str, meta: dict) -> str:
+    """The bottom row's marker of a table row: ``"s"`` for the teacher, else by weight bits (``BITS_MARKER``), ``"D"``
+    for a mixed-precision setting or bits without a marker of their own."""
+    if key == TEACHER:
+        return "s"
+    return "D" if meta.get("mixed") else BITS_MARKER.get(meta.get("wbits"), "D")
+
+
 def plot(info: dict, path: Path) -> None:
     """Two rows of panels, one column per task. Top: metric against weight bits per method, mean with the
     sample std over seeds as error bars (a mixed-precision setting: its own point at its average weight bits), the
     teacher as a dashed line. Bottom: metric against the real file
-    size (MB, log scale: the packed export, FP32 safetensors for the teacher), every method and the teacher."""
+    size (MB, log scale: the packed export, FP32 safetensors for the teacher), every method and the teacher, each
+    point in its method's colour from the top row and with its bits' marker (``point_marker``)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # one colour per line and per model, the same in every task's panel
-    top_color = {name: f"C{i % 10}" for i, name in enumerate(sorted({series(k, m) for k, m in info["meta"].items() if k != TEACHER}))}
-    bottom_color = {key: f"C{i % 10}" for i, key in enumerate(sorted(info["meta"]))}
+    # one colour per line (method), the same in both rows and every task's panel; in the bottom row the marker
+    # tells the weight bits apart, so a point there has its line's colour above
+    color = {name: f"C{i % 10}" for i, name in enumerate(sorted({series(k, m) for k, m in info["meta"].items() if k != TEACHER}))}
     tasks = info["tasks"]
     ncol = max(len(tasks), 1)
     fig, axes = plt.subplots(2, ncol, figsize=(4.2 * ncol, 6.4), squeeze=False)
@@ -219,12 +232,13 @@ def plot(info: dict, path: Path) -> None:
                 # a mixed-precision setting is its own point (at its average bits), not a point on the method's line
                 by_method[series(key, meta)].append((meta["wbits"], vals.mean(), std))
             if meta.get("file"):
-                bottom.errorbar([meta["file"] / 1e6], [vals.mean()], yerr=[std], marker="s" if key == TEACHER else "o",
-                                capsize=3, linestyle="none", label=key, color=bottom_color[key])
+                bottom.errorbar([meta["file"] / 1e6], [vals.mean()], yerr=[std], marker=point_marker(key, meta),
+                                capsize=3, linestyle="none", label=key,
+                                color="gray" if key == TEACHER else color[series(key, meta)])
         for method, pts in sorted(by_method.items()):
             pts.sort()
             top.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=method,
-                         color=top_color[method])
+                         color=color[method])
         teacher = info["cells"].get((TEACHER, task))
         if teacher:
             top.axhline(pd.Series(teacher).mean(), linestyle="--", color="gray", label=TEACHER)

@@ -137,3 +137,35 @@ def test_plot_legend_names_series_found_only_in_a_later_task(tmp_path, monkeypat
     assert sorted(t.get_text() for t in top.get_legend().get_texts()) == ["kdlsq", "lsq", "teacher (FP32)"]
     assert fig.axes[1].get_legend() is None and fig.axes[3].get_legend() is None
     assert "lsq w2a8" in [t.get_text() for t in bottom.get_legend().get_texts()]
+
+
+def test_plot_bottom_row_points_take_their_method_colour_and_a_marker_per_bits(tmp_path, monkeypatch):
+    """A point of the size panel has the colour of its method's line in the bits panel above it (two methods, two
+    bit-widths: two colours, not four), its marker tells the bits (8: circle, 2: down triangle), the teacher is a
+    gray square."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    from kdlsq_pl.report import point_marker
+
+    root = tmp_path / "outputs"
+    for i, (method, quant, bits, f1) in enumerate([("kdlsq", "w8a8", 8, 86.0), ("kdlsq", "w2a8", 2, 83.0),
+                                                    ("lsq", "w8a8", 8, 85.0), ("lsq", "w2a8", 2, 80.0)]):
+        write(root, f"s{i}", **student("mrpc", quant, bits, 1, f1, 87.0) | {"method": method, "packed_bytes": bits * 1e6})
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    report(root, tmp_path / "rep")
+    top, bottom = figures[0].axes[0], figures[0].axes[1]
+    line_colour = {label: to_rgba(h.lines[0].get_color()) for h, label in zip(*top.get_legend_handles_labels())
+                   if label != "teacher (FP32)"}
+    assert len(set(line_colour.values())) == 2
+    points = dict(zip(*reversed(bottom.get_legend_handles_labels())))
+    for label, method, marker in [("kdlsq w8a8", "kdlsq", "o"), ("kdlsq w2a8", "kdlsq", "v"),
+                                  ("lsq w8a8", "lsq", "o"), ("lsq w2a8", "lsq", "v")]:
+        assert to_rgba(points[label].lines[0].get_color()) == line_colour[method]
+        assert points[label].lines[0].get_marker() == marker
+    assert point_marker("teacher (FP32)", {"wbits": 32}) == "s" and point_marker("x", {"wbits": 3.05, "mixed": True}) == "D"
+    assert point_marker("theseus fp32", {"wbits": 32}) == "P"
