@@ -12,7 +12,7 @@ shape ``[in, out]``, milliseconds per call of ``torch._int_mm``:
 
 Then, after a forward and after a 50 ms pause, the times of 8 back-to-back calls of the largest shape: the first
 call of a burst is the slow one. The gap between ``in engine`` and ``isolated`` is GEMM time that no elementwise
-kernel can win back; it depends on the CPU (see README, section Integer inference).
+kernel can win back; it depends on the CPU (README, section "Integer-only inference (I-BERT operators) and ONNX").
 """
 
 from __future__ import annotations
