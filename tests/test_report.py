@@ -141,8 +141,8 @@ def test_plot_legend_names_series_found_only_in_a_later_task(tmp_path, monkeypat
 
 def test_plot_bottom_row_points_take_their_method_colour_and_a_marker_per_bits(tmp_path, monkeypatch):
     """A point of the size panel has the colour of its method's line in the bits panel above it (two methods, two
-    bit-widths: two colours, not four), its marker tells the bits (8: circle, 2: down triangle), the teacher is a
-    gray square."""
+    bit-widths: two colours, not four), its marker tells the bits (8: circle, 2: down triangle); the teacher's marker
+    is a square, a mixed setting's a diamond, an FP32 student's a plus."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
