@@ -48,22 +48,15 @@ def cells(root: Path, tasks: list[str], methods: list[str], match: str = "*") ->
 def dev_predictions(cell: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
     """``({"fake": preds, "integer": preds}, labels, task)`` over the whole dev split of ``cell``: class ids ``[N]``
     or regression scores ``[N]``, the integer engine built as ``kdlsq_pl.infer --engine integer`` builds it."""
-    from kdlsq_pl.infer import build_engine, calibration_batches, load_student, run_datamodule
-    from kdlsq_pl.metrics import predictions
+    from kdlsq_pl.infer import build_engine, calibration_batches, load_student, run_datamodule, split_predictions
 
     student, record = load_student(cell)
     dm, task = run_datamodule(record)
     calibration = calibration_batches(dm)
-    out, labels = {}, []
+    out = {}
     for name in ("fake", "integer"):
-        forward, preds = build_engine(name, student, calibration), []
-        for batch in dm._loader("dev", shuffle=False):
-            preds.append(predictions(forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]),
-                                     not task["labels"]))
-            if name == "fake":
-                labels.append(batch["labels"])
-        out[name] = torch.cat(preds)
-    return out, torch.cat(labels), task
+        out[name], labels, _ = split_predictions(build_engine(name, student, calibration), dm, "dev", not task["labels"])
+    return out, labels, task
 
 
 def main(argv=None) -> None:

@@ -100,23 +100,35 @@ def build_engine(name: str, student, calibration: list[dict]):
 
 
 @torch.no_grad()
+def split_predictions(forward, dm, key: str, is_regression: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(predictions [N], labels [N], seconds)`` of ``forward`` (from :func:`build_engine`) over the dev split ``key``
+    of the set-up datamodule ``dm``, in order: class ids (int64) or regression scores; ``seconds`` is the time spent in
+    ``forward`` alone (no tokenization or batching)."""
+    from kdlsq_pl.metrics import predictions
+
+    preds, labels, seconds = [], [], 0.0
+    for batch in dm._loader(key, shuffle=False):
+        t0 = time.perf_counter()
+        logits = forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        seconds += time.perf_counter() - t0
+        preds.append(predictions(logits, is_regression))
+        labels.append(batch["labels"])
+    return torch.cat(preds), torch.cat(labels), seconds
+
+
+@torch.no_grad()
 def evaluate(run: Path, engine_name: str, limit: int | None = None, batch_size: int = 32) -> dict:
     """Dev metrics (x100) of ``engine_name`` on the run's task, with the wall time (s) and ms per example."""
-    from kdlsq_pl.metrics import build_metrics, predictions
+    from kdlsq_pl.metrics import build_metrics
 
     student, record = load_student(run)
     dm, task = run_datamodule(record, batch_size, limit)
     forward = build_engine(engine_name, student, calibration_batches(dm))
     out = {"engine": engine_name, "task": task["name"], "quant": record.get("quant"), "recorded_best": record.get("best")}
-    is_regression = not task["labels"]
     for key in dm.dev_keys:
-        metrics, n, seconds = build_metrics(task), 0, 0.0
-        for batch in dm._loader(key, shuffle=False):
-            t0 = time.perf_counter()
-            logits = forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            seconds += time.perf_counter() - t0
-            metrics.update(predictions(logits, is_regression), batch["labels"])
-            n += len(batch["labels"])
+        preds, labels, seconds = split_predictions(forward, dm, key, not task["labels"])
+        metrics, n = build_metrics(task), len(labels)
+        metrics.update(preds, labels)
         values = {k: 100.0 * float(v) for k, v in metrics.compute().items()}
         out[key] = {"metrics": values, "examples": n, "seconds": seconds, "ms_per_example": 1000.0 * seconds / max(n, 1)}
     return out
