@@ -29,10 +29,11 @@ def bits_name(weight_bits: int, embedding_bits: int, act_bits: int, overrides: M
     return f"{base}_ibert" if integer_ops else base
 
 
-def cell_name(stage: str, method: str, task: str, quant: str, seed: int) -> str:
-    """Run-directory name of one grid cell: ``w2a8_mrpc_s42`` (KDLSQ), ``lsq_w2a8_mrpc_s42``, ``teacher_mrpc_s42``."""
+def cell_name(stage: str, method: str, task: str, quant: str, seed: int, teacher_seed: int | None = None) -> str:
+    """Run-directory name of one grid cell: ``w2a8_mrpc_s42`` (KDLSQ), ``lsq_w2a8_mrpc_s42``, ``teacher_mrpc_s42``.
+    A teacher's name carries ``teacher_seed`` (``teacher.seed``, the seed it trains with) when given, else ``seed``."""
     if stage == "teacher":
-        return f"teacher_{task}_s{seed}"
+        return f"teacher_{task}_s{seed if teacher_seed is None else teacher_seed}"
     return f"{'' if method == 'kdlsq' else method + '_'}{quant}_{task}_s{seed}"
 
 

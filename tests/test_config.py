@@ -96,6 +96,13 @@ def test_baselines_experiment_and_method_cells():
     assert cell_name("student", "kdlsq", "mrpc", "w2a8", 42) == "w2a8_mrpc_s42"
     assert cell_name("student", "q8bert", "mrpc", "w8a8", 1) == "q8bert_w8a8_mrpc_s1"
     assert cell_name("teacher", "ptq", "rte", "w2a8", 3) == "teacher_rte_s3"
+    assert cell_name("teacher", "", "rte", "", 42, 43) == "teacher_rte_s43"
+    # a teacher's folder is named by the seed it trains with (teacher.seed), a student's by its own seed
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        teacher = compose("config", overrides=["experiment=cpu", "stage=teacher", "task=rte", "seed=1", "teacher.seed=43"],
+                          return_hydra_config=True)
+        student = compose("config", overrides=["experiment=cpu", "task=rte", "seed=1", "teacher.seed=43"], return_hydra_config=True)
+    assert teacher.hydra.sweep.subdir == "teacher_rte_s43" and student.hydra.sweep.subdir == "w2a8_rte_s1"
 
 
 def test_theseus_experiments_chain_successor_to_kdlsq_student(tmp_path):
