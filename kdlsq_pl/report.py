@@ -219,7 +219,7 @@ def plot(info: dict, path: Path) -> None:
     color = {name: f"C{i % 10}" for i, name in enumerate(sorted({series(k, m) for k, m in info["meta"].items() if k != TEACHER}))}
     tasks = info["tasks"]
     ncol = max(len(tasks), 1)
-    fig, axes = plt.subplots(2, ncol, figsize=(4.2 * ncol, 6.4), squeeze=False)
+    fig, axes = plt.subplots(2, ncol, figsize=(4.2 * ncol + 2.6, 6.4), squeeze=False)
     for col, task in enumerate(tasks):
         top, bottom = axes[0][col], axes[1][col]
         by_method: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
@@ -253,13 +253,15 @@ def plot(info: dict, path: Path) -> None:
             ax.grid(alpha=0.3)
     for row in axes:
         row[0].set_ylabel("dev metric (x100)")
-        # one legend per row, on its first panel, naming every series of the row (a task may lack some of them)
+        # one legend per row, outside its last panel on the right (inside, a legend of a dozen series hides points),
+        # naming every series of the row (a task may lack some of them)
         entries: dict[str, Any] = {}
         for ax in row:
             for handle, label in zip(*ax.get_legend_handles_labels()):
                 entries.setdefault(label, handle)
         if entries:
-            row[0].legend(list(entries.values()), list(entries.keys()), fontsize=7)
+            row[-1].legend(list(entries.values()), list(entries.keys()), fontsize=7, loc="upper left",
+                           bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
