@@ -20,8 +20,9 @@ def digest(make_cfg, *overrides):
     return recipe_digest(teacher_recipe(cfg, resolve_model_path(cfg.model.name_or_path)))
 
 
-@pytest.mark.parametrize("change", ["task.teacher.lr=1e-4", "task.teacher.epochs=4", "task.teacher.pooling=mean",
-                                    "task.teacher.pooler_dense=false", "task.teacher.classifier_dropout=0.2",
+# each a value other than RTE's default (conf/task/rte.yaml: 5 epochs, mean pooling, no pooler dense)
+@pytest.mark.parametrize("change", ["task.teacher.lr=1e-4", "task.teacher.epochs=4", "task.teacher.pooling=cls",
+                                    "task.teacher.pooler_dense=true", "task.teacher.classifier_dropout=0.2",
                                     "task.teacher.batch_size=16", "task.teacher.head_bias=prior", "task.teacher.symmetric_pairs=true", "task.teacher.warmup_ratio=0", "task.max_length=64",
                                     "teacher.seed=1", "task=mrpc", "data.group_by_length=false", "data.limit_train_examples=16"])
 def test_recipe_changes_with_what_shapes_the_teacher(make_cfg, change):
@@ -81,6 +82,6 @@ def test_changed_recipe_trains_new_teacher_unchanged_reuses(make_cfg, monkeypatc
     first, _ = teacher_stage.ensure_teacher(cfg, model_path, tmp_path / "out")
     again, _ = teacher_stage.ensure_teacher(make_cfg(*SMALL, "seed=3", "quant=w4a8"), model_path, tmp_path / "out")
     assert again == first and len(trained) == 1  # a student of another seed or bit-width reuses it
-    other, _ = teacher_stage.ensure_teacher(make_cfg(*SMALL, "task.teacher.pooling=mean"), model_path, tmp_path / "out")
+    other, _ = teacher_stage.ensure_teacher(make_cfg(*SMALL, "task.teacher.pooling=cls"), model_path, tmp_path / "out")
     assert other != first and len(trained) == 2 and other.parent == first.parent
     assert TeacherStore(cfg.teacher.store).has(teacher_recipe(cfg, model_path))
