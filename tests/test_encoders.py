@@ -129,7 +129,10 @@ def test_deberta_is_refused_with_one_line_naming_the_model_type(tiny_dirs, tmp_p
 @pytest.mark.parametrize("model_type,extra", [("bert", ()), ("roberta", ()), ("distilbert", ("teacher_cache.enabled=true",))])
 def test_fast_dev_run_student_on_each_encoder(tiny_dirs, tmp_path, model_type, extra):
     """The whole student stage (smoke teacher, insertion by the callback, distillation, packed export) on real RTE rows."""
+    # RTE's default head mean-pools into the classifier (tuned on MiniLM), which RoBERTa and DistilBERT refuse in one
+    # line (their heads have no BERT pooler): every encoder takes BERT's [CLS] head here
     cfg = compose_cfg(tmp_path, "task=rte", "quant=w2a8", f"model.name_or_path={tiny_dirs[model_type]}",
+                      "task.teacher.pooling=cls", "task.teacher.pooler_dense=true",
                       "data.limit_train_examples=16", "data.limit_eval_examples=16", "data.batch_size=8",
                       "trainer.fast_dev_run=true", *extra)
     record = run(cfg)

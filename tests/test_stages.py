@@ -106,7 +106,8 @@ def test_mixed_precision_student_records_its_bits_and_exports_them(store, tmp_pa
     record = run(cfg)
     assert record["status"] == "finished" and record["quant"] == "w2a8_emb4" and record["bit_overrides"] == {"*.embeddings.*": 4}
     d = 384
-    emb, linears = (30522 + 512) * d, 6 * (4 * d * d + 2 * 1536 * d) + d * d  # the MiniLM's tables; its Linears + pooler
+    pooler = d * d if cfg.task.teacher.pooler_dense else 0  # RTE's default head reads the mean-pooled vector: no dense
+    emb, linears = (30522 + 512) * d, 6 * (4 * d * d + 2 * 1536 * d) + pooler  # the MiniLM's tables; its Linears (+ pooler)
     assert record["avg_weight_bits"] == pytest.approx((4 * emb + 2 * linears) / (emb + linears), rel=1e-12)
     packed = json.loads((tmp_path / "out" / "packed" / "packed.json").read_text())["packed"]
     assert {k: v["bits"] for k, v in packed.items() if "embeddings" in k} == {
