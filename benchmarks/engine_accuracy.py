@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="+", default=["kdlsq", "kdlsq_per_channel"])
     ap.add_argument("--match", default="*", help="a glob on the cell folder names, e.g. '*_ibert_*'")
     args = ap.parse_args(argv)
-    from kdlsq_pl.metrics import build_metrics
+    from kdlsq_pl.infer import dev_metrics
 
     found = cells(Path(args.root), args.tasks, args.methods, args.match)
     if not found:
@@ -78,11 +78,7 @@ def main(argv=None) -> None:
     for cell, rec in found:
         metric = rec["metric"]
         preds, labels, task = dev_predictions(cell)
-        value = {}
-        for name, p in preds.items():
-            m = build_metrics(task)
-            m.update(p, labels)
-            value[name] = 100.0 * float(m.compute()[metric])
+        value = {name: dev_metrics(task, p, labels)[metric] for name, p in preds.items()}
         if task["labels"]:
             differ = f"{int((preds['fake'] != preds['integer']).sum())} of {len(labels)}"
         else:

@@ -116,21 +116,28 @@ def split_predictions(forward, dm, key: str, is_regression: bool) -> tuple[torch
     return torch.cat(preds), torch.cat(labels), seconds
 
 
+def dev_metrics(task: dict, preds: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The task's dev metrics (x100, e.g. ``{"acc": .., "f1": ..}``) of ``preds`` [N] (from :func:`split_predictions`)
+    against ``labels`` [N]."""
+    from kdlsq_pl.metrics import build_metrics
+
+    metrics = build_metrics(task)
+    metrics.update(preds, labels)
+    return {k: 100.0 * float(v) for k, v in metrics.compute().items()}
+
+
 @torch.no_grad()
 def evaluate(run: Path, engine_name: str, limit: int | None = None, batch_size: int = 32) -> dict:
     """Dev metrics (x100) of ``engine_name`` on the run's task, with the wall time (s) and ms per example."""
-    from kdlsq_pl.metrics import build_metrics
-
     student, record = load_student(run)
     dm, task = run_datamodule(record, batch_size, limit)
     forward = build_engine(engine_name, student, calibration_batches(dm))
     out = {"engine": engine_name, "task": task["name"], "quant": record.get("quant"), "recorded_best": record.get("best")}
     for key in dm.dev_keys:
         preds, labels, seconds = split_predictions(forward, dm, key, not task["labels"])
-        metrics, n = build_metrics(task), len(labels)
-        metrics.update(preds, labels)
-        values = {k: 100.0 * float(v) for k, v in metrics.compute().items()}
-        out[key] = {"metrics": values, "examples": n, "seconds": seconds, "ms_per_example": 1000.0 * seconds / max(n, 1)}
+        n = len(labels)
+        out[key] = {"metrics": dev_metrics(task, preds, labels), "examples": n, "seconds": seconds,
+                    "ms_per_example": 1000.0 * seconds / max(n, 1)}
     return out
 
 

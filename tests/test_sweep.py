@@ -14,8 +14,8 @@ from wandb_records import run_info
 
 # One batch per stage (fast_dev_run would replace the W&B logger with a dummy); no checkpoints on disk. Both tasks'
 # teachers take the same head ([CLS] + pooler dense; RTE's default drops the dense), so a row's file size is each cell's.
-SMALL = ["trainer.max_epochs=1", "task.teacher.epochs=1", "task.teacher.pooling=cls", "task.teacher.pooler_dense=true", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-         "data.limit_train_examples=16", "data.limit_eval_examples=16", "data.batch_size=8", "~callbacks.model_checkpoint"]
+SMALL = ["trainer.max_epochs=1", "task.teacher.epochs=1", "task.teacher.pooling=cls", "task.teacher.pooler_dense=true",
+         "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "data.limit_train_examples=16", "data.limit_eval_examples=16", "data.batch_size=8", "~callbacks.model_checkpoint"]
 
 
 def sweep(root, *args):
