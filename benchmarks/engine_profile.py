@@ -9,8 +9,9 @@ Linears' ``torch._int_mm`` (oneDNN), the attention products (ONNX Runtime's ``Ma
 integer kernel (``csrc/integer_cpu.cpp``); ``rest`` is the forward's time outside them (the embedding gathers,
 Python, reshapes). It prints milliseconds per forward and shares, the FP32 model's median time, and two ceilings:
 the FP32 time over the ``_int_mm`` time alone (the speed-up if everything else were free) and over the
-``_int_mm`` plus attention-product time (if only the elementwise passes were free); and the memory each holds
-(the FP32 parameters; every tensor of the engine, ``IntegerEngine.nbytes``).
+``_int_mm`` plus attention-product time (if only the elementwise passes were free); then the engine with its
+workspace of reused buffers against the same engine allocating a new tensor for every output (interleaved rounds);
+and the memory each holds (the FP32 parameters; every tensor of the engine, ``IntegerEngine.nbytes``).
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ class Clock:
         self.seconds = collections.defaultdict(float)
 
     def wrap(self, name: str, f):
-        def timed(*args):
+        def timed(*args, **kwargs):
             t0 = time.perf_counter()
-            out = f(*args)
+            out = f(*args, **kwargs)
             self.seconds[name] += time.perf_counter() - t0
             return out
         return timed
@@ -88,6 +89,23 @@ def profile(engine, x: dict, repeats: int) -> tuple[float, dict[str, float]]:
     return 1e3 * statistics.median(times), steps
 
 
+def workspace_ab(engine, x: dict, repeats: int) -> tuple[float, float]:
+    """Median ms per forward with the engine's workspace and without it (``reuse=False``: a new tensor for every
+    output, the engine before the workspace), in interleaved rounds."""
+    times = {True: [], False: []}
+    try:
+        for _ in range(repeats):
+            for reuse in (True, False):
+                engine.workspace.reuse = reuse
+                engine(**x)
+                t0 = time.perf_counter()
+                engine(**x)
+                times[reuse].append(1e3 * (time.perf_counter() - t0))
+    finally:
+        engine.workspace.reuse = True
+    return statistics.median(times[True]), statistics.median(times[False])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
@@ -115,6 +133,9 @@ def main() -> None:
             fp = statistics.median(fp_ms)
             total, steps = profile(engine, x, args.repeats)
             print(f"\nthreads {threads}: HF FP32 eager {fp:.1f} ms, integer engine {total:.1f} ms ({fp / total:.2f}x)")
+            with_ws, without_ws = workspace_ab(engine, x, args.repeats)
+            print(f"  workspace (interleaved): {with_ws:.1f} ms with its reused buffers, {without_ws:.1f} ms with a new "
+                  f"tensor per output ({without_ws / with_ws:.2f}x)")
             mean_total = sum(steps.values())
             for name, ms in sorted(steps.items(), key=lambda kv: -kv[1]):
                 print(f"  {name:34s} {ms:7.1f} ms  {100 * ms / mean_total:5.1f}%")

@@ -5,14 +5,15 @@ Usage: ``python benchmarks/int_mm_in_engine.py [--threads 2] [--batch 8] [--leng
 Builds the engine of ``benchmarks/engine_profile.py`` (bundled MiniLM, W2A8, calibrated), then prints, per weight
 shape ``[in, out]``, milliseconds per call of ``torch._int_mm``:
 
-- ``in engine``: mean over the calls of ``--repeats`` forwards (each call timed where the engine makes it);
-- ``2nd call``: the same call made again at once, on the same operands (what is left once the first call of a
-  burst has paid any start-up cost);
-- ``isolated``: the median of 40 back-to-back calls on one layer's weight and random int8 codes, in the same process.
+- ``in engine``: mean over the calls of ``--repeats`` forwards (each call timed where the engine makes it; the
+  engine writes every product into a reused workspace buffer, ``out=``);
+- ``new output``: the median of 40 back-to-back calls on one layer's weight and random int8 codes, each call's
+  product kept alive, so each writes to memory not written before (what the engine did before its workspace);
+- ``reused output``: the same 40 calls, all writing into one ``out`` buffer.
 
-Then, after a forward and after a 50 ms pause, the times of 8 back-to-back calls of the largest shape: the first
-call of a burst is the slow one. The gap between ``in engine`` and ``isolated`` is GEMM time that no elementwise
-kernel can win back; it depends on the CPU (README, section "Integer-only inference (I-BERT operators) and ONNX").
+The gap between the last two is the cost of writing an int32 product (1.5-6 MB at batch 8) to memory that is not in
+cache: on the Intel host of 2026-12-05 it doubled the GEMMs' time inside a forward (README, section "Integer-only
+inference (I-BERT operators) and ONNX").
 """
 
 from __future__ import annotations
@@ -44,21 +45,17 @@ def main(argv=None) -> None:
     _, engine, x = build("w2a8", args.batch, args.length)
     inputs = {k: x[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     int_mm = torch._int_mm
-    first, second = defaultdict(list), defaultdict(list)
+    calls = defaultdict(list)
 
-    def timed_twice(a, w):
+    def timed(a, w, out=None):
         t0 = time.perf_counter()
-        int_mm(a, w)
-        t1 = time.perf_counter()
-        out = int_mm(a, w)
-        t2 = time.perf_counter()
-        first[tuple(w.shape)].append(t1 - t0)
-        second[tuple(w.shape)].append(t2 - t1)
+        out = int_mm(a, w, out=out)
+        calls[tuple(w.shape)].append(time.perf_counter() - t0)
         return out
 
     for _ in range(3):
         engine(**inputs)
-    torch._int_mm = timed_twice
+    torch._int_mm = timed
     try:
         for _ in range(args.repeats):
             engine(**inputs)
@@ -69,35 +66,24 @@ def main(argv=None) -> None:
     weights = {tuple(lin.w_t.shape): lin.w_t for lin in (layer.q, layer.i, layer.o2)}
     rows = args.batch * args.length
 
-    def isolated(w):
+    def isolated(w, reuse: bool) -> float:
         a = torch.randint(-128, 128, (rows, w.shape[0]), dtype=torch.int8)
-        int_mm(a, w)
-        times = []
+        out = int_mm(a, w)
+        kept, times = [], []
         for _ in range(40):
             t0 = time.perf_counter()
-            int_mm(a, w)
+            y = int_mm(a, w, out=out) if reuse else int_mm(a, w)
             times.append(time.perf_counter() - t0)
+            kept.append(y)
         return statistics.median(times)
 
     print(f"torch {torch.__version__}; {args.threads} threads; {rows} rows (batch {args.batch} x length {args.length}); ms per call")
-    print(f"{'weight [in, out]':>18} | {'calls':>5} | {'in engine':>9} | {'2nd call':>8} | {'isolated':>8}")
-    for shape in sorted(first):
+    print(f"{'weight [in, out]':>18} | {'calls':>5} | {'in engine':>9} | {'new output':>10} | {'reused output':>13}")
+    for shape in sorted(calls):
         if shape not in weights:
             continue
-        print(f"{str(list(shape)):>18} | {len(first[shape]):>5} | {statistics.mean(first[shape]) * 1e3:>9.3f} | "
-              f"{statistics.mean(second[shape]) * 1e3:>8.3f} | {isolated(weights[shape]) * 1e3:>8.3f}")
-    big = max(weights, key=lambda s: s[0] * s[1])
-    a = torch.randint(-128, 128, (rows, big[0]), dtype=torch.int8)
-    for when in ("after a forward", "after a 50 ms pause"):
-        engine(**inputs)
-        if when != "after a forward":
-            time.sleep(0.05)
-        times = []
-        for _ in range(8):
-            t0 = time.perf_counter()
-            int_mm(a, weights[big])
-            times.append(f"{(time.perf_counter() - t0) * 1e3:.2f}")
-        print(f"{list(big)} back to back, {when}: {' '.join(times)} ms")
+        print(f"{str(list(shape)):>18} | {len(calls[shape]):>5} | {statistics.mean(calls[shape]) * 1e3:>9.3f} | "
+              f"{isolated(weights[shape], False) * 1e3:>10.3f} | {isolated(weights[shape], True) * 1e3:>13.3f}")
 
 
 if __name__ == "__main__":

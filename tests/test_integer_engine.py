@@ -130,6 +130,16 @@ def test_fused_kernels_give_the_reference_integers(minilm_path, batches, name, p
             lr, hr = ref(b["input_ids"], b["attention_mask"], b["token_type_ids"], output_hidden_states=True)
             lf, hf = fused(b["input_ids"], b["attention_mask"], b["token_type_ids"], output_hidden_states=True)
         assert torch.equal(lr, lf) and all(torch.equal(x, y) for x, y in zip(hr, hf))
+    # without hidden states every intermediate lives in reused workspace buffers: calls on batches of other lengths
+    # in turn (the buffers regrow and shrink) give the reference logits, and leave earlier results untouched
+    _, kept = fused(**{k: batches[0][k] for k in ("input_ids", "attention_mask", "token_type_ids")}, output_hidden_states=True)
+    kept_copy = [h.clone() for h in kept]
+    assert len({b["input_ids"].shape[1] for b in batches}) > 1
+    for b in batches + batches[::-1]:
+        args = (b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        logits = fused(*args)
+        assert torch.equal(logits, ref(*args))
+    assert all(torch.equal(x, y) for x, y in zip(kept, kept_copy))
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

@@ -103,6 +103,11 @@ def test_onnx_runtime_attention_products_are_exact_or_refused():
     assert scores.dtype == ctx.dtype == torch.int32 and scores.shape == (B, H, T, T) and ctx.shape == (B, T, H, d)
     exact = torch.equal(scores.long(), want_scores) and torch.equal(ctx.long(), want_ctx)
     assert (products(2) is not None) == exact  # used only where exact
+    out_s, out_c = torch.full((B, H, T, T), -1, dtype=torch.int32), torch.full((B, T, H, d), -1, dtype=torch.int32)
+    assert ap.scores(q, k, out=out_s).data_ptr() == out_s.data_ptr() and torch.equal(out_s, scores)  # written in place
+    assert ap.context(p, k, out=out_c).data_ptr() == out_c.data_ptr() and torch.equal(out_c, ctx)
+    with pytest.raises(ValueError, match="out must be a contiguous int32 tensor of shape"):
+        ap.scores(q, k, out=out_s.transpose(2, 3))
 
 
 def test_fused_requant_equals_the_reference_on_edge_inputs(kernels):
@@ -143,3 +148,29 @@ def test_fused_gelu_equals_the_reference_on_edge_inputs(kernels, s_g):
     got = kernels.int_gelu_requant(acc, bias, g_rq.m.reshape(-1), g_rq.e.reshape(-1), g_rq.hi, gelu.b_int, gelu.c_int, gelu.shift,
                                    gelu.one, int(n_rq.m), int(n_rq.e), n_rq.lo, n_rq.hi)
     assert torch.equal(got.to(INT), want)
+
+
+def test_fused_kernels_write_into_a_given_out(kernels):
+    """Each fused op given ``out`` writes its result there (the same integers as a new tensor) and refuses an ``out``
+    of another shape, dtype or layout with a message naming the op."""
+    g = torch.Generator().manual_seed(6)
+    N, C = 16, 64
+    x = torch.randint(-2 ** 20, 2 ** 20, (N, C), generator=g, dtype=torch.int32)
+    bias = torch.randint(-2 ** 10, 2 ** 10, (C,), generator=g, dtype=INT)
+    rq = Requantize(1e-3, 0.05, -127, 127)
+    args = (x, bias, rq.m.reshape(-1), rq.e.reshape(-1), -127, 127, True)
+    want = kernels.int_requant(*args)
+    out = torch.full((N, C), 99, dtype=torch.int8)
+    assert kernels.int_requant(*args, out).data_ptr() == out.data_ptr() and torch.equal(out, want)
+    for bad in (torch.empty(N, C, dtype=torch.int32), torch.empty(N, C + 1, dtype=torch.int8), torch.empty(C, N, dtype=torch.int8).t()):
+        with pytest.raises(RuntimeError, match="int_requant: out must be a contiguous"):
+            kernels.int_requant(*args, bad)
+    ln = IntLayerNorm(torch.ones(C), torch.zeros(C), 2.0 ** -10)
+    h = torch.randint(-2 ** 20, 2 ** 20, (N, C), generator=g, dtype=torch.int32)
+    ln_args = (x, bias, rq.m.reshape(-1), rq.e.reshape(-1), h, 1, 0, 2 ** 23, ln.gamma_int, ln.beta_int, ln.NORM_BITS,
+               int(ln.requant.m), int(ln.requant.e))
+    want = kernels.int_residual_layernorm(*ln_args)
+    out = torch.zeros(N, C, dtype=torch.int32)
+    assert kernels.int_residual_layernorm(*ln_args, out).data_ptr() == out.data_ptr() and torch.equal(out, want)
+    with pytest.raises(RuntimeError, match="int_residual_layernorm: out must be"):
+        kernels.int_residual_layernorm(*ln_args, torch.zeros(N, C, dtype=torch.int64))

@@ -8,6 +8,8 @@
 //                      probability quantizer's requantization, int8 out
 //   gelu_requant       requant to the GELU scale, i-GELU, requant onto the next Linear's input grid, int8 out
 //   residual_layernorm clamp(requant(a + bias) + requant(h)) then the integer LayerNorm, int32 out (|out| < 2^20)
+// Each op writes into ``out`` when one is given (contiguous, the exact shape and dtype; not aliasing an input),
+// else into a new tensor.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -146,12 +148,22 @@ int64_t isqrt_newton(int64_t n) {  // kdlsq_pl.integer.ops.int_sqrt, element by 
   }
 }
 
+// The op's output: ``out`` when given (the engine's reused workspace: a buffer written again each call stays in
+// cache, where a fresh allocation costs a trip to memory), else a new tensor. ``out`` must match exactly.
+at::Tensor output(const std::optional<at::Tensor>& out, at::IntArrayRef sizes, const at::TensorOptions& options, const char* op) {
+  if (!out.has_value() || !out->defined()) return at::empty(sizes, options);
+  TORCH_CHECK(out->sizes() == sizes && out->scalar_type() == options.dtype().toScalarType() && out->is_contiguous(),
+              op, ": out must be a contiguous ", options.dtype().name(), " tensor of shape ", sizes, "; got ", out->sizes(), " ",
+              out->scalar_type());
+  return *out;
+}
+
 // x: [N, C] int64 or int32 (contiguous); bias: [C] int64 or undefined; m, e: [C] or [1] int64.
 at::Tensor requant(const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& m, const at::Tensor& e,
-                   int64_t lo, int64_t hi, bool int8_out) {
+                   int64_t lo, int64_t hi, bool int8_out, const std::optional<at::Tensor>& out_opt) {
   TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kLong || x.scalar_type() == at::kInt), "requant: contiguous int64/int32 x");
   const int64_t C = x.size(-1), N = x.numel() / std::max<int64_t>(C, 1);
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(int8_out ? at::kChar : at::kLong));
+  at::Tensor out = output(out_opt, x.sizes(), x.options().dtype(int8_out ? at::kChar : at::kLong), "int_requant");
   const Dyadic d(m, e);
   const int64_t* bp = bias.has_value() && bias->defined() ? bias->data_ptr<int64_t>() : nullptr;
   auto run = [&](auto* xp, auto* op) {
@@ -175,12 +187,12 @@ at::Tensor requant(const at::Tensor& x, const std::optional<at::Tensor>& bias, c
 // scores: [B, H, T, Tk] int32 contiguous; mask: [B, Tk] bool (true = attend).
 at::Tensor softmax_requant(const at::Tensor& scores, const at::Tensor& mask, int64_t x0, int64_t b_int, int64_t c_int,
                            int64_t widen, int64_t out_bits, int64_t n_clamp, int64_t sum_bits, int64_t num_bits, int64_t m, int64_t e, int64_t lo,
-                           int64_t hi) {
+                           int64_t hi, const std::optional<at::Tensor>& out_opt) {
   TORCH_CHECK(scores.is_contiguous() && scores.scalar_type() == at::kInt && scores.dim() == 4, "softmax_requant: [B,H,T,T] int32");
   TORCH_CHECK(mask.is_contiguous() && mask.scalar_type() == at::kBool, "softmax_requant: bool mask [B, T]");
   const int64_t B = scores.size(0), Tk = scores.size(3), rows = scores.numel() / Tk;
   const int64_t rows_per_b = rows / B;
-  at::Tensor out = at::empty(scores.sizes(), scores.options().dtype(at::kChar));
+  at::Tensor out = output(out_opt, scores.sizes(), scores.options().dtype(at::kChar), "int_softmax_requant");
   const int32_t* s = scores.data_ptr<int32_t>();
   const bool* mk = mask.data_ptr<bool>();
   int8_t* o = out.data_ptr<int8_t>();
@@ -228,10 +240,11 @@ KDLSQ_CLONES void gelu_row(const int32_t* __restrict a, const int64_t* __restric
 // acc: [N, C] int32 (the Linear's int32 products); bias [C]; (gm, ge) [C]: onto the GELU scale, clamped to +-g_clamp;
 // i-GELU constants; (nm, ne) scalar: onto the next Linear's input grid, clamped to [lo, hi]; int8 out.
 at::Tensor gelu_requant(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& gm, const at::Tensor& ge, int64_t g_clamp,
-                        int64_t b_int, int64_t c_int, int64_t shift, int64_t one, int64_t nm, int64_t ne, int64_t lo, int64_t hi) {
+                        int64_t b_int, int64_t c_int, int64_t shift, int64_t one, int64_t nm, int64_t ne, int64_t lo, int64_t hi,
+                        const std::optional<at::Tensor>& out_opt) {
   TORCH_CHECK(acc.is_contiguous() && acc.scalar_type() == at::kInt, "gelu_requant: contiguous int32 acc");
   const int64_t C = acc.size(-1), N = acc.numel() / C;
-  at::Tensor out = at::empty(acc.sizes(), acc.options().dtype(at::kChar));
+  at::Tensor out = output(out_opt, acc.sizes(), acc.options().dtype(at::kChar), "int_gelu_requant");
   const Dyadic d(gm, ge, C);
   const int64_t nhalf = ne > 0 ? (int64_t(1) << (ne - 1)) : 0, nrs = std::max<int64_t>(ne, 0), nls = std::max<int64_t>(-ne, 0);
   const int32_t* a = acc.data_ptr<int32_t>();
@@ -301,11 +314,11 @@ KDLSQ_CLONES void layernorm_out_row(const int64_t* __restrict y_hat, const int64
 // and scalar (lm, le) onto the output scale. int32 out (the engine's LayerNorm outputs have 20 bits).
 at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& am, const at::Tensor& ae,
                               const at::Tensor& h, int64_t hm, int64_t he, int64_t res_clamp, const at::Tensor& gamma,
-                              const at::Tensor& beta, int64_t norm_bits, int64_t lm, int64_t le) {
+                              const at::Tensor& beta, int64_t norm_bits, int64_t lm, int64_t le, const std::optional<at::Tensor>& out_opt) {
   TORCH_CHECK(a.is_contiguous() && a.scalar_type() == at::kInt && h.is_contiguous() && (h.scalar_type() == at::kLong || h.scalar_type() == at::kInt),
               "residual_layernorm: contiguous int32 a and int64/int32 h");
   const int64_t C = a.size(-1), N = a.numel() / C;
-  at::Tensor out = at::empty(h.sizes(), h.options().dtype(at::kInt));  // |out| < 2^LN_OUT_BITS (engine.py: 20)
+  at::Tensor out = output(out_opt, h.sizes(), h.options().dtype(at::kInt), "int_residual_layernorm");  // |out| < 2^LN_OUT_BITS (engine.py: 20)
   const int32_t* ap = a.data_ptr<int32_t>();
   const bool h64 = h.scalar_type() == at::kLong;
   const int64_t* hp64 = h64 ? h.data_ptr<int64_t>() : nullptr;
@@ -337,13 +350,13 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kdlsq, m) {
-  m.def("int_requant(Tensor x, Tensor? bias, Tensor m, Tensor e, int lo, int hi, bool int8_out) -> Tensor");
+  m.def("int_requant(Tensor x, Tensor? bias, Tensor m, Tensor e, int lo, int hi, bool int8_out, Tensor? out=None) -> Tensor");
   m.def("int_softmax_requant(Tensor scores, Tensor mask, int x0, int b_int, int c_int, int widen, int out_bits, int n_clamp, "
-        "int sum_bits, int num_bits, int m, int e, int lo, int hi) -> Tensor");
+        "int sum_bits, int num_bits, int m, int e, int lo, int hi, Tensor? out=None) -> Tensor");
   m.def("int_gelu_requant(Tensor acc, Tensor bias, Tensor gm, Tensor ge, int g_clamp, int b_int, int c_int, int shift, int one, "
-        "int nm, int ne, int lo, int hi) -> Tensor");
+        "int nm, int ne, int lo, int hi, Tensor? out=None) -> Tensor");
   m.def("int_residual_layernorm(Tensor a, Tensor bias, Tensor am, Tensor ae, Tensor h, int hm, int he, int res_clamp, "
-        "Tensor gamma, Tensor beta, int norm_bits, int lm, int le) -> Tensor");
+        "Tensor gamma, Tensor beta, int norm_bits, int lm, int le, Tensor? out=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kdlsq, CPU, m) {

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -75,17 +76,30 @@ class AttentionProducts:
         self._scores = ort.InferenceSession(s, opts, providers=["CPUExecutionProvider"])
         self._context = ort.InferenceSession(c, opts, providers=["CPUExecutionProvider"])
 
-    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """``q``, ``k``: int8 codes ``[B, T, H, d]`` -> int32 ``[B, H, T, T]`` (contiguous), ``q_h k_h^T`` per head."""
+    def scores(self, q: torch.Tensor, k: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``q``, ``k``: int8 codes ``[B, T, H, d]`` -> int32 ``[B, H, T, T]`` (contiguous), ``q_h k_h^T`` per head;
+        written into ``out`` when given (contiguous int32 of that shape)."""
+        B, T, H, _ = q.shape
         qu = q.contiguous().view(torch.uint8) ^ 128  # q + 128 as uint8 (two's complement: flip the sign bit)
-        out = self._scores.run(None, {"q": qu.numpy(), "k": k.contiguous().numpy()})[0]
-        return torch.from_numpy(out)
+        return self._run(self._scores, {"q": qu, "k": k.contiguous()}, "scores", (B, H, T, T), out)
 
-    def context(self, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def context(self, p: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``p``: probability codes ``[B, H, T, T]`` (int8 or uint8, all >= 0); ``v``: int8 ``[B, T, H, d]`` ->
-        int32 ``[B, T, H, d]``, ``p_h v_h`` per head with the heads back in place."""
-        out = self._context.run(None, {"p": p.contiguous().view(torch.uint8).numpy(), "v": v.contiguous().numpy()})[0]
-        return torch.from_numpy(out)
+        int32 ``[B, T, H, d]``, ``p_h v_h`` per head with the heads back in place; written into ``out`` when given."""
+        return self._run(self._context, {"p": p.contiguous().view(torch.uint8), "v": v.contiguous()}, "ctx", tuple(v.shape), out)
+
+    @staticmethod
+    def _run(session, inputs: dict, name: str, shape: tuple, out: torch.Tensor | None) -> torch.Tensor:
+        if out is None:
+            return torch.from_numpy(session.run(None, {k: t.numpy() for k, t in inputs.items()})[0])
+        if tuple(out.shape) != shape or out.dtype != torch.int32 or not out.is_contiguous():
+            raise ValueError(f"attention products: out must be a contiguous int32 tensor of shape {shape}; got {tuple(out.shape)} {out.dtype}")
+        io = session.io_binding()  # ONNX Runtime writes straight into the caller's buffer (no new output each call)
+        for k, t in inputs.items():
+            io.bind_cpu_input(k, t.numpy())
+        io.bind_output(name, "cpu", 0, np.int32, list(shape), out.data_ptr())
+        session.run_with_iobinding(io)
+        return out
 
 
 _cache: dict[int, Any] = {}

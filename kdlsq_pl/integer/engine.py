@@ -23,6 +23,7 @@ LSQ quantizers of at most 8 bits (``quant=w2a8 | w4a8 | w8a8``, per tensor or pe
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -82,6 +83,34 @@ def _ln_bound(ln: nn.LayerNorm) -> float:
     return float(ln.weight.detach().abs().max()) * math.sqrt(ln.normalized_shape[-1]) + float(ln.bias.detach().abs().max())
 
 
+class _Workspace(threading.local):
+    """The fused path's reused output buffers: one growable flat buffer per tag, per thread.
+
+    Each intermediate of a layer (the Linears' int32 products, the int8 codes, the attention scores, probabilities
+    and context) is written into the same memory on every layer and every call, instead of a new tensor each time.
+    Memory written again soon is still in cache, where a new allocation of a few MB costs a trip to DRAM: at batch
+    8, length 128 that alone made ``torch._int_mm`` take twice its back-to-back time inside the engine
+    (``benchmarks/int_mm_in_engine.py``). A tag's buffer is only reused after its previous content has been read;
+    the LayerNorm outputs take two buffers in turn, except in a call that returns the hidden states (new tensors
+    then). Nothing a call returns is a view of a buffer. Per thread: two threads may call one engine at once.
+    ``reuse=False`` hands out a new tensor each time instead (the engine before this workspace, for benchmarks).
+    """
+
+    def __init__(self, reuse: bool = True):
+        self.reuse = reuse
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, tag: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous ``[*shape]`` tensor of ``dtype`` in the buffer of ``tag`` (its content is undefined)."""
+        if not self.reuse:
+            return torch.empty(shape, dtype=dtype)
+        flat = self.buffers.get(tag)
+        n = math.prod(shape)
+        if flat is None or flat.dtype != dtype or flat.numel() < n:
+            flat = self.buffers[tag] = torch.empty(n, dtype=dtype)
+        return flat[:n].view(shape)
+
+
 @dataclass
 class _Layer:
     q: IntLinear
@@ -106,6 +135,8 @@ class _Layer:
     heads: int
     clamp1: int
     clamp2: int
+    fused: dict | None = None  # the fused kernels' constant arguments (:func:`_fused_args`), built once
+
 
 
 @torch.no_grad()
@@ -133,6 +164,28 @@ def _calibrate_ranges(student: nn.Module, batches: Iterable[Mapping[str, torch.T
         for h in hooks:
             h.remove()
     return ranges
+
+
+def _fused_args(L: _Layer) -> dict[str, tuple]:
+    """Every constant argument of one layer's fused kernel calls, as tuples (no tensor-to-int conversion or reshape
+    per call: at batch 1 the Python around the kernels is a large part of a forward)."""
+    def rq(r: Requantize) -> tuple:
+        return r.m.reshape(-1).contiguous(), r.e.reshape(-1).contiguous(), r.lo, r.hi
+
+    def residual(lin: IntLinear, a_rq: Requantize, h_rq: Requantize, clamp: int, ln: IntLayerNorm) -> tuple:
+        return (lin.bias, *rq(a_rq)[:2]), (int(h_rq.m), int(h_rq.e), clamp, ln.gamma_int, ln.beta_int, ln.NORM_BITS,
+                                           int(ln.requant.m), int(ln.requant.e))
+
+    sm, p, g, n = L.softmax, L.p_rq, L.gelu, L.o2.in_rq
+    return {
+        **{f"{name}_in": rq(lin.in_rq) for name, lin in (("q", L.q), ("k", L.k), ("v", L.v), ("o", L.o), ("i", L.i))},
+        **{f"{name}_out": (lin.bias, *rq(r)) for name, lin, r in (("q", L.q, L.q_rq), ("k", L.k, L.k_rq), ("v", L.v, L.v_rq))},
+        "softmax": (sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS, int(p.m),
+                    int(p.e), p.lo, p.hi),
+        "gelu": (L.i.bias, *rq(L.g_rq)[:2], L.g_rq.hi, g.b_int, g.c_int, g.shift, g.one, int(n.m), int(n.e), n.lo, n.hi),
+        "res1": residual(L.o, L.o_rq, L.h_rq1, L.clamp1, L.ln1),
+        "res2": residual(L.o2, L.o2_rq, L.h_rq2, L.clamp2, L.ln2),
+    }
 
 
 class IntegerEngine:
@@ -171,6 +224,7 @@ class IntegerEngine:
         if student.config.model_type != "bert":
             raise ConfigError(f"integer engine: model type {student.config.model_type!r} is not supported; allowed: bert")
         self = object.__new__(cls)
+        self.workspace = _Workspace()
         from kdlsq_pl.kernels import cpu_kernels
         self.kernels = cpu_kernels() if fused is not False else None
         if fused and self.kernels is None:
@@ -287,46 +341,44 @@ class IntegerEngine:
         res2 = torch.clamp(L.o2_rq(L.o2(g)) + L.h_rq2(h1), -L.clamp2, L.clamp2)
         return L.ln2(res2)
 
-    def _layer_fused(self, L: _Layer, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """:meth:`_layer` through the fused kernels: the same integers (``tests/test_integer_engine.py``)."""
-        K = self.kernels
+    def _layer_fused(self, L: _Layer, h: torch.Tensor, mask: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        """:meth:`_layer` through the fused kernels: the same integers (``tests/test_integer_engine.py``). Every
+        intermediate goes into the engine's :class:`_Workspace`; so do the two LayerNorm outputs (the second into the
+        buffer of ``h``, which is read no more) unless ``fresh``, which returns a new tensor."""
+        K, ws = self.kernels, self.workspace
         B, T, D = h.shape
-        h2 = h.reshape(B * T, D)
+        N, H = B * T, L.heads
+        h2 = h.reshape(N, D)
+        i8, i32 = torch.int8, torch.int32
+        c = L.fused if L.fused is not None else _fused_args(L)
+        L.fused = c
 
-        def codes(lin: IntLinear, x: torch.Tensor) -> torch.Tensor:  # x -> int8 codes on lin's input grid
-            rq = lin.in_rq
-            return K.int_requant(x, None, rq.m.reshape(-1), rq.e.reshape(-1), rq.lo, rq.hi, True)
+        def linear(name: str, x: torch.Tensor, w_t: torch.Tensor, tag: str = "acc") -> torch.Tensor:
+            """x -> int8 codes on the Linear's input grid -> int32 products ``[N, out]``."""
+            x8 = K.int_requant(x, None, *c[f"{name}_in"], True, ws("in8", tuple(x.shape), i8))
+            return torch._int_mm(x8, w_t, out=ws(tag, (x8.shape[0], w_t.shape[1]), i32))
 
-        def head_codes(lin: IntLinear, rq: Requantize, x8: torch.Tensor) -> torch.Tensor:  # -> [B, T, H, d] int8
-            acc = torch._int_mm(x8, lin.w_t)
-            return K.int_requant(acc, lin.bias, rq.m.reshape(-1), rq.e.reshape(-1), rq.lo, rq.hi, True).reshape(B, T, L.heads, -1)
+        def head_codes(name: str, lin: IntLinear) -> torch.Tensor:  # -> [B, T, H, d] int8
+            acc = linear(name, h2, lin.w_t)
+            return K.int_requant(acc, *c[f"{name}_out"], True, ws(f"{name}8", tuple(acc.shape), i8)).reshape(B, T, H, -1)
 
-        qc, kc, vc = (head_codes(lin, rq, codes(lin, h2)) for lin, rq in ((L.q, L.q_rq), (L.k, L.k_rq), (L.v, L.v_rq)))
+        qc, kc, vc = head_codes("q", L.q), head_codes("k", L.k), head_codes("v", L.v)
         ap = self.attention
         if ap is not None:  # ONNX Runtime's MatMulInteger: one call per product (attention_products.py)
-            scores = ap.scores(qc, kc)
+            scores = ap.scores(qc, kc, out=ws("scores", (B, H, T, T), i32))
         else:  # int32 batched matmul (no int8 batched kernel in torch)
-            scores = torch.matmul(qc.transpose(1, 2).to(torch.int32), kc.permute(0, 2, 3, 1).to(torch.int32)).contiguous()
-        sm, p = L.softmax, L.p_rq
-        probs = K.int_softmax_requant(scores, mask, sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP,
-                                      sm.SUM_BITS, sm.NUM_BITS, int(p.m), int(p.e), p.lo, p.hi)
+            scores = torch.matmul(qc.transpose(1, 2).to(i32), kc.permute(0, 2, 3, 1).to(i32)).contiguous()
+        probs = K.int_softmax_requant(scores, mask, *c["softmax"], ws("probs", (B, H, T, T), i8))
         if ap is not None:
-            ctx = ap.context(probs, vc).reshape(B * T, D)
+            ctx = ap.context(probs, vc, out=ws("ctx", tuple(vc.shape), i32)).reshape(N, D)
         else:
-            ctx = torch.matmul(probs.to(torch.int32), vc.transpose(1, 2).to(torch.int32)).transpose(1, 2).reshape(B * T, D)
-        acc_o = torch._int_mm(codes(L.o, ctx.contiguous()), L.o.w_t)
-        h1 = self._residual_ln(acc_o, L.o.bias, L.o_rq, h2, L.h_rq1, L.clamp1, L.ln1)
-        acc_i = torch._int_mm(codes(L.i, h1), L.i.w_t)
-        g, n = L.gelu, L.o2.in_rq
-        g8 = K.int_gelu_requant(acc_i, L.i.bias, L.g_rq.m.reshape(-1), L.g_rq.e.reshape(-1), L.g_rq.hi, g.b_int, g.c_int,
-                                g.shift, g.one, int(n.m), int(n.e), n.lo, n.hi)
-        acc_o2 = torch._int_mm(g8, L.o2.w_t)
-        return self._residual_ln(acc_o2, L.o2.bias, L.o2_rq, h1, L.h_rq2, L.clamp2, L.ln2).reshape(B, T, D)
-
-    def _residual_ln(self, acc, bias, a_rq: Requantize, h, h_rq: Requantize, clamp: int, ln: IntLayerNorm) -> torch.Tensor:
-        return self.kernels.int_residual_layernorm(acc, bias, a_rq.m.reshape(-1), a_rq.e.reshape(-1), h.contiguous(), int(h_rq.m),
-                                                   int(h_rq.e), clamp, ln.gamma_int, ln.beta_int, ln.NORM_BITS,
-                                                   int(ln.requant.m), int(ln.requant.e))
+            ctx = torch.matmul(probs.to(i32), vc.transpose(1, 2).to(i32)).transpose(1, 2).reshape(N, D).contiguous()
+        (a1, r1), (a2, r2) = c["res1"], c["res2"]
+        h1 = K.int_residual_layernorm(linear("o", ctx, L.o.w_t), *a1, h2, *r1, None if fresh else ws("h1", (N, D), i32))
+        acc_i = linear("i", h1, L.i.w_t, "acc_ffn")
+        g8 = K.int_gelu_requant(acc_i, *c["gelu"], ws("g8", tuple(acc_i.shape), i8))
+        acc_o2 = torch._int_mm(g8, L.o2.w_t, out=ws("acc", (N, D), i32))
+        return K.int_residual_layernorm(acc_o2, *a2, h1, *r2, None if fresh else ws("h", (N, D), i32)).reshape(B, T, D)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -341,17 +393,17 @@ class IntegerEngine:
             D = e.shape[-1]
             zeros = torch.zeros(B * T, D, dtype=torch.int32)
             one = torch.ones(1, dtype=INT)
+            out = None if output_hidden_states else self.workspace("h", (B * T, D), torch.int32)
             h = self.kernels.int_residual_layernorm(zeros, torch.zeros(D, dtype=INT), one, torch.zeros(1, dtype=INT),
                                                     e.reshape(B * T, D).contiguous(), 1, 0, self.clamp_e, self.ln_e.gamma_int,
                                                     self.ln_e.beta_int, self.ln_e.NORM_BITS, int(self.ln_e.requant.m),
-                                                    int(self.ln_e.requant.e)).reshape(B, T, D)
+                                                    int(self.ln_e.requant.e), out).reshape(B, T, D)
             mask = mask.contiguous()
         else:
             h = self.ln_e(torch.clamp(e, -self.clamp_e, self.clamp_e))
         hidden = [h]
-        layer = self._layer_fused if self.kernels is not None else self._layer
         for L in self.layers:
-            h = layer(L, h, mask)
+            h = self._layer_fused(L, h, mask, output_hidden_states) if self.kernels is not None else self._layer(L, h, mask)
             hidden.append(h)
         if output_hidden_states:  # the fused kernels keep the LayerNorm outputs (20 bits) in int32; report int64 alike
             hidden = [x.to(INT) for x in hidden]
