@@ -8,10 +8,11 @@ allowed. ``run.py`` prints it and exits with status 2.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdlsq_pl import schema
 from kdlsq_pl.data.tsv import read_glue_tsv, resolve_glue_dir, task_files
@@ -28,6 +29,39 @@ def conf_options(group: str) -> list[str]:
     """The option names of a config group (the ``conf/<group>/*.yaml`` file stems)."""
     folder = Path(__file__).resolve().parents[1] / "conf" / group
     return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+
+
+def source_task_cfg(cfg: DictConfig) -> DictConfig | None:
+    """The config whose teacher this task's teacher starts from (``task.teacher.init_from``), or None.
+
+    Intermediate-task training (STILTs: Phang et al., 2018, "Sentence Encoders on STILTs"): the teacher of task A
+    is fine-tuned from the stored teacher of task B (same model, same ``teacher.seed``, B's own recipe from
+    ``conf/task/<B>.yaml``) instead of from the pretrained checkpoint. The copy is ``cfg`` with ``task`` replaced
+    (and ``teacher.retrain`` off: retraining applies to the requested teacher only).
+
+    Raises:
+        ConfigError: ``init_from`` names this task, a question-answering task, or no file in ``conf/task/``.
+    """
+    name = cfg.task.teacher.get("init_from")
+    if not name:
+        return None
+    allowed = [t for t in conf_options("task") if t != cfg.task.name]
+    path = Path(__file__).resolve().parents[1] / "conf" / "task" / f"{name}.yaml"
+    if name == cfg.task.name or not path.is_file():
+        raise ConfigError(f"task.teacher.init_from={name!r}: not another task's config; allowed: {', '.join(allowed)}")
+    src = copy.deepcopy(cfg)
+    with open_dict(src):
+        src.task = OmegaConf.load(path)
+        src.teacher.retrain = False
+    if src.task.teacher.get("init_from") == cfg.task.name:
+        raise ConfigError(f"task.teacher.init_from={name!r}: {name}'s teacher starts from {cfg.task.name}'s (a cycle); "
+                          f"allowed: a task whose teacher does not start from {cfg.task.name}'s")
+    if is_qa(src.task) or is_qa(cfg.task):
+        raise ConfigError(f"task.teacher.init_from={name!r}: question answering has no sentence classifier to start from "
+                          f"or to start; allowed between GLUE tasks: {', '.join(a for a in allowed if not a.startswith('squad'))}")
+    return src
 
 
 def _resolved(cfg: DictConfig, key: str) -> Any:
@@ -57,6 +91,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.task.teacher.get("symmetric_pairs") and not cfg.task.get("symmetric"):
         raise ConfigError(f"task.teacher.symmetric_pairs=true needs pairs whose label does not depend on their order (task.symmetric: "
                           f"true, as mrpc, qqp, stsb); task={cfg.task.name} is not; allowed: false")
+    source_task_cfg(cfg)  # task.teacher.init_from names another task's config
     if cfg.stage == "student":
         validate_student(cfg)
     resolve_model_path(_resolved(cfg, "model.name_or_path"))

@@ -63,6 +63,7 @@ class TaskTeacher(_Section):
     classifier_dropout: Optional[Ratio] = None
     head_bias: HeadBias = "zero"
     symmetric_pairs: bool = False
+    init_from: Optional[str] = None  # another task's name (checked in kdlsq_pl.config.source_task_cfg)
 
 
 class Task(_Section):

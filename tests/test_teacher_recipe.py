@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from conftest import GLUE
+from kdlsq_pl.errors import ConfigError
 from kdlsq_pl.stages import teacher as teacher_stage
 from kdlsq_pl.models.loading import TeacherStore, recipe_digest, resolve_model_path
 from kdlsq_pl.stages.teacher import teacher_recipe
@@ -41,16 +42,76 @@ def test_recipe_of_a_later_option_at_its_default_is_the_recipe_without_it(make_c
     assert digest(make_cfg, "task.teacher.head_bias=zero") == digest(make_cfg, "~task.teacher.head_bias")
     assert digest(make_cfg, "task.teacher.head_bias=prior") != digest(make_cfg, "~task.teacher.head_bias")
     assert digest(make_cfg, "task.teacher.symmetric_pairs=false") == digest(make_cfg, "~task.teacher.symmetric_pairs")
+    assert digest(make_cfg, "task.teacher.init_from=null") == digest(make_cfg, "~task.teacher.init_from")
+
+
+def test_recipe_names_the_source_teacher_of_init_from(make_cfg):
+    # RTE's teacher starts from STS-B's (conf/task/rte.yaml): its recipe holds the digest of the STS-B teacher's own
+    # recipe, composed by hand here from task=stsb with the same data options; without init_from there is none
+    cfg = make_cfg(*SMALL)
+    recipe = teacher_recipe(cfg, resolve_model_path(cfg.model.name_or_path))
+    assert recipe["init_teacher"] == {"task": "stsb", "recipe_digest": digest(make_cfg, "task=stsb")}
+    assert "init_teacher" not in teacher_recipe(make_cfg(*SMALL, "task.teacher.init_from=null"), resolve_model_path(cfg.model.name_or_path))
+    assert digest(make_cfg, "task.teacher.init_from=mrpc") not in (digest(make_cfg), digest(make_cfg, "task.teacher.init_from=null"))
+
+
+@pytest.mark.parametrize("bad, message", [("rte", "not another task's config; allowed: cola, mnli, mrpc"),
+                                          ("nope", "init_from='nope': not another task's config"),
+                                          ("squad", "question answering has no sentence classifier")])
+def test_init_from_refuses_what_is_not_another_glue_task(make_cfg, bad, message):
+    from kdlsq_pl.config import validate
+    with pytest.raises(ConfigError, match=message):
+        validate(make_cfg(*SMALL, f"task.teacher.init_from={bad}", "stage=teacher"))
+
+
+def test_source_task_cfg_is_the_other_tasks_file_with_this_teacher_seed(make_cfg):
+    from kdlsq_pl.config import source_task_cfg
+    src = source_task_cfg(make_cfg(*SMALL, "teacher.seed=43", "teacher.retrain=true", "task.teacher.lr=1e-4"))
+    assert src.task.name == "stsb" and src.task.teacher.lr == 5e-5 and src.task.teacher.head_bias == "prior"  # conf/task/stsb.yaml
+    assert src.teacher.seed == 43 and src.teacher.retrain is False and src.data.limit_train_examples == 32
+
+
+def test_transfer_encoder_copies_the_source_encoder_and_keeps_the_new_head(make_cfg, minilm_path, tmp_path):
+    # a source teacher (STS-B's head: [CLS] + pooler dense, one output) with every encoder weight moved, and the RTE
+    # target (mean pooling, no pooler dense, two classes): after the transfer the target's encoder, embeddings
+    # included, equal the source's, its classifier is the one it was built with, and its logits equal those of the
+    # source's encoder run through the target's own mean pooling and classifier, computed by hand
+    import torch
+    from kdlsq_pl.models.loading import load_classifier
+    stsb, rte = make_cfg("task=stsb").task, make_cfg(*SMALL).task
+    torch.manual_seed(0)
+    source = load_classifier(minilm_path, stsb, head=dict(stsb.teacher))
+    with torch.no_grad():
+        for p in source.base_model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    source.save_pretrained(tmp_path / "src")
+    target = load_classifier(minilm_path, rte, head=dict(rte.teacher))
+    head = {k: v.clone() for k, v in target.classifier.state_dict().items()}
+    teacher_stage.transfer_encoder_(target, tmp_path / "src", stsb)
+    src_state, own = source.base_model.state_dict(), target.base_model.state_dict()
+    assert all(torch.equal(own[k], src_state[k]) for k in own)
+    assert all(torch.equal(v, head[k]) for k, v in target.classifier.state_dict().items())
+    ids = torch.tensor([[101, 7592, 2088, 102, 0], [101, 2023, 2003, 1037, 102]])
+    mask = (ids != 0).long()
+    source.eval(), target.eval()
+    with torch.no_grad():
+        h = source.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        assert torch.allclose(target(input_ids=ids, attention_mask=mask).logits, target.classifier(pooled), atol=1e-5)
 
 
 def test_recipe_changes_with_data_file_bytes(make_cfg, tmp_path):
     glue = tmp_path / "glue"
-    shutil.copytree(GLUE / "RTE", glue / "RTE")
+    for task in ("RTE", "STS-B"):  # RTE's teacher starts from STS-B's (init_from): both tasks' files shape it
+        shutil.copytree(GLUE / task, glue / task)
     before = digest(make_cfg, f"data.glue_dir={glue}")
     assert before == digest(make_cfg)  # the same bytes elsewhere: the same recipe
-    with open(glue / "RTE" / "train.tsv", "a", encoding="utf-8") as f:
-        f.write("\n")
-    assert digest(make_cfg, f"data.glue_dir={glue}") != before
+    seen = {before}
+    for task in ("RTE", "STS-B"):
+        with open(glue / task / "train.tsv", "a", encoding="utf-8") as f:
+            f.write("\n")
+        seen.add(digest(make_cfg, f"data.glue_dir={glue}"))
+    assert len(seen) == 3
 
 
 def test_recipe_changes_with_model_weights(make_cfg, tmp_path, minilm_path):

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from kdlsq_pl import cell_name
-from kdlsq_pl.models.loading import TeacherStore, init_head_bias_, is_qa, load_classifier
+from kdlsq_pl.config import source_task_cfg
+from kdlsq_pl.errors import ConfigError
+from kdlsq_pl.models.loading import TeacherStore, init_head_bias_, is_qa, load_classifier, recipe_digest
 from kdlsq_pl.models.modules import TeacherModule
 from kdlsq_pl.results import git_commit
 from kdlsq_pl.stages.common import build_datamodule, build_trainer, finish_loggers, fit, protocol_fields, restore_best
@@ -26,7 +29,21 @@ RECIPE_FORMAT = 1
 NOT_RECIPE_TASK_KEYS = ("pred_reduction", "symmetric")
 #: ``task.teacher`` options added after teachers were stored: left out of the recipe at these values (what
 #: the code did before they existed), so adding an option never orphans the teachers already in the store.
-LATER_TEACHER_DEFAULTS = {"head_bias": "zero", "symmetric_pairs": False}
+LATER_TEACHER_DEFAULTS = {"head_bias": "zero", "symmetric_pairs": False, "init_from": None}
+def transfer_encoder_(model: nn.Module, teacher_dir: Path, task: DictConfig) -> None:
+    """Copy a stored teacher's encoder (embeddings, layers and, where ``model`` keeps one, the pooler's dense
+    layer) into ``model``, in place; ``model``'s classifier head stays as initialised (a new head).
+
+    Raises:
+        ConfigError: the teacher lacks an encoder weight ``model`` has (another architecture or size).
+    """
+    source = load_classifier(str(teacher_dir), task)
+    src, own = source.base_model.state_dict(), model.base_model.state_dict()
+    missing = [k for k in own if k not in src and not k.startswith("pooler.")]
+    if missing or any(src[k].shape != own[k].shape for k in own if k in src):
+        raise ConfigError(f"task.teacher.init_from: the teacher in {teacher_dir} does not fit this model "
+                          f"({len(missing)} missing encoder weights, e.g. {missing[:2]}); allowed: a teacher of the same model")
+    model.base_model.load_state_dict({k: v for k, v in src.items() if k in own}, strict=False)
 
 
 def teacher_recipe(cfg: DictConfig, model_path: str) -> dict:
@@ -55,10 +72,14 @@ def teacher_recipe(cfg: DictConfig, model_path: str) -> dict:
         data = {split: files_digest([path]) for split, path in task_files(task, glue_root).items()}
     else:
         data = {"hub": task.get("hub")}
-    return {"format": RECIPE_FORMAT, "model": str(cfg.model.name_or_path), "model_digest": model_digest(model_path),
-            "task": cfg.task.name, "seed": int(cfg.teacher.seed), "task_config": task,
-            "data": {k: cfg.data[k] for k in ("group_by_length", "padding", "limit_train_examples", "limit_eval_examples")},
-            "data_files": data}
+    recipe = {"format": RECIPE_FORMAT, "model": str(cfg.model.name_or_path), "model_digest": model_digest(model_path),
+              "task": cfg.task.name, "seed": int(cfg.teacher.seed), "task_config": task,
+              "data": {k: cfg.data[k] for k in ("group_by_length", "padding", "limit_train_examples", "limit_eval_examples")},
+              "data_files": data}
+    src = source_task_cfg(cfg)
+    if src is not None:  # the source teacher's own recipe, by digest: a changed source makes a new teacher
+        recipe["init_teacher"] = {"task": src.task.name, "recipe_digest": recipe_digest(teacher_recipe(src, model_path))}
+    return recipe
 
 
 def squad_data_digest(task: dict, squad_dir: str | None) -> dict:
@@ -78,8 +99,9 @@ def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path, recipe: dict 
     """Fine-tune the full-precision teacher on ``cfg.task`` and save the best dev checkpoint to the store.
 
     Hyper-parameters come from ``cfg.task.teacher`` (lr, epochs, batch size, warm-up, weight decay, pooling,
-    classifier dropout, the head's initial bias, pairs in both orders); the seed is ``cfg.teacher.seed``. Returns the teacher directory and its record
-    (dev metrics x100, wall time in seconds, the recipe).
+    classifier dropout, the head's initial bias, pairs in both orders, the task whose stored teacher it starts from:
+    ``init_from``, that teacher trained first if the store has none); the seed is ``cfg.teacher.seed``. Returns the
+    teacher directory and its record (dev metrics x100, wall time in seconds, the recipe).
     """
     t0 = time.time()
     recipe = recipe or teacher_recipe(cfg, model_path)
@@ -88,6 +110,11 @@ def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path, recipe: dict 
     pl.seed_everything(seed, workers=True)
     dm = build_datamodule(cfg, model_path, tcfg.batch_size, seed=seed, symmetric_pairs=bool(tcfg.get("symmetric_pairs", False)))
     model = load_classifier(model_path, cfg.task, head=OmegaConf.to_container(tcfg, resolve=True))
+    src = source_task_cfg(cfg)
+    if src is not None:  # intermediate-task training: start from the source task's stored teacher (trained if missing)
+        src_dir, _ = ensure_teacher(src, model_path, out_dir / f"init_{src.task.name}")
+        transfer_encoder_(model, src_dir, src.task)
+        log.info("teacher: encoder from the %s teacher %s", src.task.name, src_dir)
     if tcfg.get("head_bias", "zero") == "prior":
         dm.setup("fit")
         init_head_bias_(model, dm.splits["train"]["labels"])
