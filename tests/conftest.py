@@ -19,9 +19,12 @@ os.environ.pop("GLUE_DIR", None)  # tests use the sibling ../shared/data/glue
 
 
 def compose_cfg(root: Path, *overrides: str):
-    """The composed ``conf/config.yaml`` with outputs, teacher store and caches under ``root``."""
+    """The composed ``conf/config.yaml`` with outputs, teacher store and caches under ``root``. Every teacher starts
+    from the checkpoint (``task.teacher.init_from=null``: RTE's default would first train STS-B's teacher) unless
+    the overrides set ``task.teacher.init_from``."""
+    init = [] if any(o.lstrip("~+").startswith("task.teacher.init_from") for o in overrides) else ["task.teacher.init_from=null"]
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/out", "logger=csv", *overrides])
+        return compose("config", overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/out", "logger=csv", *init, *overrides])
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 # 48 real RTE rows, batch 8: 6 steps per epoch, 2 epochs, dev evaluated twice per epoch;
 # resume checkpoints every 4 steps (mid-epoch 0 and 1); the kill comes after step 9.
-ARGS = ["task=rte", "quant=w2a8", "data.limit_train_examples=48", "data.limit_eval_examples=32",
+ARGS = ["task=rte", "task.teacher.init_from=null", "quant=w2a8", "data.limit_train_examples=48", "data.limit_eval_examples=32",
         "data.batch_size=8", "trainer.max_epochs=2", "task.teacher.epochs=1",
         "callbacks.resume_checkpoint.every_n_train_steps=4", "callbacks.progress_bar=null",
         "+callbacks.kill._target_=killer.KillAtStep",

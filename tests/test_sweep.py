@@ -13,8 +13,10 @@ from kdlsq_pl.report import build_table, load_records
 from wandb_records import run_info
 
 # One batch per stage (fast_dev_run would replace the W&B logger with a dummy); no checkpoints on disk. Both tasks'
-# teachers take the same head ([CLS] + pooler dense; RTE's default drops the dense), so a row's file size is each cell's.
+# teachers take the same head ([CLS] + pooler dense; RTE's default drops the dense), so a row's file size is each cell's,
+# and both start from the checkpoint (RTE's default starts from STS-B's teacher: a third training).
 SMALL = ["trainer.max_epochs=1", "task.teacher.epochs=1", "task.teacher.pooling=cls", "task.teacher.pooler_dense=true",
+         "task.teacher.init_from=null",
          "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "data.limit_train_examples=16", "data.limit_eval_examples=16", "data.batch_size=8", "~callbacks.model_checkpoint"]
 
 

@@ -46,13 +46,13 @@ def test_recipe_of_a_later_option_at_its_default_is_the_recipe_without_it(make_c
 
 
 def test_recipe_names_the_source_teacher_of_init_from(make_cfg):
-    # RTE's teacher starts from STS-B's (conf/task/rte.yaml): its recipe holds the digest of the STS-B teacher's own
-    # recipe, composed by hand here from task=stsb with the same data options; without init_from there is none
-    cfg = make_cfg(*SMALL)
+    # RTE's teacher starting from STS-B's (its default, conf/task/rte.yaml): its recipe holds the digest of the STS-B
+    # teacher's own recipe, composed here from task=stsb with the same data options; without init_from there is none
+    cfg = make_cfg(*SMALL, "task.teacher.init_from=stsb")
     recipe = teacher_recipe(cfg, resolve_model_path(cfg.model.name_or_path))
     assert recipe["init_teacher"] == {"task": "stsb", "recipe_digest": digest(make_cfg, "task=stsb")}
     assert "init_teacher" not in teacher_recipe(make_cfg(*SMALL, "task.teacher.init_from=null"), resolve_model_path(cfg.model.name_or_path))
-    assert digest(make_cfg, "task.teacher.init_from=mrpc") not in (digest(make_cfg), digest(make_cfg, "task.teacher.init_from=null"))
+    assert len({digest(make_cfg, f"task.teacher.init_from={t}") for t in ("mrpc", "stsb", "null")}) == 3
 
 
 @pytest.mark.parametrize("bad, message", [("rte", "not another task's config; allowed: cola, mnli, mrpc"),
@@ -66,7 +66,7 @@ def test_init_from_refuses_what_is_not_another_glue_task(make_cfg, bad, message)
 
 def test_source_task_cfg_is_the_other_tasks_file_with_this_teacher_seed(make_cfg):
     from kdlsq_pl.config import source_task_cfg
-    src = source_task_cfg(make_cfg(*SMALL, "teacher.seed=43", "teacher.retrain=true", "task.teacher.lr=1e-4"))
+    src = source_task_cfg(make_cfg(*SMALL, "task.teacher.init_from=stsb", "teacher.seed=43", "teacher.retrain=true", "task.teacher.lr=1e-4"))
     assert src.task.name == "stsb" and src.task.teacher.lr == 5e-5 and src.task.teacher.head_bias == "prior"  # conf/task/stsb.yaml
     assert src.teacher.seed == 43 and src.teacher.retrain is False and src.data.limit_train_examples == 32
 
@@ -102,15 +102,16 @@ def test_transfer_encoder_copies_the_source_encoder_and_keeps_the_new_head(make_
 
 def test_recipe_changes_with_data_file_bytes(make_cfg, tmp_path):
     glue = tmp_path / "glue"
-    for task in ("RTE", "STS-B"):  # RTE's teacher starts from STS-B's (init_from): both tasks' files shape it
+    for task in ("RTE", "STS-B"):  # RTE's teacher starting from STS-B's (init_from): both tasks' files shape it
         shutil.copytree(GLUE / task, glue / task)
-    before = digest(make_cfg, f"data.glue_dir={glue}")
-    assert before == digest(make_cfg)  # the same bytes elsewhere: the same recipe
+    stilts = ("task.teacher.init_from=stsb",)
+    before = digest(make_cfg, f"data.glue_dir={glue}", *stilts)
+    assert before == digest(make_cfg, *stilts)  # the same bytes elsewhere: the same recipe
     seen = {before}
     for task in ("RTE", "STS-B"):
         with open(glue / task / "train.tsv", "a", encoding="utf-8") as f:
             f.write("\n")
-        seen.add(digest(make_cfg, f"data.glue_dir={glue}"))
+        seen.add(digest(make_cfg, f"data.glue_dir={glue}", *stilts))
     assert len(seen) == 3
 
 

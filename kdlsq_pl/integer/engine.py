@@ -138,7 +138,6 @@ class _Layer:
     fused: dict | None = None  # the fused kernels' constant arguments (:func:`_fused_args`), built once
 
 
-
 @torch.no_grad()
 def _calibrate_ranges(student: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
     """Largest ``|value|`` of each full-precision tensor the engine must integerize, over a float forward of
@@ -167,8 +166,8 @@ def _calibrate_ranges(student: nn.Module, batches: Iterable[Mapping[str, torch.T
 
 
 def _fused_args(L: _Layer) -> dict[str, tuple]:
-    """Every constant argument of one layer's fused kernel calls, as tuples (no tensor-to-int conversion or reshape
-    per call: at batch 1 the Python around the kernels is a large part of a forward)."""
+    """Every constant argument of one layer's fused kernel calls, as tuples: built at the layer's first fused call
+    instead of converting and reshaping the same tensors at every call."""
     def rq(r: Requantize) -> tuple:
         return r.m.reshape(-1).contiguous(), r.e.reshape(-1).contiguous(), r.lo, r.hi
 
