@@ -31,8 +31,6 @@ def conf_options(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
 
 
-
-
 def source_task_cfg(cfg: DictConfig) -> DictConfig | None:
     """The config whose teacher this task's teacher starts from (``task.teacher.init_from``), or None.
 
@@ -42,7 +40,8 @@ def source_task_cfg(cfg: DictConfig) -> DictConfig | None:
     (and ``teacher.retrain`` off: retraining applies to the requested teacher only).
 
     Raises:
-        ConfigError: ``init_from`` names this task, a question-answering task, or no file in ``conf/task/``.
+        ConfigError: ``init_from`` names this task, a question-answering task, no file in ``conf/task/``, or a task
+            whose own teacher starts from this one (a cycle).
     """
     name = cfg.task.teacher.get("init_from")
     if not name:

@@ -30,6 +30,8 @@ NOT_RECIPE_TASK_KEYS = ("pred_reduction", "symmetric")
 #: ``task.teacher`` options added after teachers were stored: left out of the recipe at these values (what
 #: the code did before they existed), so adding an option never orphans the teachers already in the store.
 LATER_TEACHER_DEFAULTS = {"head_bias": "zero", "symmetric_pairs": False, "init_from": None}
+
+
 def transfer_encoder_(model: nn.Module, teacher_dir: Path, task: DictConfig) -> None:
     """Copy a stored teacher's encoder (embeddings, layers and, where ``model`` keeps one, the pooler's dense
     layer) into ``model``, in place; ``model``'s classifier head stays as initialised (a new head).
@@ -107,12 +109,14 @@ def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path, recipe: dict 
     recipe = recipe or teacher_recipe(cfg, model_path)
     tcfg = cfg.task.teacher
     seed = int(cfg.teacher.seed)
+    src = source_task_cfg(cfg)
+    # the source teacher first (trained if the store has none), before seeding: this teacher's random draws are the
+    # same whether its source was trained in this process or read from the store
+    src_dir = ensure_teacher(src, model_path, out_dir / f"init_{src.task.name}")[0] if src is not None else None
     pl.seed_everything(seed, workers=True)
     dm = build_datamodule(cfg, model_path, tcfg.batch_size, seed=seed, symmetric_pairs=bool(tcfg.get("symmetric_pairs", False)))
     model = load_classifier(model_path, cfg.task, head=OmegaConf.to_container(tcfg, resolve=True))
-    src = source_task_cfg(cfg)
-    if src is not None:  # intermediate-task training: start from the source task's stored teacher (trained if missing)
-        src_dir, _ = ensure_teacher(src, model_path, out_dir / f"init_{src.task.name}")
+    if src is not None:  # intermediate-task training: start from the source task's stored teacher
         transfer_encoder_(model, src_dir, src.task)
         log.info("teacher: encoder from the %s teacher %s", src.task.name, src_dir)
     if tcfg.get("head_bias", "zero") == "prior":
