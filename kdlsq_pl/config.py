@@ -40,23 +40,29 @@ def source_task_cfg(cfg: DictConfig) -> DictConfig | None:
     (and ``teacher.retrain`` off: retraining applies to the requested teacher only).
 
     Raises:
-        ConfigError: ``init_from`` names this task, a question-answering task, no file in ``conf/task/``, or a task
-            whose own teacher starts from this one (a cycle).
+        ConfigError: ``init_from`` names this task, a question-answering task or no task in ``conf/task/``, or the
+            chain of sources comes back to a task already in it (a cycle).
     """
     name = cfg.task.teacher.get("init_from")
     if not name:
         return None
     allowed = [t for t in conf_options("task") if t != cfg.task.name]
-    path = Path(__file__).resolve().parents[1] / "conf" / "task" / f"{name}.yaml"
-    if name == cfg.task.name or not path.is_file():
+    if name not in allowed:
         raise ConfigError(f"task.teacher.init_from={name!r}: not another task's config; allowed: {', '.join(allowed)}")
     src = copy.deepcopy(cfg)
     with open_dict(src):
-        src.task = OmegaConf.load(path)
+        src.task = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "task" / f"{name}.yaml")
         src.teacher.retrain = False
-    if src.task.teacher.get("init_from") == cfg.task.name:
-        raise ConfigError(f"task.teacher.init_from={name!r}: {name}'s teacher starts from {cfg.task.name}'s (a cycle); "
-                          f"allowed: a task whose teacher does not start from {cfg.task.name}'s")
+    chain, step = [cfg.task.name, name], src.task
+    while step.teacher.get("init_from"):  # the source's own source, and so on: a chain must end at the checkpoint
+        nxt = step.teacher.init_from
+        if nxt in chain:
+            raise ConfigError(f"task.teacher.init_from={name!r}: the teachers would start from each other "
+                              f"({' -> '.join(chain + [nxt])}); allowed: a chain that ends at the pretrained checkpoint")
+        if nxt not in conf_options("task"):
+            raise ConfigError(f"task.teacher.init_from={nxt!r} in conf/task/{chain[-1]}.yaml: not a task's config")
+        chain.append(nxt)
+        step = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "task" / f"{nxt}.yaml")
     if is_qa(src.task) or is_qa(cfg.task):
         raise ConfigError(f"task.teacher.init_from={name!r}: question answering has no sentence classifier to start from "
                           f"or to start; allowed between GLUE tasks: {', '.join(a for a in allowed if not a.startswith('squad'))}")
@@ -90,7 +96,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.task.teacher.get("symmetric_pairs") and not cfg.task.get("symmetric"):
         raise ConfigError(f"task.teacher.symmetric_pairs=true needs pairs whose label does not depend on their order (task.symmetric: "
                           f"true, as mrpc, qqp, stsb); task={cfg.task.name} is not; allowed: false")
-    source_task_cfg(cfg)  # task.teacher.init_from names another task's config
+    src = source_task_cfg(cfg)  # task.teacher.init_from names another task's config
+    if src is not None:
+        validate_data(src)  # its teacher is trained first when the store has none: its files must be there too
     if cfg.stage == "student":
         validate_student(cfg)
     resolve_model_path(_resolved(cfg, "model.name_or_path"))

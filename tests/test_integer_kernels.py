@@ -106,7 +106,7 @@ def test_onnx_runtime_attention_products_are_exact_or_refused():
     out_s, out_c = torch.full((B, H, T, T), -1, dtype=torch.int32), torch.full((B, T, H, d), -1, dtype=torch.int32)
     assert ap.scores(q, k, out=out_s).data_ptr() == out_s.data_ptr() and torch.equal(out_s, scores)  # written in place
     assert ap.context(p, k, out=out_c).data_ptr() == out_c.data_ptr() and torch.equal(out_c, ctx)
-    with pytest.raises(ValueError, match="out must be a contiguous int32 tensor of shape"):
+    with pytest.raises(ValueError, match="out must be a contiguous int32 CPU tensor of shape"):
         ap.scores(q, k, out=out_s.transpose(2, 3))
 
 

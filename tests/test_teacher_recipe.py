@@ -57,6 +57,7 @@ def test_recipe_names_the_source_teacher_of_init_from(make_cfg):
 
 @pytest.mark.parametrize("bad, message", [("rte", "not another task's config; allowed: cola, mnli, mrpc"),
                                           ("nope", "init_from='nope': not another task's config"),
+                                          ("../experiment/paper", "not another task's config"),
                                           ("squad", "question answering has no sentence classifier")])
 def test_init_from_refuses_what_is_not_another_glue_task(make_cfg, bad, message):
     from kdlsq_pl.config import validate

@@ -350,13 +350,13 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kdlsq, m) {
-  m.def("int_requant(Tensor x, Tensor? bias, Tensor m, Tensor e, int lo, int hi, bool int8_out, Tensor? out=None) -> Tensor");
+  m.def("int_requant(Tensor x, Tensor? bias, Tensor m, Tensor e, int lo, int hi, bool int8_out, Tensor(a!)? out=None) -> Tensor");
   m.def("int_softmax_requant(Tensor scores, Tensor mask, int x0, int b_int, int c_int, int widen, int out_bits, int n_clamp, "
-        "int sum_bits, int num_bits, int m, int e, int lo, int hi, Tensor? out=None) -> Tensor");
+        "int sum_bits, int num_bits, int m, int e, int lo, int hi, Tensor(a!)? out=None) -> Tensor");
   m.def("int_gelu_requant(Tensor acc, Tensor bias, Tensor gm, Tensor ge, int g_clamp, int b_int, int c_int, int shift, int one, "
-        "int nm, int ne, int lo, int hi, Tensor? out=None) -> Tensor");
+        "int nm, int ne, int lo, int hi, Tensor(a!)? out=None) -> Tensor");
   m.def("int_residual_layernorm(Tensor a, Tensor bias, Tensor am, Tensor ae, Tensor h, int hm, int he, int res_clamp, "
-        "Tensor gamma, Tensor beta, int norm_bits, int lm, int le, Tensor? out=None) -> Tensor");
+        "Tensor gamma, Tensor beta, int norm_bits, int lm, int le, Tensor(a!)? out=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kdlsq, CPU, m) {

@@ -92,8 +92,9 @@ class AttentionProducts:
     def _run(session, inputs: dict, name: str, shape: tuple, out: torch.Tensor | None) -> torch.Tensor:
         if out is None:
             return torch.from_numpy(session.run(None, {k: t.numpy() for k, t in inputs.items()})[0])
-        if tuple(out.shape) != shape or out.dtype != torch.int32 or not out.is_contiguous():
-            raise ValueError(f"attention products: out must be a contiguous int32 tensor of shape {shape}; got {tuple(out.shape)} {out.dtype}")
+        if tuple(out.shape) != shape or out.dtype != torch.int32 or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"attention products: out must be a contiguous int32 CPU tensor of shape {shape}; got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
         io = session.io_binding()  # ONNX Runtime writes straight into the caller's buffer (no new output each call)
         for k, t in inputs.items():
             io.bind_cpu_input(k, t.numpy())
