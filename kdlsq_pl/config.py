@@ -97,12 +97,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"task.teacher.symmetric_pairs=true needs pairs whose label does not depend on their order (task.symmetric: "
                           f"true, as mrpc, qqp, stsb); task={cfg.task.name} is not; allowed: false")
     src = source_task_cfg(cfg)  # task.teacher.init_from names another task's config
-    if src is not None:
-        validate_data(src)  # its teacher is trained first when the store has none: its files must be there too
     if cfg.stage == "student":
         validate_student(cfg)
     resolve_model_path(_resolved(cfg, "model.name_or_path"))
     validate_data(cfg)
+    if src is not None:
+        validate_data(src)  # its teacher is trained first when the store has none: its files must be there too
 
 
 def validate_student(cfg: DictConfig) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.seed import isolate_rng
 from torch import nn
 
 from kdlsq_pl import cell_name
@@ -109,14 +110,15 @@ def train_teacher(cfg: DictConfig, model_path: str, out_dir: Path, recipe: dict 
     recipe = recipe or teacher_recipe(cfg, model_path)
     tcfg = cfg.task.teacher
     seed = int(cfg.teacher.seed)
-    src = source_task_cfg(cfg)
-    # the source teacher first (trained if the store has none), before seeding: this teacher's random draws are the
-    # same whether its source was trained in this process or read from the store
-    src_dir = ensure_teacher(src, model_path, out_dir / f"init_{src.task.name}")[0] if src is not None else None
     pl.seed_everything(seed, workers=True)
     dm = build_datamodule(cfg, model_path, tcfg.batch_size, seed=seed, symmetric_pairs=bool(tcfg.get("symmetric_pairs", False)))
     model = load_classifier(model_path, cfg.task, head=OmegaConf.to_container(tcfg, resolve=True))
+    src = source_task_cfg(cfg)
     if src is not None:  # intermediate-task training: start from the source task's stored teacher
+        # trained first if the store has none, with the random state put back afterwards: this teacher's random
+        # draws are the same whether its source was trained in this process or read from the store
+        with isolate_rng():
+            src_dir, _ = ensure_teacher(src, model_path, out_dir / f"init_{src.task.name}")
         transfer_encoder_(model, src_dir, src.task)
         log.info("teacher: encoder from the %s teacher %s", src.task.name, src_dir)
     if tcfg.get("head_bias", "zero") == "prior":
