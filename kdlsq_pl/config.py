@@ -25,10 +25,13 @@ METRICS = schema.allowed(schema.Metric)
 POOLINGS = schema.allowed(schema.Pooling)
 
 
+#: The Hydra config folder (``conf/`` beside the package).
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
 def conf_options(group: str) -> list[str]:
     """The option names of a config group (the ``conf/<group>/*.yaml`` file stems)."""
-    folder = Path(__file__).resolve().parents[1] / "conf" / group
-    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def source_task_cfg(cfg: DictConfig) -> DictConfig | None:
@@ -46,12 +49,13 @@ def source_task_cfg(cfg: DictConfig) -> DictConfig | None:
     name = cfg.task.teacher.get("init_from")
     if not name:
         return None
-    allowed = [t for t in conf_options("task") if t != cfg.task.name]
+    tasks = conf_options("task")
+    allowed = [t for t in tasks if t != cfg.task.name]
     if name not in allowed:
         raise ConfigError(f"task.teacher.init_from={name!r}: not another task's config; allowed: {', '.join(allowed)}")
     src = copy.deepcopy(cfg)
     with open_dict(src):
-        src.task = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "task" / f"{name}.yaml")
+        src.task = OmegaConf.load(CONF_DIR / "task" / f"{name}.yaml")
         src.teacher.retrain = False
     chain, step = [cfg.task.name, name], src.task
     while step.teacher.get("init_from"):  # the source's own source, and so on: a chain must end at the checkpoint
@@ -59,10 +63,10 @@ def source_task_cfg(cfg: DictConfig) -> DictConfig | None:
         if nxt in chain:
             raise ConfigError(f"task.teacher.init_from={name!r}: the teachers would start from each other "
                               f"({' -> '.join(chain + [nxt])}); allowed: a chain that ends at the pretrained checkpoint")
-        if nxt not in conf_options("task"):
+        if nxt not in tasks:
             raise ConfigError(f"task.teacher.init_from={nxt!r} in conf/task/{chain[-1]}.yaml: not a task's config")
         chain.append(nxt)
-        step = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "task" / f"{nxt}.yaml")
+        step = OmegaConf.load(CONF_DIR / "task" / f"{nxt}.yaml")
     if is_qa(src.task) or is_qa(cfg.task):
         raise ConfigError(f"task.teacher.init_from={name!r}: question answering has no sentence classifier to start from "
                           f"or to start; allowed between GLUE tasks: {', '.join(a for a in allowed if not a.startswith('squad'))}")

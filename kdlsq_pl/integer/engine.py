@@ -135,7 +135,7 @@ class _Layer:
     heads: int
     clamp1: int
     clamp2: int
-    fused: dict | None = None  # the fused kernels' constant arguments (:func:`_fused_args`), built once
+    fused: dict | None = None  # the fused kernels' constant arguments (:func:`_fused_args`), set at build time
 
 
 @torch.no_grad()
@@ -166,8 +166,8 @@ def _calibrate_ranges(student: nn.Module, batches: Iterable[Mapping[str, torch.T
 
 
 def _fused_args(L: _Layer) -> dict[str, tuple]:
-    """Every constant argument of one layer's fused kernel calls, as tuples: built at the layer's first fused call
-    instead of converting and reshaping the same tensors at every call."""
+    """Every constant argument of one layer's fused kernel calls, as tuples: built once with the engine instead of
+    converting and reshaping the same tensors at every call."""
     def rq(r: Requantize) -> tuple:
         return r.m.reshape(-1).contiguous(), r.e.reshape(-1).contiguous(), r.lo, r.hi
 
@@ -302,6 +302,8 @@ class IntegerEngine:
                 o2=o2, o2_rq=Requantize(o2.scale_out, s_r2), h_rq2=Requantize(s_h1, s_r2),
                 ln2=IntLayerNorm(layer.output.LayerNorm.weight, layer.output.LayerNorm.bias, s_h2),
                 heads=att.self.num_attention_heads, clamp1=2 ** (RESIDUAL_BITS + 1), clamp2=2 ** (RESIDUAL_BITS + 1)))
+            if self.kernels is not None:
+                self.layers[-1].fused = _fused_args(self.layers[-1])
             s_h = s_h2
         pooler = bert.pooler
         self.pooling = getattr(pooler, "mode", "cls")
@@ -349,8 +351,7 @@ class IntegerEngine:
         N, H = B * T, L.heads
         h2 = h.reshape(N, D)
         i8, i32 = torch.int8, torch.int32
-        c = L.fused if L.fused is not None else _fused_args(L)
-        L.fused = c
+        c = L.fused
 
         def linear(name: str, x: torch.Tensor, w_t: torch.Tensor, tag: str = "acc") -> torch.Tensor:
             """x -> int8 codes on the Linear's input grid -> int32 products ``[N, out]``."""
