@@ -87,7 +87,8 @@ def build_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], di
     the students' ``teacher_metric``, or teacher-stage records where no student names a teacher.
     ``info``: ``cells`` (``(key, task) -> values``), ``tasks``, ``meta`` (bits, size, ratio, weight bits (the
     average over weights for a mixed-precision model) and the real file size per key: the packed export, the
-    FP32 ``model.safetensors`` for the teacher; ``-`` in the table where no file was written).
+    FP32 ``model.safetensors`` for the teacher and for a Theseus successor (``file_bytes``); ``-`` in the table
+    where no file was written).
     """
     records = list(records)
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -115,7 +116,7 @@ def build_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], di
                 or (shallower_depth(rec) and not meta[key]["layers"])):  # records older than the depth fields
             meta[key] = {"bits": label, "layers": shallower_depth(rec), "size": rec.get("size_bytes"), "ratio": rec.get("compression_ratio"),
                          "wbits": rec.get("avg_weight_bits") or (rec.get("bits") or {}).get("weight_bits", 32),
-                         "file": rec.get("packed_bytes"), "mixed": bool(rec.get("bit_overrides"))}
+                         "file": rec.get("packed_bytes") or rec.get("file_bytes"), "mixed": bool(rec.get("bit_overrides"))}
         if rec.get("status") == "finished" and rec.get("best") is not None:
             cells[(key, task)].append(rec["best"])
         else:

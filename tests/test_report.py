@@ -107,6 +107,18 @@ def test_shallow_students_show_their_depth(tmp_path):
     assert rows["theseus fp32"][1:3] == ["32-32-32, 3 layers", "69.6"] and rows["theseus fp32"][4] == "1.3x"
 
 
+def test_theseus_successor_file_size_from_its_record(tmp_path):
+    # a successor has no packed export: its saved FP32 safetensors (file_bytes) is the file in the table and plot
+    root = tmp_path / "outputs"
+    fp = student("mrpc", "fp32", 32, 1, 84.2, 86.0) | {"method": "theseus", "size_bytes": 69_562_376.0, "compression_ratio": 1.31,
+                                                         "bits": {"weight_bits": 32, "embedding_bits": 32, "act_bits": 32}}
+    write(root, "with", **fp, file_bytes=69_568_832)
+    write(root, "without", **student("mrpc", "w2a8", 2, 1, 84.0, 86.0))
+    text = report(root, tmp_path / "rep")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[1:] if line.startswith("| ") and "---" not in line}
+    assert rows["theseus fp32"][3] == "69.57" and rows["kdlsq w2a8"][3] == "-"
+
+
 def test_plot_series_joins_the_bits_of_a_method_and_keeps_variants_apart():
     """One line per method across bit-widths: the bits part of the quant name is dropped (w8a8, w2e4a8, fp32), what
     else the name says (``_ibert``) stays, and a mixed-precision setting is its own line."""
