@@ -120,6 +120,27 @@ def test_fraction_of_the_knowledge_by_hand():
     assert HiddenSelection().fraction(6, 6, [20, 5], 384) == 1.0
 
 
+@pytest.mark.parametrize("preset, kept", [
+    ("full", 1.0),
+    ("top1", 1 / 7),                                   # the top state of 7
+    ("len5_first", (5 + 5) / 25), ("len5_cls", (5 + 5) / 25),          # 5 of 20 tokens and all 5 of the second
+    ("width10_mag", 39 / 384), ("width10_rand", 39 / 384),           # ceil(38.4) = 39 dimensions
+    ("min_cls_mag", 1 / 7 * (10 + 5) / 25 * 116 / 384), ("min_first_rand", 1 / 7 * (10 + 5) / 25 * 116 / 384),
+    ("min_width_mag", 3 / 384), ("min_width_rand", 3 / 384),         # 0.0078125 * 384 = 3 dimensions, every state, token
+])
+def test_every_hkd_preset_keeps_its_share_by_hand(preset, kept):
+    """Each ``conf/hkd`` preset, loaded as Hydra composes it, on a 6-layer pair of examples of 20 and 5 real tokens."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from conftest import CONF
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hkd={preset}"])
+    sel = HiddenSelection.from_config(OmegaConf.to_container(cfg.loss.selection))
+    assert cfg.loss.selection.name == preset
+    assert sel.fraction(6, 6, [20, 5], 384) == pytest.approx(kept, rel=1e-12)
+
+
 def test_selection_study_table_by_hand(tmp_path):
     from kdlsq_pl.report import plot_selection, selection_table
 
