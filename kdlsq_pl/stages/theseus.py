@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from kdlsq_pl import cell_name
-from kdlsq_pl.models.loading import load_classifier
+from kdlsq_pl.models.loading import load_classifier, weight_files
 from kdlsq_pl.models.modules import TeacherModule
 from kdlsq_pl.models.theseus import TheseusEncoder, successor_model, theseus_
 from kdlsq_pl.quant.modules import model_size_bytes
@@ -37,7 +37,7 @@ class TheseusModule(TeacherModule):
 def train_theseus(cfg: DictConfig, teacher_dir: Path, teacher: Mapping[str, Any], out_dir: Path) -> dict:
     """Module replacing from the teacher in ``teacher_dir``; returns the record's fields (as ``train_student``):
     the successor's best and final dev metric, its FP32 size against the teacher's, ``successor_dir`` and
-    ``file_bytes`` (bytes of its saved ``*.safetensors``)."""
+    ``file_bytes`` (bytes of its saved weight files)."""
     th = cfg.method.theseus
     t0 = time.time()
     pl.seed_everything(cfg.seed, workers=True)
@@ -67,7 +67,7 @@ def train_theseus(cfg: DictConfig, teacher_dir: Path, teacher: Mapping[str, Any]
         "size_bytes": size["size_bytes"], "fp32_bytes": teacher_bytes, "compression_ratio": teacher_bytes / size["size_bytes"],
         "successor_layers": int(th.successor_layers), "successor_dir": str(out_dir / "successor"), "checkpoint": ckpt,
         # the real file a user ships: the successor's FP32 weights as saved (the report's file-size axis)
-        "file_bytes": sum(f.stat().st_size for f in (out_dir / "successor").glob("*.safetensors")),
+        "file_bytes": sum(f.stat().st_size for f in weight_files(out_dir / "successor")),
         "student_layers": int(th.successor_layers), "teacher_layers": len(model.base_model.encoder.predecessor),
         "student_wall_time_s": round(time.time() - t0, 1),
     }
