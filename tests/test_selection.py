@@ -127,6 +127,7 @@ def test_fraction_of_the_knowledge_by_hand():
     ("width10_mag", 39 / 384), ("width10_rand", 39 / 384),           # ceil(38.4) = 39 dimensions
     ("min_cls_mag", 1 / 7 * (10 + 5) / 25 * 116 / 384), ("min_first_rand", 1 / 7 * (10 + 5) / 25 * 116 / 384),
     ("min_width_mag", 3 / 384), ("min_width_rand", 3 / 384),         # 0.0078125 * 384 = 3 dimensions, every state, token
+    ("min_cls_all_mag", (1 + 1) / 25 * 96 / 384),                    # every state, the first token of each, 96 dimensions
 ])
 def test_every_hkd_preset_keeps_its_share_by_hand(preset, kept):
     """Each ``conf/hkd`` preset, loaded as Hydra composes it, on a 6-layer pair of examples of 20 and 5 real tokens."""
