@@ -287,11 +287,19 @@ def selection_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]]
     """The minimal-knowledge study (``conf/experiment/minimal_knowledge.yaml``): one row per (task, selection,
     teacher source) with the share of the hidden-state knowledge kept (%), the dev metric (mean +- std over seeds),
     its difference to the full cached selection of the task, the teacher cache on disk (MB) and its ratio to the
-    full cache, and the training time per epoch (s) with the speed-up against the live teacher's. Records without a
-    ``hidden_selection`` are left out. Also returns the points for :func:`plot_selection`."""
+    full cache, and the training time per epoch (s) with the speed-up against the live teacher's. A student trained
+    without a hidden-state term (``loss.hidden=0``) is the ``none`` row (0% kept); records written before such runs
+    carried the study's fields are recognised by their config and show ``-`` where they hold no value. Other
+    records without a ``hidden_selection`` are left out. Also returns the points for :func:`plot_selection`."""
     rows_by: dict[tuple, list[dict]] = defaultdict(list)
     for rec in records:
-        if rec.get("status") == "finished" and rec.get("hidden_selection"):
+        if rec.get("status") != "finished":
+            continue
+        if not rec.get("hidden_selection") and ((rec.get("config") or {}).get("loss") or {}).get("hidden", 1) == 0:
+            cached = bool(rec["config"].get("teacher_cache", {}).get("enabled"))
+            rec = {**rec, "hidden_selection": {"name": "none"}, "hidden_fraction": 0.0,
+                   "teacher_source": "cached" if cached else "live"}
+        if rec.get("hidden_selection"):
             rows_by[(rec["task"], rec["hidden_selection"]["name"], rec.get("teacher_source", "cached"))].append(rec)
     header = ["task", "selection", "teacher", "kept (%)", "metric", "vs full", "cache (MB)", "cache vs full", "s / epoch", "speed-up vs live"]
     mean = lambda recs, key: float(pd.Series([r[key] for r in recs if r.get(key) is not None], dtype=float).mean())  # noqa: E731
@@ -307,7 +315,7 @@ def selection_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]]
                      f"{m - mean(full, 'best'):+.2f}" if full else "-",
                      f"{cache / 1e6:.1f}" if cache == cache else "-",
                      f"{mean(full, 'teacher_cache_bytes') / cache:.0f}x smaller" if full and cache == cache and cache > 0 else "-",
-                     f"{t:.0f}", f"{mean(live, 'fit_time_per_epoch_s') / t:.2f}x" if live and t > 0 else "-"])
+                     f"{t:.0f}" if t == t else "-", f"{mean(live, 'fit_time_per_epoch_s') / t:.2f}x" if live and t > 0 else "-"])
         points[task].append((name, source, 100 * mean(recs, "hidden_fraction"), m,
                              float(pd.Series([r["best"] for r in recs]).std(ddof=1)) if len(recs) > 1 else 0.0,
                              cache / 1e6, t))
@@ -318,7 +326,8 @@ def plot_selection(info: dict, path: Path) -> None:
     """Two panels per task (one column each). Top: dev metric (mean, std over seeds as error bars) against the share
     of the hidden-state knowledge kept (%, log scale), one point per selection, labelled; the full cached selection as
     a dashed line. Bottom: training time per epoch (s) against the teacher cache on disk (MB, log scale), one point
-    per cached selection; the live teacher's time per epoch (no cache) as a dashed line."""
+    per cached selection; the live teacher's time per epoch (no cache) as a dashed line. A selection keeping 0%
+    (``none``: no hidden-state term) has no place on the log axis: it is a dotted line, its mean, on the top panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -330,6 +339,9 @@ def plot_selection(info: dict, path: Path) -> None:
         top, bottom = axes[0][col], axes[1][col]
         for name, source, frac, m, std, cache_mb, t in info["points"][task]:
             label = f"{name}{' (live)' if source == 'live' else ''}"
+            if frac <= 0:
+                top.axhline(m, linestyle=":", color="black", label=f"no hidden-state term ({m:.2f})")
+                continue
             top.errorbar([frac], [m], yerr=[std], marker="s" if source == "live" else "o", capsize=3, linestyle="none")
             top.annotate(label, (frac, m), fontsize=7, xytext=(3, 3), textcoords="offset points")
             if name == "full" and source == "cached":
@@ -347,6 +359,8 @@ def plot_selection(info: dict, path: Path) -> None:
         bottom.set_xlabel("teacher cache on disk (MB, log scale)")
         bottom.set_ylabel("training time per epoch (s)")
         bottom.set_ylim(bottom=0)
+        if top.get_legend_handles_labels()[0]:
+            top.legend(fontsize=7)
         if bottom.get_legend_handles_labels()[0]:
             bottom.legend(fontsize=7)
         for ax in (top, bottom):

@@ -184,4 +184,10 @@ def test_each_method_runs_on_real_rte(tmp_path, smoke_store, method, monkeypatch
     assert record["best"] == pytest.approx(hand, abs=1e-6)
     assert record["quant"] == ("w8a8" if method == "q8bert" else "w2a8")
     assert record["config"]["method"]["name"] == method
+    # the minimal-knowledge study's fields: a trained loss without a hidden-state term keeps 0% (TernaryBERT: all)
+    if method != "ptq":
+        kept = {"ternarybert": ("full", 1.0, "live"), "q8bert": ("none", 0.0, "none"), "lsq": ("none", 0.0, "none")}[method]
+        assert (record["hidden_selection"]["name"], record["hidden_fraction"], record["teacher_source"]) == kept
+    else:
+        assert "hidden_fraction" not in record
     assert 0 < record["size_bytes"] < record["fp32_bytes"]

@@ -151,10 +151,18 @@ def test_selection_study_table_by_hand(tmp_path):
 
     records = [rec("full", "cached", 86.0, 1, 1.0, 400e6, 300.0), rec("full", "cached", 85.0, 2, 1.0, 400e6, 320.0),
                rec("min_cls_mag", "cached", 85.7, 1, 0.008, 4e6, 250.0), rec("full", "live", 85.9, 1, 1.0, None, 465.0),
-               {"status": "finished", "task": "mrpc", "best": 80.0}]  # a record of another study: left out
+               {"status": "finished", "task": "mrpc", "best": 80.0},  # a record of another study: left out
+               # no hidden-state term, written before records carried the study's fields: known by its config
+               {"status": "finished", "task": "mrpc", "metric": "f1", "best": 84.0, "seed": 1,
+                "config": {"loss": {"hidden": 0}, "teacher_cache": {"enabled": True}}},
+               {"status": "finished", "task": "mrpc", "metric": "f1", "best": 84.5, "seed": 2, "teacher_source": "cached",
+                "hidden_selection": {"name": "none"}, "hidden_fraction": 0.0, "teacher_cache_bytes": 1e6, "fit_time_per_epoch_s": 200.0}]
     header, rows, info = selection_table(records)
     by = {(r[1], r[2]): dict(zip(header, r)) for r in rows}
-    assert len(rows) == 3
+    assert len(rows) == 4
+    none = by[("none", "cached")]  # mean of 84.0 and 84.5 against the full mean 85.5; one record without a time
+    assert none["kept (%)"] == "0.00" and none["metric"] == "84.25 +- 0.35 (n=2) (f1)" and none["vs full"] == "-1.25"
+    assert none["s / epoch"] == "200" and none["cache vs full"] == "400x smaller" and rows[-1][1] == "none"
     full = by[("full", "cached")]
     assert full["kept (%)"] == "100.00" and full["metric"] == "85.50 +- 0.71 (n=2) (f1)" and full["vs full"] == "+0.00"
     assert full["cache (MB)"] == "400.0" and full["s / epoch"] == "310" and full["speed-up vs live"] == "1.50x"
@@ -164,7 +172,8 @@ def test_selection_study_table_by_hand(tmp_path):
     assert by[("full", "live")]["cache (MB)"] == "-"
     # the plot's points: (selection, source, kept %, metric, std, cache MB, s / epoch)
     assert sorted(p[:2] + p[5:] for p in info["points"]["mrpc"] if p[1] == "cached") == [("full", "cached", 400.0, 310.0),
-                                                                                        ("min_cls_mag", "cached", 4.0, 250.0)]
+                                                                                        ("min_cls_mag", "cached", 4.0, 250.0),
+                                                                                        ("none", "cached", 1.0, 200.0)]
     plot_selection(info, tmp_path / "selection.png")
     assert (tmp_path / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

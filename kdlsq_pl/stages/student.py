@@ -138,17 +138,23 @@ def knowledge_fields(cfg: DictConfig, module: KDLSQModule, dm, fit_s: float | No
     """What the minimal-knowledge study reads from a record: the selection (its name and values), the share of the
     full hidden-state knowledge it keeps on the training split (``HiddenSelection.fraction``), where the teacher's
     outputs came from (``cached`` / ``live``) with the cache's size on disk (bytes), and the training time per epoch
-    (seconds, evaluations included). Empty for a loss without a hidden-state term."""
-    if not cfg.method.train or module.loss.weights["hidden"] == 0:
+    (seconds, evaluations included). A trained loss without a hidden-state term (``loss.hidden=0``) keeps none of
+    it: selection ``none``, share 0.0, teacher source ``none`` when no teacher is read at all. Empty for a method
+    that does not train (``ptq``)."""
+    if not cfg.method.train:
         return {}
-    from kdlsq_pl.distill.selection import HiddenSelection
+    source = "cached" if module.teacher_cache else ("live" if module.teacher is not None else "none")
+    if module.loss.weights["hidden"] == 0:
+        out = {"hidden_selection": {"name": "none"}, "hidden_fraction": 0.0, "teacher_source": source}
+    else:
+        from kdlsq_pl.distill.selection import HiddenSelection
 
-    raw = OmegaConf.to_container(cfg.loss.selection, resolve=True) if cfg.loss.get("selection") else {}
-    sel = HiddenSelection.from_config(raw)
-    lengths = [len(x) for x in dm.splits["train"].with_format(None)["input_ids"]]
-    L, D = module.student.config.num_hidden_layers, module.student.config.hidden_size
-    out = {"hidden_selection": {"name": raw.get("name", "full"), **dataclasses.asdict(sel)},
-           "hidden_fraction": sel.fraction(L, teacher_layers, lengths, D), "teacher_source": "cached" if module.teacher_cache else "live"}
+        raw = OmegaConf.to_container(cfg.loss.selection, resolve=True) if cfg.loss.get("selection") else {}
+        sel = HiddenSelection.from_config(raw)
+        lengths = [len(x) for x in dm.splits["train"].with_format(None)["input_ids"]]
+        L, D = module.student.config.num_hidden_layers, module.student.config.hidden_size
+        out = {"hidden_selection": {"name": raw.get("name", "full"), **dataclasses.asdict(sel)},
+               "hidden_fraction": sel.fraction(L, teacher_layers, lengths, D), "teacher_source": source}
     if module.teacher_cache is not None:
         out["teacher_cache_bytes"] = int(module.teacher_cache.meta["bytes"])
     if fit_s is not None:
