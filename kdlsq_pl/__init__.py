@@ -69,3 +69,5 @@ OmegaConf.register_new_resolver("bits", bits_name, replace=True)
 OmegaConf.register_new_resolver("fresh_dir", fresh_dir, replace=True)
 OmegaConf.register_new_resolver("cell", cell_name, replace=True)
 OmegaConf.register_new_resolver("teacher_source", lambda cached: "cached" if cached else "live", replace=True)
+# the minimal-knowledge study's cell suffix: a run without a hidden-state term is the "none" cell whatever its selection
+OmegaConf.register_new_resolver("knowledge", lambda hidden, name: "none" if float(hidden) == 0 else name, replace=True)

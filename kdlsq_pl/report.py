@@ -283,33 +283,54 @@ def report(root: str | Path, out: str | Path) -> str:
     return text
 
 
+def study_record(rec: dict) -> dict | None:
+    """``rec`` as a record of the minimal-knowledge study, or ``None`` when it is not one (unfinished, or no
+    ``hidden_selection``). A cell of the study without a hidden-state term written before records carried the study's
+    fields (``loss.hidden=0`` with ``loss.selection.name=none`` in its config) gets them from its config: selection
+    ``none``, 0.0 kept, and the teacher source the loss implies (``none`` when no term reads the teacher: the
+    prediction term of a regression task against the gold score, as :class:`~kdlsq_pl.distill.losses.KDLoss`)."""
+    if rec.get("status") != "finished":
+        return None
+    if rec.get("hidden_selection"):
+        return rec
+    cfg = rec.get("config") or {}
+    loss = cfg.get("loss") or {}
+    if loss.get("hidden", 1) != 0 or (loss.get("selection") or {}).get("name") != "none" or not (cfg.get("method") or {}).get("train", True):
+        return None
+    from kdlsq_pl.models.loading import is_regression
+
+    task = cfg.get("task") or {}
+    gold_target = "labels" in task and is_regression(task) and loss.get("regression_target", "label") == "label"
+    reads_teacher = loss.get("attn", 0) > 0 or (loss.get("pred", 0) > 0 and not gold_target)
+    cached = bool((cfg.get("teacher_cache") or {}).get("enabled"))
+    return {**rec, "hidden_selection": {"name": "none"}, "hidden_fraction": 0.0,
+            "teacher_source": ("cached" if cached else "live") if reads_teacher else "none"}
+
+
 def selection_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], dict]:
     """The minimal-knowledge study (``conf/experiment/minimal_knowledge.yaml``): one row per (task, selection,
-    teacher source) with the share of the hidden-state knowledge kept (%), the dev metric (mean +- std over seeds),
-    its difference to the full cached selection of the task, the teacher cache on disk (MB) and its ratio to the
-    full cache, and the training time per epoch (s) with the speed-up against the live teacher's. A student trained
-    without a hidden-state term (``loss.hidden=0``) is the ``none`` row (0% kept); records written before such runs
-    carried the study's fields are recognised by their config and show ``-`` where they hold no value. Other
-    records without a ``hidden_selection`` are left out. Also returns the points for :func:`plot_selection`."""
+    teacher source, method) with the share of the hidden-state knowledge kept (%), the dev metric (mean +- std over
+    seeds), its difference to the full cached selection of the task and method, the teacher cache on disk (MB) and
+    its ratio to the full cache, and the training time per epoch (s) with the speed-up against the live teacher's.
+    A student trained without a hidden-state term (``loss.hidden=0``) is the ``none`` row (0% kept); fields a record
+    does not hold show ``-``. Records that are not the study's are left out (:func:`study_record`). The selection is
+    named ``<selection> (<method>)`` when the records hold more than one method. Also returns the points for
+    :func:`plot_selection`."""
     rows_by: dict[tuple, list[dict]] = defaultdict(list)
-    for rec in records:
-        if rec.get("status") != "finished":
-            continue
-        if not rec.get("hidden_selection") and ((rec.get("config") or {}).get("loss") or {}).get("hidden", 1) == 0:
-            cached = bool(rec["config"].get("teacher_cache", {}).get("enabled"))
-            rec = {**rec, "hidden_selection": {"name": "none"}, "hidden_fraction": 0.0,
-                   "teacher_source": "cached" if cached else "live"}
-        if rec.get("hidden_selection"):
-            rows_by[(rec["task"], rec["hidden_selection"]["name"], rec.get("teacher_source", "cached"))].append(rec)
+    for rec in filter(None, map(study_record, records)):
+        rows_by[(rec["task"], rec["hidden_selection"]["name"], rec.get("teacher_source", "cached"), rec.get("method", ""))].append(rec)
+    several = len({key[3] for key in rows_by}) > 1
     header = ["task", "selection", "teacher", "kept (%)", "metric", "vs full", "cache (MB)", "cache vs full", "s / epoch", "speed-up vs live"]
     mean = lambda recs, key: float(pd.Series([r[key] for r in recs if r.get(key) is not None], dtype=float).mean())  # noqa: E731
     rows, points = [], defaultdict(list)
-    for (task, name, source), recs in sorted(rows_by.items(), key=lambda kv: (kv[0][0], -mean(kv[1], "hidden_fraction"), kv[0][1])):
-        full = rows_by.get((task, "full", "cached"), [])
-        live = rows_by.get((task, "full", "live"), [])
+    order = lambda kv: (kv[0][0], kv[0][3], -mean(kv[1], "hidden_fraction"), kv[0][1], kv[0][2])  # noqa: E731
+    for (task, name, source, method), recs in sorted(rows_by.items(), key=order):
+        full = rows_by.get((task, "full", "cached", method), [])
+        live = rows_by.get((task, "full", "live", method), [])
         m = mean(recs, "best")
         cache = mean(recs, "teacher_cache_bytes") if source == "cached" else float("nan")
         t = mean(recs, "fit_time_per_epoch_s")
+        name = f"{name} ({method})" if several else name
         rows.append([TASK_LABEL.get(task, task), name, source, f"{100 * mean(recs, 'hidden_fraction'):.2f}",
                      fmt_cell([r["best"] for r in recs]) + f" ({recs[0].get('metric', '')})",
                      f"{m - mean(full, 'best'):+.2f}" if full else "-",
@@ -327,7 +348,8 @@ def plot_selection(info: dict, path: Path) -> None:
     of the hidden-state knowledge kept (%, log scale), one point per selection, labelled; the full cached selection as
     a dashed line. Bottom: training time per epoch (s) against the teacher cache on disk (MB, log scale), one point
     per cached selection; the live teacher's time per epoch (no cache) as a dashed line. A selection keeping 0%
-    (``none``: no hidden-state term) has no place on the log axis: it is a dotted line, its mean, on the top panel."""
+    (``none``: no hidden-state term) has no place on the log axis: it is a dotted line, its mean, on the top panel,
+    in a band of +- its std."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -339,8 +361,10 @@ def plot_selection(info: dict, path: Path) -> None:
         top, bottom = axes[0][col], axes[1][col]
         for name, source, frac, m, std, cache_mb, t in info["points"][task]:
             label = f"{name}{' (live)' if source == 'live' else ''}"
-            if frac <= 0:
-                top.axhline(m, linestyle=":", color="black", label=f"no hidden-state term ({m:.2f})")
+            if frac <= 0:  # none: no place on the log axis; its mean as a line, +- its std as a band
+                top.axhline(m, linestyle=":", color="black", label=f"no hidden-state term, teacher {source} ({m:.2f})")
+                if std > 0:
+                    top.axhspan(m - std, m + std, color="black", alpha=0.06)
                 continue
             top.errorbar([frac], [m], yerr=[std], marker="s" if source == "live" else "o", capsize=3, linestyle="none")
             top.annotate(label, (frac, m), fontsize=7, xytext=(3, 3), textcoords="offset points")

@@ -142,7 +142,7 @@ def test_every_hkd_preset_keeps_its_share_by_hand(preset, kept):
     assert sel.fraction(6, 6, [20, 5], 384) == pytest.approx(kept, rel=1e-12)
 
 
-def test_selection_study_table_by_hand(tmp_path):
+def test_selection_study_table_by_hand(tmp_path, monkeypatch):
     from kdlsq_pl.report import plot_selection, selection_table
 
     def rec(name, source, best, seed, frac, cache=None, t=100.0):
@@ -154,15 +154,34 @@ def test_selection_study_table_by_hand(tmp_path):
                {"status": "finished", "task": "mrpc", "best": 80.0},  # a record of another study: left out
                # no hidden-state term, written before records carried the study's fields: known by its config
                {"status": "finished", "task": "mrpc", "metric": "f1", "best": 84.0, "seed": 1,
-                "config": {"loss": {"hidden": 0}, "teacher_cache": {"enabled": True}}},
+                "config": {"loss": {"hidden": 0, "pred": 1.0, "selection": {"name": "none"}}, "teacher_cache": {"enabled": True},
+                           "task": {"labels": ["0", "1"]}, "method": {"train": True}}},
                {"status": "finished", "task": "mrpc", "metric": "f1", "best": 84.5, "seed": 2, "teacher_source": "cached",
-                "hidden_selection": {"name": "none"}, "hidden_fraction": 0.0, "teacher_cache_bytes": 1e6, "fit_time_per_epoch_s": 200.0}]
+                "hidden_selection": {"name": "none"}, "hidden_fraction": 0.0, "teacher_cache_bytes": 1e6, "fit_time_per_epoch_s": 200.0},
+               # the same written with the live teacher (its own row); and a regression task's with the gold score as
+               # the prediction term's target: it reads no teacher at all
+               {"status": "finished", "task": "mrpc", "metric": "f1", "best": 83.0, "seed": 1,
+                "config": {"loss": {"hidden": 0, "pred": 1.0, "selection": {"name": "none"}}, "teacher_cache": None,
+                           "task": {"labels": ["0", "1"]}, "method": {"train": True}}},
+               {"status": "finished", "task": "stsb", "metric": "pearson", "best": 75.0, "seed": 1,
+                "config": {"loss": {"hidden": 0, "pred": 1.0, "attn": 0.0, "regression_target": "label", "selection": {"name": "none"}},
+                           "teacher_cache": {"enabled": True}, "task": {"labels": []}, "method": {"train": True}}},
+               # not the study's: post-training quantization (no training; its config has loss.hidden 0 too), and
+               # an old record without a hidden-state term that is not a study cell (its selection is not "none")
+               {"status": "finished", "task": "mrpc", "metric": "f1", "best": 70.0, "seed": 1,
+                "config": {"loss": {"hidden": 0, "selection": {"name": "none"}}, "method": {"train": False}}},
+               {"status": "finished", "task": "mrpc", "metric": "f1", "best": 71.0, "seed": 1,
+                "config": {"loss": {"hidden": 0, "selection": {"name": "full"}}, "method": {"train": True}}}]
     header, rows, info = selection_table(records)
-    by = {(r[1], r[2]): dict(zip(header, r)) for r in rows}
-    assert len(rows) == 4
+    by = {(r[0], r[1], r[2]): dict(zip(header, r)) for r in rows}
+    assert len(rows) == 6 and [r[0] for r in rows] == ["MRPC"] * 5 + ["STS-B"]
+    by = {(r[1], r[2]): dict(zip(header, r)) for r in rows if r[0] == "MRPC"}
     none = by[("none", "cached")]  # mean of 84.0 and 84.5 against the full mean 85.5; one record without a time
     assert none["kept (%)"] == "0.00" and none["metric"] == "84.25 +- 0.35 (n=2) (f1)" and none["vs full"] == "-1.25"
-    assert none["s / epoch"] == "200" and none["cache vs full"] == "400x smaller" and rows[-1][1] == "none"
+    assert none["s / epoch"] == "200" and none["cache vs full"] == "400x smaller" and none["speed-up vs live"] == "2.33x"
+    assert [r[1:3] for r in rows[3:5]] == [["none", "cached"], ["none", "live"]]  # after every kept share, by source
+    assert by[("none", "live")]["metric"] == "83.00 (n=1) (f1)" and by[("none", "live")]["s / epoch"] == "-"
+    assert rows[5][1:5] == ["none", "none", "0.00", "75.00 (n=1) (pearson)"] and rows[5][5] == "-"  # no full STS-B row
     full = by[("full", "cached")]
     assert full["kept (%)"] == "100.00" and full["metric"] == "85.50 +- 0.71 (n=2) (f1)" and full["vs full"] == "+0.00"
     assert full["cache (MB)"] == "400.0" and full["s / epoch"] == "310" and full["speed-up vs live"] == "1.50x"
@@ -174,8 +193,28 @@ def test_selection_study_table_by_hand(tmp_path):
     assert sorted(p[:2] + p[5:] for p in info["points"]["mrpc"] if p[1] == "cached") == [("full", "cached", 400.0, 310.0),
                                                                                         ("min_cls_mag", "cached", 4.0, 250.0),
                                                                                         ("none", "cached", 1.0, 200.0)]
+    # drawn: the 0% rows as dotted lines at their means (none on the log axis as a point), the others as points
+    import matplotlib.axes
+    drawn = {"lines": [], "points": []}
+    axhline, errorbar = matplotlib.axes.Axes.axhline, matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda ax, y, **k: drawn["lines"].append((round(y, 4), k.get("linestyle"))) or axhline(ax, y, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda ax, x, y, **k: drawn["points"].append((x[0], y[0])) or errorbar(ax, x, y, **k))
     plot_selection(info, tmp_path / "selection.png")
     assert (tmp_path / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(y for y, style in drawn["lines"] if style == ":") == [75.0, 83.0, 84.25]
+    assert sorted(drawn["points"]) == [(0.8, 85.7), (100.0, 85.5), (100.0, 85.9)]  # min_cls_mag, full (mean of two), full (live)
+
+
+def test_selection_table_names_the_method_when_several():
+    from kdlsq_pl.report import selection_table
+
+    def rec(method, name, best):
+        return {"status": "finished", "task": "mrpc", "metric": "f1", "best": best, "seed": 1, "method": method, "teacher_source": "cached",
+                "hidden_selection": {"name": name}, "hidden_fraction": 1.0 if name == "full" else 0.0}
+
+    header, rows, _ = selection_table([rec("kdlsq_per_channel", "full", 84.0), rec("kdlsq_per_channel", "none", 82.0), rec("lsq", "none", 80.0)])
+    got = {r[1]: r[5] for r in rows}  # the lsq row is not compared with the other method's full knowledge
+    assert got == {"full (kdlsq_per_channel)": "+0.00", "none (kdlsq_per_channel)": "-2.00", "none (lsq)": "-"}
 
 
 def test_study_experiment_names_each_cell_by_its_selection():
@@ -190,3 +229,9 @@ def test_study_experiment_names_each_cell_by_its_selection():
     sel = HiddenSelection.from_config(OmegaConf.to_container(cfg.loss.selection))
     assert (sel.top_layers, sel.tokens, sel.token_rule, sel.width) == (1, 10, "cls_attention", 0.3)
     assert cfg.teacher_cache.enabled and cfg.loss.attn == 0.0
+    # without a hidden-state term the cell is the "none" one whatever the selection: it never lands in the full cell
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        for extra in ([], ["loss.selection.name=none"]):
+            cfg = compose("config", overrides=["experiment=minimal_knowledge", "hkd=full", "method=kdlsq_per_channel", "seed=2",
+                                               "loss.hidden=0", *extra], return_hydra_config=True)
+            assert cfg.hydra.sweep.subdir == "kdlsq_per_channel_w2a8_mrpc_s2_none_cached"
