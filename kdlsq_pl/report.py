@@ -288,7 +288,7 @@ def study_record(rec: dict) -> dict | None:
     ``hidden_selection``). A cell of the study without a hidden-state term written before records carried the study's
     fields (``loss.hidden=0`` with ``loss.selection.name=none`` in its config) gets them from its config: selection
     ``none``, 0.0 kept, and the teacher source the loss implies (``none`` when no term reads the teacher: the
-    prediction term of a regression task against the gold score, as :class:`~kdlsq_pl.distill.losses.KDLoss`)."""
+    prediction term of a regression task against the gold score: :func:`~kdlsq_pl.distill.losses.reads_teacher`)."""
     if rec.get("status") != "finished":
         return None
     if rec.get("hidden_selection"):
@@ -297,14 +297,14 @@ def study_record(rec: dict) -> dict | None:
     loss = cfg.get("loss") or {}
     if loss.get("hidden", 1) != 0 or (loss.get("selection") or {}).get("name") != "none" or not (cfg.get("method") or {}).get("train", True):
         return None
+    from kdlsq_pl.distill.losses import reads_teacher
     from kdlsq_pl.models.loading import is_regression
 
     task = cfg.get("task") or {}
-    gold_target = "labels" in task and is_regression(task) and loss.get("regression_target", "label") == "label"
-    reads_teacher = loss.get("attn", 0) > 0 or (loss.get("pred", 0) > 0 and not gold_target)
+    teacher = reads_teacher(loss, "labels" in task and is_regression(task), loss.get("regression_target", "label"))
     cached = bool((cfg.get("teacher_cache") or {}).get("enabled"))
     return {**rec, "hidden_selection": {"name": "none"}, "hidden_fraction": 0.0,
-            "teacher_source": ("cached" if cached else "live") if reads_teacher else "none"}
+            "teacher_source": ("cached" if cached else "live") if teacher else "none"}
 
 
 def selection_table(records: Iterable[dict]) -> tuple[list[str], list[list[str]], dict]:

@@ -173,7 +173,6 @@ def test_selection_study_table_by_hand(tmp_path, monkeypatch):
                {"status": "finished", "task": "mrpc", "metric": "f1", "best": 71.0, "seed": 1,
                 "config": {"loss": {"hidden": 0, "selection": {"name": "full"}}, "method": {"train": True}}}]
     header, rows, info = selection_table(records)
-    by = {(r[0], r[1], r[2]): dict(zip(header, r)) for r in rows}
     assert len(rows) == 6 and [r[0] for r in rows] == ["MRPC"] * 5 + ["STS-B"]
     by = {(r[1], r[2]): dict(zip(header, r)) for r in rows if r[0] == "MRPC"}
     none = by[("none", "cached")]  # mean of 84.0 and 84.5 against the full mean 85.5; one record without a time

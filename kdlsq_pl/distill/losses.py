@@ -232,6 +232,14 @@ def regression_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(p, t, reduction="mean")
 
 
+def reads_teacher(weights: Mapping[str, float], is_regression: bool, regression_target: str) -> bool:
+    """Whether a loss with these term ``weights`` (``pred``, ``attn``, ``hidden``; ``gt`` reads the gold labels) reads
+    the teacher's outputs: the attention or hidden-state term, or the prediction term unless it is a regression
+    task's against the gold score (``regression_target="label"``, the released code's STS-B)."""
+    pred_teacher = weights.get("pred", 0) > 0 and not (is_regression and regression_target == "label")
+    return pred_teacher or weights.get("attn", 0) > 0 or weights.get("hidden", 0) > 0
+
+
 def _check_pairs(name: str, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
     if len(a) != len(b):
         raise ValueError(f"{name}: got {len(a)} student tensors but {len(b)} teacher tensors")
@@ -356,10 +364,8 @@ class KDLoss(nn.Module):
 
     @property
     def uses_teacher(self) -> bool:
-        """Whether any weighted term reads the teacher's outputs (STS-B's pred term to the label does not)."""
-        w = self.weights
-        pred_teacher = w["pred"] > 0 and not (self.is_regression and self.regression_target == "label")
-        return pred_teacher or w["attn"] > 0 or w["hidden"] > 0
+        """Whether any weighted term reads the teacher's outputs (:func:`reads_teacher`)."""
+        return reads_teacher(self.weights, self.is_regression, self.regression_target)
 
     def extra_repr(self) -> str:
         w = ", ".join(f"{k}={v}" for k, v in self.weights.items())

@@ -143,7 +143,7 @@ def knowledge_fields(cfg: DictConfig, module: KDLSQModule, dm, fit_s: float | No
     that does not train (``ptq``)."""
     if not cfg.method.train:
         return {}
-    source = "cached" if module.teacher_cache else ("live" if module.teacher is not None else "none")
+    source = "cached" if module.teacher_cache is not None else ("live" if module.teacher is not None else "none")
     if module.loss.weights["hidden"] == 0:
         out = {"hidden_selection": {"name": "none"}, "hidden_fraction": 0.0, "teacher_source": source}
     else:
