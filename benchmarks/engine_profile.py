@@ -5,13 +5,12 @@ Usage: ``python benchmarks/engine_profile.py [--threads 2 1] [--batch 8] [--leng
 Builds the bundled MiniLM with quantizers inserted and calibrated (as ``benchmarks/inference.py`` does; a trained
 student runs the same operations at the same cost) and its :class:`~kdlsq_pl.integer.engine.IntegerEngine`, then
 times ``--repeats`` forwards of a batch of random ids (every token real) with a clock around each call of: the
-Linears' ``torch._int_mm`` (oneDNN), the attention products (ONNX Runtime's ``MatMulInteger``), and each fused
-integer kernel (``csrc/integer_cpu.cpp``); ``rest`` is the forward's time outside them (the embedding gathers,
-Python, reshapes). It prints milliseconds per forward and shares, the FP32 model's median time, and two ceilings:
-the FP32 time over the ``_int_mm`` time alone (the speed-up if everything else were free) and over the
-``_int_mm`` plus attention-product time (if only the elementwise passes were free); then the engine with its
-workspace of reused buffers against the same engine allocating a new tensor for every output (interleaved rounds);
-and the memory each holds (the FP32 parameters; every tensor of the engine, ``IntegerEngine.nbytes``).
+Linears' ``torch._int_mm`` (oneDNN) and each fused integer kernel (``csrc/integer_cpu.cpp``; ``int_attention``
+holds the attention products, oneDNN per (example, head), with the i-softmax between them); ``rest`` is the
+forward's time outside them (the embedding gathers, Python, reshapes). It prints milliseconds per forward and
+shares, the FP32 model's median time, and a ceiling: the FP32 time over the Linears' ``_int_mm`` time alone (the
+speed-up if everything else were free); then the engine with its workspace of reused buffers against the same
+engine allocating a new tensor for every output (interleaved rounds); and the memory each holds (the FP32 parameters; every tensor of the engine, ``IntegerEngine.nbytes``).
 """
 
 from __future__ import annotations
@@ -68,9 +67,6 @@ def profile(engine, x: dict, repeats: int) -> tuple[float, dict[str, float]]:
             return clock.wrap(name, getattr(kernels, name))
 
     engine.kernels = Kernels()
-    if engine.attention is not None:
-        for name in ("scores", "context"):
-            setattr(engine.attention, name, clock.wrap(f"attention {name} (ORT)", getattr(engine.attention, name)))
     int_mm = torch._int_mm
     torch._int_mm = clock.wrap("Linears: torch._int_mm", int_mm)
     try:
@@ -119,11 +115,9 @@ def main() -> None:
           f"{args.repeats} forwards each")
     fp_bytes = sum(p.numel() * p.element_size() for p in fp32.parameters())
     print(f"held in memory: HF FP32 parameters {fp_bytes / 2 ** 20:.1f} MiB, integer engine {engine.nbytes / 2 ** 20:.1f} MiB")
-    from kdlsq_pl.integer.attention_products import products
     with torch.no_grad():
         for threads in args.threads:
             torch.set_num_threads(threads)
-            engine.attention = products(threads) if engine.attention is not None else None
             fp32(**x)
             fp_ms = []
             for _ in range(args.repeats):
@@ -140,8 +134,7 @@ def main() -> None:
             for name, ms in sorted(steps.items(), key=lambda kv: -kv[1]):
                 print(f"  {name:34s} {ms:7.1f} ms  {100 * ms / mean_total:5.1f}%")
             gemm = steps.get("Linears: torch._int_mm", 0.0)
-            att = sum(v for k, v in steps.items() if k.startswith("attention"))
-            print(f"  ceilings: FP32 / _int_mm alone {fp / gemm:.2f}x; FP32 / (_int_mm + attention products) {fp / (gemm + att):.2f}x")
+            print(f"  ceiling: FP32 / the Linears' _int_mm alone {fp / gemm:.2f}x")
 
 
 if __name__ == "__main__":

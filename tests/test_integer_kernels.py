@@ -1,6 +1,7 @@
 """The integer engine's fast paths against its torch reference operators on edge inputs, integer for integer:
-the fused LayerNorm (division-free floor division by the row's integer std), the fused i-softmax (division-free
-``x // x0``), and ONNX Runtime's ``MatMulInteger`` attention products against ``torch.matmul`` in int64."""
+the fused LayerNorm (division-free floor division by the row's integer std) and the int8 codes it writes beside its
+output, the fused i-softmax (division-free ``x // x0``), and the fused attention (oneDNN's products per head) against
+the reference operators and integer einsums."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ import torch
 from kdlsq_pl.integer.ops import INT, IntLayerNorm, IntSoftmax, Requantize
 
 K = None
+
+
+@pytest.fixture(params=[True, False], ids=["simd", "compiler"])
+def simd(request, kernels):
+    """Each test using it runs twice: with the hand-written AVX-512 rows where this CPU has them, and with the
+    compiler-vectorized rows only (``kdlsq::set_simd``); both must give the reference's integers."""
+    before = kernels.set_simd(request.param)
+    yield request.param
+    kernels.set_simd(before)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +54,7 @@ def test_fused_layernorm_equals_the_reference_on_edge_rows(kernels, h_dtype):
     res = edge_rows(C, clamp, g)  # [N, C]: the residual sum itself enters as h (identity multiplier, a = 0)
     got = kernels.int_residual_layernorm(torch.zeros(res.shape, dtype=torch.int32), torch.zeros(C, dtype=INT), torch.ones(1, dtype=INT),
                                          torch.zeros(1, dtype=INT), res.to(h_dtype).contiguous(), 1, 0, clamp, ln.gamma_int, ln.beta_int,
-                                         ln.NORM_BITS, int(ln.requant.m), int(ln.requant.e))
+                                         ln.NORM_BITS, int(ln.requant.m), int(ln.requant.e), None, [], [])
     assert got.dtype == torch.int32
     assert torch.equal(got.to(INT), ln(res))
 
@@ -60,12 +70,12 @@ def test_fused_layernorm_adds_the_requantized_branches_like_the_reference(kernel
     h_rq = Requantize(3.3e-6, 2.0 ** -20)
     want = ln(torch.clamp(a_rq(a.to(INT) + bias) + h_rq(h), -clamp, clamp))
     got = kernels.int_residual_layernorm(a, bias, a_rq.m.reshape(-1), a_rq.e.reshape(-1), h.to(torch.int32), int(h_rq.m), int(h_rq.e),
-                                         clamp, ln.gamma_int, ln.beta_int, ln.NORM_BITS, int(ln.requant.m), int(ln.requant.e))
+                                         clamp, ln.gamma_int, ln.beta_int, ln.NORM_BITS, int(ln.requant.m), int(ln.requant.e), None, [], [])
     assert torch.equal(got.to(INT), want)
 
 
 @pytest.mark.parametrize("scale", [1e-3, 3e-5])
-def test_fused_softmax_equals_the_reference_on_edge_scores(kernels, scale):
+def test_fused_softmax_equals_the_reference_on_edge_scores(kernels, simd, scale):
     g = torch.Generator().manual_seed(2)
     B, H, T = 3, 2, 40
     sm = IntSoftmax(scale)
@@ -87,27 +97,60 @@ def test_fused_softmax_equals_the_reference_on_edge_scores(kernels, scale):
     assert (got[2, :, :, 0] == 127).all() and (got[2, :, :, 1:] == 0).all()  # the one visible key takes probability 1
 
 
-def test_onnx_runtime_attention_products_are_exact_or_refused():
-    from kdlsq_pl.integer.attention_products import AttentionProducts, products
+@pytest.mark.parametrize("T", [17, 40])
+def test_fused_attention_equals_the_reference(kernels, simd, T):
+    """The attention kernel (each head's query, key and value codes, ``q k^T`` and ``p v`` by oneDNN per (example,
+    head), the i-softmax between them, the context onto the next grid) against the reference operators and integer
+    einsums, with padded keys, one example with a single visible key, per-channel multipliers and codes at +-127."""
     g = torch.Generator().manual_seed(3)
-    B, T, H, d = 3, 17, 4, 32
-    q = torch.randint(-128, 128, (B, T, H, d), generator=g, dtype=torch.int8)
-    k = torch.randint(-128, 128, (B, T, H, d), generator=g, dtype=torch.int8)
-    q[0], k[0] = 127, -128  # the corner where a 16-bit pairwise sum saturates
-    p = torch.randint(0, 128, (B, H, T, T), generator=g, dtype=torch.int8)
-    p[1] = 127
-    ap = AttentionProducts(2)
-    want_scores = torch.einsum("bthd,bshd->bhts", q.long(), k.long())  # integer einsum: no float
-    want_ctx = torch.einsum("bhts,bshd->bthd", p.long(), k.long())
-    scores, ctx = ap.scores(q, k), ap.context(p, k)
-    assert scores.dtype == ctx.dtype == torch.int32 and scores.shape == (B, H, T, T) and ctx.shape == (B, T, H, d)
-    exact = torch.equal(scores.long(), want_scores) and torch.equal(ctx.long(), want_ctx)
-    assert (products(2) is not None) == exact  # used only where exact
-    out_s, out_c = torch.full((B, H, T, T), -1, dtype=torch.int32), torch.full((B, T, H, d), -1, dtype=torch.int32)
-    assert ap.scores(q, k, out=out_s).data_ptr() == out_s.data_ptr() and torch.equal(out_s, scores)  # written in place
-    assert ap.context(p, k, out=out_c).data_ptr() == out_c.data_ptr() and torch.equal(out_c, ctx)
-    with pytest.raises(ValueError, match="out must be a contiguous int32 CPU tensor of shape"):
-        ap.scores(q, k, out=out_s.transpose(2, 3))
+    B, H, d = 3, 4, 32
+    D, N = H * d, B * T
+    acc = [torch.randint(-2 ** 18, 2 ** 18, (N, D), generator=g, dtype=torch.int32) for _ in range(3)]
+    acc[0][:T] = 2 ** 24  # the query codes of example 0 at the clamp
+    bias = [torch.randint(-2 ** 12, 2 ** 12, (D,), generator=g, dtype=INT) for _ in range(3)]
+    rqs = [Requantize(torch.rand(D, generator=g, dtype=torch.float64) * 2e-4 + 1e-5, 0.05, -127, 127),
+           Requantize(3e-4 / 0.05, 1.0, -127, 127), Requantize(torch.rand(D, generator=g, dtype=torch.float64) * 1e-4 + 1e-5, 0.02, -127, 127)]
+    sm = IntSoftmax(2e-3)
+    p_rq = Requantize(sm.scale_out, 1 / 127, 0, 127)
+    o_rq = Requantize(1 / 127 * 0.02, 0.01, -127, 127)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, T // 2:] = False  # padding
+    mask[2, 1:] = False  # one visible key
+    q, k, v = (r(a.to(INT) + b_).reshape(B, T, H, d) for r, a, b_ in zip(rqs, acc, bias))
+    scores = torch.einsum("bthd,bshd->bhts", q, k)  # integer einsum: no float
+    probs = p_rq(sm(scores, mask[:, None, None, :]))
+    want = o_rq(torch.einsum("bhts,bshd->bthd", probs, v)).reshape(N, D)
+    args = [t for a, b_, r in zip(acc, bias, rqs) for t in (a, b_, r.m.reshape(-1), r.e.reshape(-1))]
+    qkv, consts = args[0::4], [t for i in range(3) for t in args[4 * i + 1:4 * i + 4]]
+    sm_args = [sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS, int(p_rq.m), int(p_rq.e), 0, 127]
+    got = kernels.int_attention(*qkv, *consts, [-127, 127] * 3, mask, B, H, sm_args, int(o_rq.m), int(o_rq.e), -127, 127)
+    assert got.dtype == torch.int8 and got.shape == (N, D)
+    assert torch.equal(got.to(INT), want)
+    assert want.abs().max() == 127 and (probs[2, :, :, 0] == 127).all()  # the clamp and the single key are reached
+    with pytest.raises(RuntimeError, match="int_attention: D = 128 is not a multiple of heads = 5"):
+        kernels.int_attention(*qkv, *consts, [-127, 127] * 3, mask, B, 5, sm_args, int(o_rq.m), int(o_rq.e), -127, 127)
+
+
+def test_fused_layernorm_writes_the_codes_of_its_output(kernels):
+    """The LayerNorm kernel's extra int8 outputs equal ``Requantize`` of its int32 output onto each grid."""
+    g = torch.Generator().manual_seed(7)
+    N, C = 24, 96
+    ln = IntLayerNorm(torch.rand(C, generator=g) + 0.5, torch.rand(C, generator=g) - 0.5, 2.0 ** -18)
+    h = torch.randint(-2 ** 22, 2 ** 22, (N, C), generator=g, dtype=torch.int32)
+    grids = [Requantize(2.0 ** -18, 0.04, -127, 127), Requantize(2.0 ** -18, 0.3, -7, 7), Requantize(2.0 ** -18, 3e-6, -127, 127)]
+    codes = [torch.empty(N, C, dtype=torch.int8) for _ in grids]
+    flat = [int(x) for r in grids for x in (r.m, r.e, r.lo, r.hi)]
+    out = kernels.int_residual_layernorm(torch.zeros(N, C, dtype=torch.int32), torch.zeros(C, dtype=INT), torch.ones(1, dtype=INT),
+                                         torch.zeros(1, dtype=INT), h, 1, 0, 2 ** 23, ln.gamma_int, ln.beta_int, ln.NORM_BITS,
+                                         int(ln.requant.m), int(ln.requant.e), None, flat, codes)
+    assert torch.equal(out.to(INT), ln(h.to(INT)))
+    for r, c in zip(grids, codes):
+        assert torch.equal(c.to(INT), r(out.to(INT)))
+    assert codes[2].abs().max() == 127 and codes[1].abs().max() == 7  # the clamps are reached
+    with pytest.raises(RuntimeError, match="4 requantization constants per code tensor"):
+        kernels.int_residual_layernorm(torch.zeros(N, C, dtype=torch.int32), torch.zeros(C, dtype=INT), torch.ones(1, dtype=INT),
+                                       torch.zeros(1, dtype=INT), h, 1, 0, 2 ** 23, ln.gamma_int, ln.beta_int, ln.NORM_BITS,
+                                       int(ln.requant.m), int(ln.requant.e), None, flat[:4], codes)
 
 
 def test_fused_requant_equals_the_reference_on_edge_inputs(kernels):
@@ -169,8 +212,8 @@ def test_fused_kernels_write_into_a_given_out(kernels):
     h = torch.randint(-2 ** 20, 2 ** 20, (N, C), generator=g, dtype=torch.int32)
     ln_args = (x, bias, rq.m.reshape(-1), rq.e.reshape(-1), h, 1, 0, 2 ** 23, ln.gamma_int, ln.beta_int, ln.NORM_BITS,
                int(ln.requant.m), int(ln.requant.e))
-    want = kernels.int_residual_layernorm(*ln_args)
+    want = kernels.int_residual_layernorm(*ln_args, None, [], [])
     out = torch.zeros(N, C, dtype=torch.int32)
-    assert kernels.int_residual_layernorm(*ln_args, out).data_ptr() == out.data_ptr() and torch.equal(out, want)
+    assert kernels.int_residual_layernorm(*ln_args, out, [], []).data_ptr() == out.data_ptr() and torch.equal(out, want)
     with pytest.raises(RuntimeError, match="int_residual_layernorm: out must be"):
-        kernels.int_residual_layernorm(*ln_args, torch.zeros(N, C, dtype=torch.int64))
+        kernels.int_residual_layernorm(*ln_args, torch.zeros(N, C, dtype=torch.int64), [], [])

@@ -12,11 +12,17 @@
 // else into a new tensor.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -44,6 +50,11 @@ struct Reciprocal {
     return a >= 0 ? int64_t(div(uint64_t(a))) : -int64_t(div(uint64_t(-a) + d - 1));
   }
 };
+
+// Whether the hand-vectorized AVX-512 rows may run (where the CPU has AVX-512); off: the compiler-vectorized rows
+// only (the tests compare both; kdlsq::set_simd).
+std::atomic<bool> g_simd{true};
+inline bool simd_allowed() { return g_simd.load(std::memory_order_relaxed); }
 
 inline int64_t bit_length(int64_t v) {  // v >= 0; Python's int.bit_length
   return v == 0 ? 0 : 64 - __builtin_clzll(uint64_t(v));
@@ -184,6 +195,112 @@ at::Tensor requant(const at::Tensor& x, const std::optional<at::Tensor>& bias, c
   return out;
 }
 
+#if defined(__x86_64__)
+#define KDLSQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+// exp_row in AVX-512 (8 int64 lanes), the same integers: its three products have 32-bit operands (n = -x < 2^32 and
+// R < 2^32; z <= n_clamp and d0 < 2^32; 0 <= p + b_int < 2^32, checked by the caller), so each is one unsigned
+// 32 x 32 -> 64-bit multiply (vpmuludq) where the compiler's loop used the 64-bit vpmullq (three micro-ops on Intel).
+KDLSQ_AVX512 int64_t exp_row_avx512(const int32_t* row, const bool* vis, int64_t* ex, int64_t T, int64_t mx, int64_t floor_x,
+                                    int64_t d0, uint64_t R, int64_t b_int, int64_t c_int, int64_t widen) {
+  const __m512i vmx = _mm512_set1_epi64(mx), vfloor = _mm512_set1_epi64(floor_x), vd0 = _mm512_set1_epi64(d0),
+                vR = _mm512_set1_epi64(int64_t(R)), vb = _mm512_set1_epi64(b_int), vc = _mm512_set1_epi64(c_int),
+                one = _mm512_set1_epi64(1), zero = _mm512_setzero_si512();
+  const __m128i vwiden = _mm_cvtsi64_si128(widen);
+  __m512i acc = zero;
+  for (int64_t j = 0; j < T; j += 8) {
+    const __mmask8 tail = T - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (T - j)) - 1);
+    const __m512i sc = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(tail, row + j));
+    const __m512i x = _mm512_max_epi64(_mm512_sub_epi64(sc, vmx), vfloor);
+    const __m512i n = _mm512_sub_epi64(zero, x);
+    __m512i z = _mm512_srli_epi64(_mm512_mul_epu32(n, vR), 32);
+    const __mmask8 short_by_one = _mm512_cmpge_epu64_mask(_mm512_sub_epi64(n, _mm512_mul_epu32(z, vd0)), vd0);
+    z = _mm512_mask_add_epi64(z, short_by_one, z, one);
+    const __m512i t = _mm512_add_epi64(_mm512_add_epi64(x, _mm512_mul_epu32(z, vd0)), vb);  // p + b_int
+    __m512i e = _mm512_add_epi64(_mm512_mul_epu32(t, t), vc);
+    e = _mm512_srav_epi64(_mm512_sll_epi64(e, vwiden), z);
+    const __m128i vb8 = _mm_maskz_loadu_epi8(tail, vis + j);
+    const __mmask8 keep = __mmask8(_mm_test_epi8_mask(vb8, vb8)) & tail;
+    e = _mm512_maskz_mov_epi64(keep, e);
+    _mm512_mask_storeu_epi64(ex + j, tail, e);
+    acc = _mm512_add_epi64(acc, e);
+  }
+  return _mm512_reduce_add_epi64(acc);
+}
+
+// normalise_row in AVX-512: (ex >> down) < 2^32, factor < 2^32 and prob < 2^31 (checked by the caller), so both
+// products are single vpmuludq; the same integers.
+KDLSQ_AVX512 void normalise_row_avx512(const int64_t* ex, int8_t* o, int64_t T, int64_t down, int64_t factor, int64_t out_shift,
+                                       int64_t m, int64_t half, int64_t rs, int64_t ls, int64_t lo, int64_t hi) {
+  const __m128i vdown = _mm_cvtsi64_si128(down), vout = _mm_cvtsi64_si128(out_shift), vrs = _mm_cvtsi64_si128(rs),
+                vls = _mm_cvtsi64_si128(ls);
+  const __m512i vf = _mm512_set1_epi64(factor), vm = _mm512_set1_epi64(m), vhalf = _mm512_set1_epi64(half),
+                vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
+  for (int64_t j = 0; j < T; j += 8) {
+    const __mmask8 tail = T - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (T - j)) - 1);
+    const __m512i e = _mm512_sra_epi64(_mm512_maskz_loadu_epi64(tail, ex + j), vdown);
+    const __m512i prob = _mm512_sra_epi64(_mm512_mul_epu32(e, vf), vout);
+    __m512i v = _mm512_sll_epi64(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epu32(prob, vm), vhalf), vrs), vls);
+    v = _mm512_min_epi64(_mm512_max_epi64(v, vlo), vhi);
+    _mm_mask_storeu_epi8(o + j, tail, _mm512_cvtepi64_epi8(v));
+  }
+}
+#endif
+
+// The i-softmax and the probability quantizer's requantization of one row of int32 scores at a time (the constants of
+// softmax_requant), through the AVX-512 rows where the CPU has them and the row's bounds allow single 32-bit
+// products, else the compiler-vectorized rows; both give the same integers.
+struct SoftmaxRows {
+  int64_t b_int, c_int, widen, out_bits, sum_bits, num_bits, m, half, rs, ls, lo, hi, d0, floor_x, masked_value;
+  uint64_t R;
+  bool simd;
+  SoftmaxRows(int64_t x0, int64_t b_int_, int64_t c_int_, int64_t widen_, int64_t out_bits_, int64_t n_clamp, int64_t sum_bits_,
+              int64_t num_bits_, int64_t m_, int64_t e, int64_t lo_, int64_t hi_, const char* op)
+      : b_int(b_int_), c_int(c_int_), widen(widen_), out_bits(out_bits_), sum_bits(sum_bits_), num_bits(num_bits_), m(m_),
+        half(e > 0 ? (int64_t(1) << (e - 1)) : 0), rs(std::max<int64_t>(e, 0)), ls(std::max<int64_t>(-e, 0)), lo(lo_), hi(hi_),
+        d0(-x0), floor_x(n_clamp * x0), masked_value(std::numeric_limits<int64_t>::min() / 4) {
+    // z = x / x0 (both <= 0 / < 0, so truncation is floor) as a 32-bit reciprocal multiply: with n = -x <= n_clamp * |x0|
+    // < 2^32 and R = floor(2^32 / |x0|), (n * R) >> 32 is z or z - 1 and one compare corrects it (exact, no division).
+    TORCH_CHECK(d0 > 0 && -n_clamp * x0 < (int64_t(1) << 32), op, ": x0 out of range");
+    R = (uint64_t(1) << 32) / uint64_t(d0);
+#if defined(__x86_64__)
+    simd = simd_allowed() && has_avx512() && b_int + x0 >= 0 && b_int < (int64_t(1) << 32) && sum_bits <= 32 && m >= 0 &&
+           m < (int64_t(1) << 32) && out_bits < 64;
+#else
+    simd = false;
+#endif
+  }
+
+  void row(const int32_t* scores, const bool* vis, int64_t* ex, int8_t* o, int64_t T) const {
+    const int64_t mx = row_max(scores, vis, T, masked_value);
+    const bool fast = simd && mx != masked_value;
+    int64_t total;
+#if defined(__x86_64__)
+    if (fast) total = exp_row_avx512(scores, vis, ex, T, mx, floor_x, d0, R, b_int, c_int, widen);
+    else
+#endif
+      total = exp_row(scores, vis, ex, T, mx, floor_x, d0, R, b_int, c_int, widen);
+    total = std::max<int64_t>(total, 1);
+    const int64_t down = std::max<int64_t>(bit_length(total) - sum_bits, 0);
+    const int64_t factor = (int64_t(1) << num_bits) / (total >> down);  // one division per row (I-BERT)
+    const int64_t out_shift = num_bits - out_bits;
+#if defined(__x86_64__)
+    // (ex >> down) < 2^sum_bits <= 2^32; the probability is below 2^(sum_bits + bits(factor) - out_shift)
+    if (fast && factor < (int64_t(1) << 32) && sum_bits + bit_length(factor) - out_shift <= 31) {
+      normalise_row_avx512(ex, o, T, down, factor, out_shift, m, half, rs, ls, lo, hi);
+      return;
+    }
+#endif
+    normalise_row(ex, o, T, down, factor, out_shift, m, half, rs, ls, lo, hi);
+  }
+};
+
 // scores: [B, H, T, Tk] int32 contiguous; mask: [B, Tk] bool (true = attend).
 at::Tensor softmax_requant(const at::Tensor& scores, const at::Tensor& mask, int64_t x0, int64_t b_int, int64_t c_int,
                            int64_t widen, int64_t out_bits, int64_t n_clamp, int64_t sum_bits, int64_t num_bits, int64_t m, int64_t e, int64_t lo,
@@ -196,26 +313,10 @@ at::Tensor softmax_requant(const at::Tensor& scores, const at::Tensor& mask, int
   const int32_t* s = scores.data_ptr<int32_t>();
   const bool* mk = mask.data_ptr<bool>();
   int8_t* o = out.data_ptr<int8_t>();
-  const int64_t masked_value = std::numeric_limits<int64_t>::min() / 4;
-  // z = x / x0 (both <= 0 / < 0, so truncation is floor) as a 32-bit reciprocal multiply: with n = -x <= n_clamp * |x0|
-  // < 2^32 and R = floor(2^32 / |x0|), (n * R) >> 32 is z or z - 1 and one compare corrects it (exact, no division).
-  const int64_t d0 = -x0;
-  TORCH_CHECK(d0 > 0 && -n_clamp * x0 < (int64_t(1) << 32), "softmax_requant: x0 out of range");
-  const uint64_t R = (uint64_t(1) << 32) / uint64_t(d0);
-  const int64_t floor_x = n_clamp * x0;
+  const SoftmaxRows sm(x0, b_int, c_int, widen, out_bits, n_clamp, sum_bits, num_bits, m, e, lo, hi, "softmax_requant");
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(Tk, 1)), [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> ex(Tk);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int32_t* row = s + r * Tk;
-      const bool* vis = mk + (r / rows_per_b) * Tk;
-      const int64_t mx = row_max(row, vis, Tk, masked_value);
-      const int64_t total = std::max<int64_t>(exp_row(row, vis, ex.data(), Tk, mx, floor_x, d0, R, b_int, c_int, widen), 1);
-      const int64_t down = std::max<int64_t>(bit_length(total) - sum_bits, 0);
-      const int64_t factor = (int64_t(1) << num_bits) / (total >> down);  // one division per row (I-BERT)
-      const int64_t out_shift = num_bits - out_bits;
-      normalise_row(ex.data(), o + r * Tk, Tk, down, factor, out_shift, m, e > 0 ? (int64_t(1) << (e - 1)) : 0,
-                    std::max<int64_t>(e, 0), std::max<int64_t>(-e, 0), lo, hi);
-    }
+    for (int64_t r = r0; r < r1; ++r) sm.row(s + r * Tk, mk + (r / rows_per_b) * Tk, ex.data(), o + r * Tk, Tk);
   });
   return out;
 }
@@ -314,7 +415,8 @@ KDLSQ_CLONES void layernorm_out_row(const int64_t* __restrict y_hat, const int64
 // and scalar (lm, le) onto the output scale. int32 out (the engine's LayerNorm outputs have 20 bits).
 at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const at::Tensor& am, const at::Tensor& ae,
                               const at::Tensor& h, int64_t hm, int64_t he, int64_t res_clamp, const at::Tensor& gamma,
-                              const at::Tensor& beta, int64_t norm_bits, int64_t lm, int64_t le, const std::optional<at::Tensor>& out_opt) {
+                              const at::Tensor& beta, int64_t norm_bits, int64_t lm, int64_t le, const std::optional<at::Tensor>& out_opt,
+                              at::IntArrayRef code_rq, at::TensorList codes) {
   TORCH_CHECK(a.is_contiguous() && a.scalar_type() == at::kInt && h.is_contiguous() && (h.scalar_type() == at::kLong || h.scalar_type() == at::kInt),
               "residual_layernorm: contiguous int32 a and int64/int32 h");
   const int64_t C = a.size(-1), N = a.numel() / C;
@@ -330,6 +432,21 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
   const Dyadic d(am, ae, C);
   const int64_t hhalf = he > 0 ? (int64_t(1) << (he - 1)) : 0, hrs = std::max<int64_t>(he, 0), hls = std::max<int64_t>(-he, 0);
   int32_t* o = out.data_ptr<int32_t>();
+  // the output's int8 codes on the grids of the Linears that read it: (m, e, lo, hi) per tensor of ``codes``
+  const int64_t n_codes = int64_t(codes.size());
+  TORCH_CHECK(int64_t(code_rq.size()) == 4 * n_codes, "residual_layernorm: 4 requantization constants per code tensor");
+  std::vector<int8_t*> code_ptr;
+  std::vector<int64_t> cm, chalf, crs, cls;
+  for (int64_t j = 0; j < n_codes; ++j) {
+    TORCH_CHECK(codes[j].is_contiguous() && codes[j].scalar_type() == at::kChar && codes[j].numel() == N * C,
+                "residual_layernorm: each code tensor must be a contiguous int8 tensor of ", N * C, " elements");
+    code_ptr.push_back(codes[j].data_ptr<int8_t>());
+    const int64_t e = code_rq[4 * j + 1];
+    cm.push_back(code_rq[4 * j]);
+    chalf.push_back(e > 0 ? (int64_t(1) << (e - 1)) : 0);
+    crs.push_back(std::max<int64_t>(e, 0));
+    cls.push_back(std::max<int64_t>(-e, 0));
+  }
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> res(C);
     for (int64_t r = r0; r < r1; ++r) {
@@ -342,26 +459,104 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
       const int64_t sq = center_row(res.data(), C);
       normalise_ln_row(res.data(), std::max<int64_t>(isqrt_newton(sq / C), 1), norm_bits, C);
       layernorm_out_row(res.data(), gp, btp, lm, le, o + r * C, C);
+      for (int64_t j = 0; j < n_codes; ++j)
+        requant_row_s(o + r * C, static_cast<const int64_t*>(nullptr), cm[j], chalf[j], crs[j], cls[j], code_ptr[j] + r * C, C,
+                      code_rq[4 * j + 2], code_rq[4 * j + 3]);
     }
   });
   return out;
 }
 
+// The query, key and value accumulators requantized to int8 codes (one pass each), then one head of one example per
+// task, in that head's tiles (which stay in cache): scores = q k^T and context = p v by oneDNN's s8s8 GEMM (at::_int_mm
+// on views of the codes; inside the parallel region it runs on the task's thread), the i-softmax and the probability
+// quantizer's requantization between them, and the context requantized onto the output Linear's input grid.
+// qa, ka, va: [B*T, D] int32 products of the query, key and value Linears; (bias, m, e, lo, hi) of each one's output
+// requantization (bias [D]; m, e [D] or [1]); mask [B, T] bool; sm: the 12 constants of softmax_requant; (om, oe, olo,
+// ohi) the output Linear's input requantization. int8 out [B*T, D].
+at::Tensor attention(const at::Tensor& qa, const at::Tensor& ka, const at::Tensor& va, const at::Tensor& qb, const at::Tensor& qm,
+                     const at::Tensor& qe, const at::Tensor& kb, const at::Tensor& km, const at::Tensor& ke, const at::Tensor& vb,
+                     const at::Tensor& vm, const at::Tensor& ve, at::IntArrayRef qkv_lohi, const at::Tensor& mask, int64_t B,
+                     int64_t heads, at::IntArrayRef sm, int64_t om, int64_t oe, int64_t olo, int64_t ohi,
+                     const std::optional<at::Tensor>& out_opt) {
+  for (const at::Tensor* t : {&qa, &ka, &va})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kInt && t->dim() == 2 && t->sizes() == qa.sizes(),
+                "int_attention: q, k, v products must be contiguous int32 [B*T, D] of one shape");
+  TORCH_CHECK(mask.is_contiguous() && mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B &&
+              mask.size(0) * mask.size(1) == qa.size(0), "int_attention: mask must be a contiguous bool [B, T]");
+  TORCH_CHECK(sm.size() == 12 && qkv_lohi.size() == 6, "int_attention: 12 softmax constants and 6 code bounds");
+  const int64_t N = qa.size(0), D = qa.size(1), T = N / B, d = D / heads;
+  TORCH_CHECK(heads > 0 && D % heads == 0, "int_attention: D = ", D, " is not a multiple of heads = ", heads);
+  at::Tensor out = output(out_opt, qa.sizes(), qa.options().dtype(at::kChar), "int_attention");
+  const SoftmaxRows smx(sm[0], sm[1], sm[2], sm[3], sm[4], sm[5], sm[6], sm[7], sm[8], sm[9], sm[10], sm[11], "int_attention");
+  const int64_t ohalf = oe > 0 ? (int64_t(1) << (oe - 1)) : 0, ors = std::max<int64_t>(oe, 0), ols = std::max<int64_t>(-oe, 0);
+  // the query, key and value codes [B*T, D] int8, each a pass over whole rows (a head's slice is too short a loop)
+  at::Tensor codes[3];
+  const at::Tensor* accs[3] = {&qa, &ka, &va};
+  const at::Tensor* biases[3] = {&qb, &kb, &vb};
+  const at::Tensor* ms[3] = {&qm, &km, &vm};
+  const at::Tensor* es[3] = {&qe, &ke, &ve};
+  for (int i = 0; i < 3; ++i) {
+    codes[i] = at::empty({N, D}, qa.options().dtype(at::kChar));
+    const Dyadic dy(*ms[i], *es[i], D);
+    const int32_t* x = accs[i]->data_ptr<int32_t>();
+    const int64_t* bp = biases[i]->data_ptr<int64_t>();
+    int8_t* c8 = codes[i].data_ptr<int8_t>();
+    const int64_t lo = qkv_lohi[2 * i], hi = qkv_lohi[2 * i + 1];
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / D), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        requant_row_c(x + r * D, bp, dy.m.data(), dy.half.data(), dy.rs.data(), dy.ls.data(), c8 + r * D, D, lo, hi);
+    });
+  }
+  const bool* mk = mask.data_ptr<bool>();
+  int8_t* o = out.data_ptr<int8_t>();
+  at::parallel_for(0, B * heads, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor S = at::empty({T, T}, qa.options()), P = at::empty({T, T}, qa.options().dtype(at::kChar)),
+               Cx = at::empty({T, d}, qa.options()), C8 = at::empty({T, d}, P.options());
+    std::vector<int64_t> ex(T);
+    int8_t *Pp = P.data_ptr<int8_t>(), *C8p = C8.data_ptr<int8_t>();
+    const int32_t *Sp = S.data_ptr<int32_t>(), *Cp = Cx.data_ptr<int32_t>();
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / heads, h = task % heads, c0 = h * d;
+      // this head's [T, d] slices of the codes (row stride D), as views: oneDNN reads them in place
+      at::Tensor qh = codes[0].narrow(0, b * T, T).narrow(1, c0, d), kh = codes[1].narrow(0, b * T, T).narrow(1, c0, d),
+                 vh = codes[2].narrow(0, b * T, T).narrow(1, c0, d);
+      at::_int_mm_out(S, qh, kh.t());
+      const bool* vis = mk + b * T;
+      for (int64_t r = 0; r < T; ++r) smx.row(Sp + r * T, vis, ex.data(), Pp + r * T, T);
+      at::_int_mm_out(Cx, P, vh);
+      // the output Linear's input grid is per tensor: the tile requantizes as one flat row, then goes to its place
+      requant_row_s(Cp, static_cast<const int64_t*>(nullptr), om, ohalf, ors, ols, C8p, T * d, olo, ohi);
+      for (int64_t t = 0; t < T; ++t) std::memcpy(o + (b * T + t) * D + c0, C8p + t * d, size_t(d));
+    }
+  });
+  return out;
+}
+
+bool set_simd(bool on) {  // returns the previous setting
+  return g_simd.exchange(on);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kdlsq, m) {
+  m.def("set_simd(bool on) -> bool", &set_simd);
   m.def("int_requant(Tensor x, Tensor? bias, Tensor m, Tensor e, int lo, int hi, bool int8_out, Tensor(a!)? out=None) -> Tensor");
   m.def("int_softmax_requant(Tensor scores, Tensor mask, int x0, int b_int, int c_int, int widen, int out_bits, int n_clamp, "
         "int sum_bits, int num_bits, int m, int e, int lo, int hi, Tensor(a!)? out=None) -> Tensor");
+  m.def("int_attention(Tensor qa, Tensor ka, Tensor va, Tensor qb, Tensor qm, Tensor qe, Tensor kb, Tensor km, Tensor ke, "
+        "Tensor vb, Tensor vm, Tensor ve, int[] qkv_lohi, Tensor mask, int B, int heads, int[] sm, int om, int oe, int olo, int ohi, "
+        "Tensor(a!)? out=None) -> Tensor");
   m.def("int_gelu_requant(Tensor acc, Tensor bias, Tensor gm, Tensor ge, int g_clamp, int b_int, int c_int, int shift, int one, "
         "int nm, int ne, int lo, int hi, Tensor(a!)? out=None) -> Tensor");
   m.def("int_residual_layernorm(Tensor a, Tensor bias, Tensor am, Tensor ae, Tensor h, int hm, int he, int res_clamp, "
-        "Tensor gamma, Tensor beta, int norm_bits, int lm, int le, Tensor(a!)? out=None) -> Tensor");
+        "Tensor gamma, Tensor beta, int norm_bits, int lm, int le, Tensor(a!)? out, int[] code_rq, Tensor(b!)[] codes) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kdlsq, CPU, m) {
   m.impl("int_requant", &requant);
   m.impl("int_softmax_requant", &softmax_requant);
+  m.impl("int_attention", &attention);
   m.impl("int_gelu_requant", &gelu_requant);
   m.impl("int_residual_layernorm", &residual_layernorm);
 }

@@ -3,8 +3,8 @@
 The student's learned step sizes become the quantization scales: every quantized weight is stored as its int8
 codes (2- and 4-bit codes widened to int8), every Linear's input is requantized onto its input quantizer's grid
 (int8 codes), Q, K, V and the attention probabilities onto theirs. Matrix products are int8 x int8 -> int32 by
-``torch._int_mm`` (oneDNN on CPU) for the Linears and ONNX Runtime's ``MatMulInteger`` for the two batched attention
-products (``attention_products.py``; int32 ``torch.matmul`` in the reference path);
+``torch._int_mm`` (oneDNN on CPU): for the Linears, and per (example, head) for the two attention products inside the
+fused attention kernel (``int_attention``; int32 ``torch.matmul`` in the reference path);
 biases are integers on the accumulator's scale; requantization between them is dyadic (``ops.Requantize``: an integer
 multiplier and a right shift). GELU, softmax and LayerNorm are I-BERT's integer operators (``ops``), the pooler's
 tanh is ``2 sigmoid(2x) - 1`` with the sigmoid as a two-way integer softmax, and the classifier head's weights
@@ -175,10 +175,22 @@ def _fused_args(L: _Layer) -> dict[str, tuple]:
         return (lin.bias, *rq(a_rq)[:2]), (int(h_rq.m), int(h_rq.e), clamp, ln.gamma_int, ln.beta_int, ln.NORM_BITS,
                                            int(ln.requant.m), int(ln.requant.e))
 
+    def code(lin: IntLinear) -> tuple:
+        m, e, lo, hi = rq(lin.in_rq)
+        if m.numel() != 1:
+            raise ConfigError("integer engine: a Linear's input quantizer must have one step size (per tensor)")
+        return m, e, lo, hi
+
     sm, p, g, n = L.softmax, L.p_rq, L.gelu, L.o2.in_rq
+    qkv = [(lin.bias, *rq(r)) for lin, r in ((L.q, L.q_rq), (L.k, L.k_rq), (L.v, L.v_rq))]
+    o_in = rq(L.o.in_rq)
     return {
-        **{f"{name}_in": rq(lin.in_rq) for name, lin in (("q", L.q), ("k", L.k), ("v", L.v), ("o", L.o), ("i", L.i))},
-        **{f"{name}_out": (lin.bias, *rq(r)) for name, lin, r in (("q", L.q, L.q_rq), ("k", L.k, L.k_rq), ("v", L.v, L.v_rq))},
+        "attention": (*[t for x in qkv for t in x[:3]], [b for x in qkv for b in x[3:]]),
+        # the int8 codes a LayerNorm writes beside its output: (m, e, lo, hi) of each Linear that reads it
+        "qkv_code": [int(v) for lin in (L.q, L.k, L.v) for v in code(lin)],
+        "i_code": [int(v) for v in code(L.i)],
+        "attention_sm": ([sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS, int(p.m),
+                          int(p.e), p.lo, p.hi], int(o_in[0]), int(o_in[1]), o_in[2], o_in[3]),
         "softmax": (sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS, int(p.m),
                     int(p.e), p.lo, p.hi),
         "gelu": (L.i.bias, *rq(L.g_rq)[:2], L.g_rq.hi, g.b_int, g.c_int, g.shift, g.one, int(n.m), int(n.e), n.lo, n.hi),
@@ -201,7 +213,7 @@ class IntegerEngine:
     @classmethod
     @torch.no_grad()
     def from_student(cls, student: nn.Module, calibration_batches: Iterable[Mapping[str, torch.Tensor]],
-                     fused: bool | None = None, attention_products: bool | None = None) -> "IntegerEngine":
+                     fused: bool | None = None) -> "IntegerEngine":
         """Fold a quantized student (``quantize_`` + trained or calibrated step sizes) into an integer engine.
 
         Args:
@@ -212,9 +224,6 @@ class IntegerEngine:
             fused: run each layer's integer passes as the fused C++ kernels of ``csrc/integer_cpu.cpp``
                 (bit-identical to the torch operators of ``ops``); ``None``: where they can be built; ``False``:
                 the torch operators (the reference).
-            attention_products: with the fused kernels, run the two attention products (int8 x int8 -> int32) by
-                ONNX Runtime's ``MatMulInteger`` (``integer/attention_products.py``: exact, one call per product);
-                ``None``: where it is available and exact; ``False``: int32 ``torch.matmul``.
 
         Raises:
             ConfigError: a model the engine does not support (not BERT-layout, a quantizer that is not LSQ or is
@@ -228,12 +237,6 @@ class IntegerEngine:
         self.kernels = cpu_kernels() if fused is not False else None
         if fused and self.kernels is None:
             raise RuntimeError("integer engine: fused=True but the C++ kernels could not be built (see the warning above)")
-        self.attention = None
-        if self.kernels is not None and attention_products is not False:
-            from kdlsq_pl.integer.attention_products import products
-            self.attention = products()
-            if attention_products and self.attention is None:
-                raise RuntimeError("integer engine: attention_products=True but ONNX Runtime's MatMulInteger is unavailable or inexact here")
         ranges = _calibrate_ranges(student, list(calibration_batches))
         bert = student.bert
         emb = bert.embeddings
@@ -342,43 +345,33 @@ class IntegerEngine:
         res2 = torch.clamp(L.o2_rq(L.o2(g)) + L.h_rq2(h1), -L.clamp2, L.clamp2)
         return L.ln2(res2)
 
-    def _layer_fused(self, L: _Layer, h: torch.Tensor, mask: torch.Tensor, fresh: bool = False) -> torch.Tensor:
-        """:meth:`_layer` through the fused kernels: the same integers (``tests/test_integer_engine.py``). Every
-        intermediate goes into the engine's :class:`_Workspace`; so do the two LayerNorm outputs (the second into the
-        buffer of ``h``, which is read no more) unless ``fresh``, which returns a new tensor."""
-        K, ws = self.kernels, self.workspace
-        B, T, D = h.shape
-        N, H = B * T, L.heads
-        h2 = h.reshape(N, D)
+    def _layer_fused(self, L: _Layer, h: torch.Tensor, codes: list[torch.Tensor], mask: torch.Tensor, nxt: _Layer | None,
+                     fresh: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`_layer` through the fused kernels: the same integers (``tests/test_integer_engine.py``).
+
+        ``h``: the layer's input ``[N, D]`` (int32); ``codes``: that input's int8 codes on the query, key and value
+        Linears' input grids (written by the LayerNorm before). Returns the output ``[N, D]`` and its codes on the
+        grids of ``nxt``'s query, key and value Linears (none after the last layer). Every intermediate goes into the
+        engine's :class:`_Workspace`; so do the two LayerNorm outputs (the second into the buffer of ``h``, which is
+        read no more) unless ``fresh``, which returns a new tensor."""
+        K, ws, c = self.kernels, self.workspace, L.fused
+        N, D = h.shape
         i8, i32 = torch.int8, torch.int32
-        c = L.fused
-
-        def linear(name: str, x: torch.Tensor, w_t: torch.Tensor, tag: str = "acc") -> torch.Tensor:
-            """x -> int8 codes on the Linear's input grid -> int32 products ``[N, out]``."""
-            x8 = K.int_requant(x, None, *c[f"{name}_in"], True, ws("in8", tuple(x.shape), i8))
-            return torch._int_mm(x8, w_t, out=ws(tag, (x8.shape[0], w_t.shape[1]), i32))
-
-        def head_codes(name: str, lin: IntLinear) -> torch.Tensor:  # -> [B, T, H, d] int8
-            acc = linear(name, h2, lin.w_t)
-            return K.int_requant(acc, *c[f"{name}_out"], True, ws(f"{name}8", tuple(acc.shape), i8)).reshape(B, T, H, -1)
-
-        qc, kc, vc = head_codes("q", L.q), head_codes("k", L.k), head_codes("v", L.v)
-        ap = self.attention
-        if ap is not None:  # ONNX Runtime's MatMulInteger: one call per product (attention_products.py)
-            scores = ap.scores(qc, kc, out=ws("scores", (B, H, T, T), i32))
-        else:  # int32 batched matmul (no int8 batched kernel in torch)
-            scores = torch.matmul(qc.transpose(1, 2).to(i32), kc.permute(0, 2, 3, 1).to(i32)).contiguous()
-        probs = K.int_softmax_requant(scores, mask, *c["softmax"], ws("probs", (B, H, T, T), i8))
-        if ap is not None:
-            ctx = ap.context(probs, vc, out=ws("ctx", tuple(vc.shape), i32)).reshape(N, D)
-        else:
-            ctx = torch.matmul(probs.to(i32), vc.transpose(1, 2).to(i32)).transpose(1, 2).reshape(N, D).contiguous()
+        qa, ka, va = (torch._int_mm(x8, lin.w_t, out=ws(f"acc_{n}", (N, D), i32))
+                      for n, x8, lin in zip("qkv", codes, (L.q, L.k, L.v)))
+        sm, om, oe, olo, ohi = c["attention_sm"]
+        o8 = K.int_attention(qa, ka, va, *c["attention"], mask, mask.shape[0], L.heads, sm, om, oe, olo, ohi, ws("o8", (N, D), i8))
         (a1, r1), (a2, r2) = c["res1"], c["res2"]
-        h1 = K.int_residual_layernorm(linear("o", ctx, L.o.w_t), *a1, h2, *r1, None if fresh else ws("h1", (N, D), i32))
-        acc_i = linear("i", h1, L.i.w_t, "acc_ffn")
+        acc_o = torch._int_mm(o8, L.o.w_t, out=ws("acc", (N, D), i32))
+        i_in = ws("i8", (N, D), i8)
+        h1 = K.int_residual_layernorm(acc_o, *a1, h, *r1, None if fresh else ws("h1", (N, D), i32), c["i_code"], [i_in])
+        acc_i = torch._int_mm(i_in, L.i.w_t, out=ws("acc_ffn", (N, L.i.w_t.shape[1]), i32))
         g8 = K.int_gelu_requant(acc_i, *c["gelu"], ws("g8", tuple(acc_i.shape), i8))
         acc_o2 = torch._int_mm(g8, L.o2.w_t, out=ws("acc", (N, D), i32))
-        return K.int_residual_layernorm(acc_o2, *a2, h1, *r2, None if fresh else ws("h", (N, D), i32)).reshape(B, T, D)
+        nxt_codes = [ws(f"{n}8", (N, D), i8) for n in "qkv"] if nxt is not None else []
+        out = K.int_residual_layernorm(acc_o2, *a2, h1, *r2, None if fresh else ws("h", (N, D), i32),
+                                       nxt.fused["qkv_code"] if nxt is not None else [], nxt_codes)
+        return out, nxt_codes
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -394,17 +387,24 @@ class IntegerEngine:
             zeros = torch.zeros(B * T, D, dtype=torch.int32)
             one = torch.ones(1, dtype=INT)
             out = None if output_hidden_states else self.workspace("h", (B * T, D), torch.int32)
+            codes = [self.workspace(f"{n}8", (B * T, D), torch.int8) for n in "qkv"] if self.layers else []
             h = self.kernels.int_residual_layernorm(zeros, torch.zeros(D, dtype=INT), one, torch.zeros(1, dtype=INT),
                                                     e.reshape(B * T, D).contiguous(), 1, 0, self.clamp_e, self.ln_e.gamma_int,
                                                     self.ln_e.beta_int, self.ln_e.NORM_BITS, int(self.ln_e.requant.m),
-                                                    int(self.ln_e.requant.e), out).reshape(B, T, D)
+                                                    int(self.ln_e.requant.e), out,
+                                                    self.layers[0].fused["qkv_code"] if self.layers else [], codes)
             mask = mask.contiguous()
+            hidden = [h.reshape(B, T, D)]
+            for L, nxt in zip(self.layers, self.layers[1:] + [None]):
+                h, codes = self._layer_fused(L, h, codes, mask, nxt, output_hidden_states)
+                hidden.append(h.reshape(B, T, D))
+            h = hidden[-1]
         else:
             h = self.ln_e(torch.clamp(e, -self.clamp_e, self.clamp_e))
-        hidden = [h]
-        for L in self.layers:
-            h = self._layer_fused(L, h, mask, output_hidden_states) if self.kernels is not None else self._layer(L, h, mask)
-            hidden.append(h)
+            hidden = [h]
+            for L in self.layers:
+                h = self._layer(L, h, mask)
+                hidden.append(h)
         if output_hidden_states:  # the fused kernels keep the LayerNorm outputs (20 bits) in int32; report int64 alike
             hidden = [x.to(INT) for x in hidden]
         if self.pooling == "cls":
