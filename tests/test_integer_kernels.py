@@ -45,7 +45,7 @@ def edge_rows(C: int, clamp: int, g: torch.Generator) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("h_dtype", [torch.int64, torch.int32])
-def test_fused_layernorm_equals_the_reference_on_edge_rows(kernels, h_dtype):
+def test_fused_layernorm_equals_the_reference_on_edge_rows(kernels, simd, h_dtype):
     g = torch.Generator().manual_seed(0)
     C, clamp = 384, 2 ** 23
     ln_w = torch.rand(C, generator=g, dtype=torch.float64) * 2 - 0.5
@@ -59,7 +59,7 @@ def test_fused_layernorm_equals_the_reference_on_edge_rows(kernels, h_dtype):
     assert torch.equal(got.to(INT), ln(res))
 
 
-def test_fused_layernorm_adds_the_requantized_branches_like_the_reference(kernels):
+def test_fused_layernorm_adds_the_requantized_branches_like_the_reference(kernels, simd):
     g = torch.Generator().manual_seed(1)
     C, N, clamp = 384, 64, 2 ** 23
     ln = IntLayerNorm(torch.rand(C, generator=g) + 0.1, torch.rand(C, generator=g) - 0.5, 2.0 ** -15)
@@ -131,7 +131,7 @@ def test_fused_attention_equals_the_reference(kernels, simd, T):
         kernels.int_attention(*qkv, *consts, [-127, 127] * 3, mask, B, 5, sm_args, int(o_rq.m), int(o_rq.e), -127, 127)
 
 
-def test_fused_layernorm_writes_the_codes_of_its_output(kernels):
+def test_fused_layernorm_writes_the_codes_of_its_output(kernels, simd):
     """The LayerNorm kernel's extra int8 outputs equal ``Requantize`` of its int32 output onto each grid."""
     g = torch.Generator().manual_seed(7)
     N, C = 24, 96
@@ -153,7 +153,7 @@ def test_fused_layernorm_writes_the_codes_of_its_output(kernels):
                                        int(ln.requant.m), int(ln.requant.e), None, flat[:4], codes)
 
 
-def test_fused_requant_equals_the_reference_on_edge_inputs(kernels):
+def test_fused_requant_equals_the_reference_on_edge_inputs(kernels, simd):
     """int32 products at the ends of their range, biases far beyond int32, per-channel and scalar multipliers with
     right and left shifts: the kernel equals ``Requantize`` of ``x + bias`` in int64, integer for integer."""
     g = torch.Generator().manual_seed(4)
@@ -173,7 +173,7 @@ def test_fused_requant_equals_the_reference_on_edge_inputs(kernels):
 
 
 @pytest.mark.parametrize("s_g", [2.0 ** -14, 4e-6])
-def test_fused_gelu_equals_the_reference_on_edge_inputs(kernels, s_g):
+def test_fused_gelu_equals_the_reference_on_edge_inputs(kernels, simd, s_g):
     """The GELU kernel (requantization onto the GELU scale, i-GELU, requantization onto the next grid) against the
     reference operators, over inputs that reach the clamp, the polynomial's flat end ``|q| >= -b_int`` and zero."""
     from kdlsq_pl.integer.ops import IntGELU

@@ -56,6 +56,16 @@ struct Reciprocal {
 std::atomic<bool> g_simd{true};
 inline bool simd_allowed() { return g_simd.load(std::memory_order_relaxed); }
 
+#if defined(__x86_64__)
+#define KDLSQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+#endif
+
 inline int64_t bit_length(int64_t v) {  // v >= 0; Python's int.bit_length
   return v == 0 ? 0 : 64 - __builtin_clzll(uint64_t(v));
 }
@@ -169,6 +179,45 @@ at::Tensor output(const std::optional<at::Tensor>& out, at::IntArrayRef sizes, c
   return *out;
 }
 
+#if defined(__x86_64__)
+// requant_row_c for int32 in and int8 out in AVX-512: (x + bias) m + half as x m (vpmuldq: x int32, 0 <= m < 2^31)
+// plus bias m + half folded per channel (bmh), the same int64 sum; then the shifts and the clamp.
+KDLSQ_AVX512 void requant_row_avx512(const int32_t* x, const int64_t* bmh, const int64_t* m, const int64_t* rs, const int64_t* ls,
+                                     int8_t* out, int64_t C, int64_t lo, int64_t hi) {
+  const __m512i vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
+  for (int64_t j = 0; j < C; j += 8) {
+    const __mmask8 tail = C - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (C - j)) - 1);
+    const __m512i x8 = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(tail, x + j));
+    __m512i v = _mm512_add_epi64(_mm512_mul_epi32(x8, _mm512_maskz_loadu_epi64(tail, m + j)), _mm512_maskz_loadu_epi64(tail, bmh + j));
+    v = _mm512_sllv_epi64(_mm512_srav_epi64(v, _mm512_maskz_loadu_epi64(tail, rs + j)), _mm512_maskz_loadu_epi64(tail, ls + j));
+    v = _mm512_min_epi64(_mm512_max_epi64(v, vlo), vhi);
+    _mm_mask_storeu_epi8(out + j, tail, _mm512_cvtepi64_epi8(v));
+  }
+}
+#endif
+
+// Requantization of int32 rows [N, C] to int8 codes with per-channel (bias, m, e) (a Dyadic of C channels): the AVX-512
+// rows where the CPU has them and every m is below 2^31, else the compiler-vectorized rows; the same integers.
+void requant_rows_int8(const int32_t* x, const int64_t* bias, const Dyadic& dy, int8_t* out, int64_t N, int64_t C, int64_t lo,
+                       int64_t hi) {
+#if defined(__x86_64__)
+  bool ok = simd_allowed() && has_avx512();
+  for (int64_t c = 0; c < C && ok; ++c) ok = dy.m[c] >= 0 && dy.m[c] < (int64_t(1) << 31);
+  if (ok) {
+    std::vector<int64_t> bmh(C);
+    for (int64_t c = 0; c < C; ++c) bmh[c] = int64_t(uint64_t(bias ? bias[c] : 0) * uint64_t(dy.m[c]) + uint64_t(dy.half[c]));
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) requant_row_avx512(x + r * C, bmh.data(), dy.m.data(), dy.rs.data(), dy.ls.data(), out + r * C, C, lo, hi);
+    });
+    return;
+  }
+#endif
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      requant_row_c(x + r * C, bias, dy.m.data(), dy.half.data(), dy.rs.data(), dy.ls.data(), out + r * C, C, lo, hi);
+  });
+}
+
 // x: [N, C] int64 or int32 (contiguous); bias: [C] int64 or undefined; m, e: [C] or [1] int64.
 at::Tensor requant(const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& m, const at::Tensor& e,
                    int64_t lo, int64_t hi, bool int8_out, const std::optional<at::Tensor>& out_opt) {
@@ -190,19 +239,12 @@ at::Tensor requant(const at::Tensor& x, const std::optional<at::Tensor>& bias, c
   const bool is64 = x.scalar_type() == at::kLong;
   if (is64 && int8_out) run(x.data_ptr<int64_t>(), out.data_ptr<int8_t>());
   else if (is64) run(x.data_ptr<int64_t>(), out.data_ptr<int64_t>());
-  else if (int8_out) run(x.data_ptr<int32_t>(), out.data_ptr<int8_t>());
+  else if (int8_out) requant_rows_int8(x.data_ptr<int32_t>(), bp, Dyadic(m, e, C), out.data_ptr<int8_t>(), N, C, lo, hi);
   else run(x.data_ptr<int32_t>(), out.data_ptr<int64_t>());
   return out;
 }
 
 #if defined(__x86_64__)
-#define KDLSQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
-
-bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return ok;
-}
 
 // exp_row in AVX-512 (8 int64 lanes), the same integers: its three products have 32-bit operands (n = -x < 2^32 and
 // R < 2^32; z <= n_clamp and d0 < 2^32; 0 <= p + b_int < 2^32, checked by the caller), so each is one unsigned
@@ -338,6 +380,40 @@ KDLSQ_CLONES void gelu_row(const int32_t* __restrict a, const int64_t* __restric
   }
 }
 
+#if defined(__x86_64__)
+// gelu_row in AVX-512 (8 int64 lanes), the same integers: (a + bias) m + half as a (int32) times m < 2^31 by vpmuldq
+// plus bias m + half folded per channel (bmh; the same int64 sum, wrapping alike); |q| <= g_clamp < 2^31 and |t| <=
+// |b_int| < 2^31, so t^2 and q (y + one) (|y + one| < 2^31, checked by the caller) are single vpmuldq; g (up to 62 bits)
+// times nm < 2^31 as its low half by vpmuludq plus its high half by vpmuldq shifted up 32 bits (the exact int64 product).
+KDLSQ_AVX512 void gelu_row_avx512(const int32_t* a, const int64_t* bmh, const int64_t* m, const int64_t* rs, const int64_t* ls,
+                                  int64_t g_clamp, int64_t b_int, int64_t c_int, int64_t shift, int64_t one, int64_t nm,
+                                  int64_t nhalf, int64_t nrs, int64_t nls, int64_t lo, int64_t hi, int8_t* o, int64_t C) {
+  const __m512i vgl = _mm512_set1_epi64(-g_clamp), vgh = _mm512_set1_epi64(g_clamp), vnb = _mm512_set1_epi64(-b_int),
+                vb = _mm512_set1_epi64(b_int), vc = _mm512_set1_epi64(c_int), vone = _mm512_set1_epi64(one),
+                vnm = _mm512_set1_epi64(nm), vnh = _mm512_set1_epi64(nhalf), vlo = _mm512_set1_epi64(lo),
+                vhi = _mm512_set1_epi64(hi), zero = _mm512_setzero_si512();
+  const __m128i vshift = _mm_cvtsi64_si128(shift), vnrs = _mm_cvtsi64_si128(nrs), vnls = _mm_cvtsi64_si128(nls);
+  for (int64_t j = 0; j < C; j += 8) {
+    const __mmask8 tail = C - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (C - j)) - 1);
+    const __m512i a8 = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(tail, a + j));
+    __m512i q = _mm512_add_epi64(_mm512_mul_epi32(a8, _mm512_maskz_loadu_epi64(tail, m + j)), _mm512_maskz_loadu_epi64(tail, bmh + j));
+    q = _mm512_sllv_epi64(_mm512_srav_epi64(q, _mm512_maskz_loadu_epi64(tail, rs + j)), _mm512_maskz_loadu_epi64(tail, ls + j));
+    q = _mm512_min_epi64(_mm512_max_epi64(q, vgl), vgh);
+    const __m512i t = _mm512_add_epi64(_mm512_min_epi64(_mm512_abs_epi64(q), vnb), vb);
+    const __m512i u = _mm512_add_epi64(_mm512_mul_epi32(t, t), vc);
+    const __mmask8 pos = _mm512_cmpgt_epi64_mask(q, zero), neg = _mm512_cmplt_epi64_mask(q, zero);
+    __m512i su = _mm512_maskz_mov_epi64(pos, u);
+    su = _mm512_mask_sub_epi64(su, neg, zero, u);  // sgn(q) (t^2 + c_int)
+    const __m512i y1 = _mm512_add_epi64(_mm512_sra_epi64(su, vshift), vone);
+    const __m512i g = _mm512_mul_epi32(_mm512_sub_epi64(zero, q), y1);
+    const __m512i gm = _mm512_add_epi64(_mm512_mul_epu32(g, vnm), _mm512_slli_epi64(_mm512_mul_epi32(_mm512_srai_epi64(g, 32), vnm), 32));
+    __m512i v = _mm512_sll_epi64(_mm512_sra_epi64(_mm512_add_epi64(gm, vnh), vnrs), vnls);
+    v = _mm512_min_epi64(_mm512_max_epi64(v, vlo), vhi);
+    _mm_mask_storeu_epi8(o + j, tail, _mm512_cvtepi64_epi8(v));
+  }
+}
+#endif
+
 // acc: [N, C] int32 (the Linear's int32 products); bias [C]; (gm, ge) [C]: onto the GELU scale, clamped to +-g_clamp;
 // i-GELU constants; (nm, ne) scalar: onto the next Linear's input grid, clamped to [lo, hi]; int8 out.
 at::Tensor gelu_requant(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& gm, const at::Tensor& ge, int64_t g_clamp,
@@ -351,6 +427,26 @@ at::Tensor gelu_requant(const at::Tensor& acc, const at::Tensor& bias, const at:
   const int32_t* a = acc.data_ptr<int32_t>();
   const int64_t* bp = bias.data_ptr<int64_t>();
   int8_t* o = out.data_ptr<int8_t>();
+#if defined(__x86_64__)
+  {
+    const int64_t lim = int64_t(1) << 31;
+    const __int128 y_bound = (std::max<__int128>(__int128(b_int) * b_int, c_int < 0 ? -__int128(c_int) : __int128(c_int)) >> shift) +
+                             (one < 0 ? -__int128(one) : __int128(one)) + 1;
+    bool ok = simd_allowed() && has_avx512() && g_clamp >= 0 && g_clamp < lim && b_int <= 0 && -b_int < lim && y_bound < lim &&
+              nm >= 0 && nm < lim && shift >= 0 && shift < 64;
+    for (int64_t c = 0; c < C && ok; ++c) ok = d.m[c] >= 0 && d.m[c] < lim;
+    if (ok) {
+      std::vector<int64_t> bmh(C);
+      for (int64_t c = 0; c < C; ++c) bmh[c] = int64_t(uint64_t(bp[c]) * uint64_t(d.m[c]) + uint64_t(d.half[c]));
+      at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+          gelu_row_avx512(a + r * C, bmh.data(), d.m.data(), d.rs.data(), d.ls.data(), g_clamp, b_int, c_int, shift, one, nm, nhalf,
+                          nrs, nls, lo, hi, o + r * C, C);
+      });
+      return out;
+    }
+  }
+#endif
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       gelu_row(a + r * C, bp, d.m.data(), d.half.data(), d.rs.data(), d.ls.data(), g_clamp, b_int, c_int, shift, one,
@@ -410,6 +506,91 @@ KDLSQ_CLONES void layernorm_out_row(const int64_t* __restrict y_hat, const int64
   for (int64_t c = 0; c < C; ++c) o[c] = int32_t((((y_hat[c] * gamma[c] * lm + half) >> rs) << ls) + beta[c]);  // shift_round
 }
 
+#if defined(__x86_64__)
+// The LayerNorm kernel's rows in AVX-512 (8 int64 lanes; the engine's case: an int32 h), the same integers as
+// residual_row / center_row / normalise_ln_row / layernorm_out_row / requant_row_s. Every product but the division's
+// becomes one signed 32 x 32 -> 64-bit vpmuldq, exact because both operands fit 32 bits: a (int32) times m < 2^31, with
+// bias * m + half folded per channel beforehand (the same int64 sum, wrapping alike); h (int32) times hm < 2^31;
+// (y - mean)^2 with |y - mean| < 2^25; y_hat gamma (below 2^31, checked by the caller) times lm < 2^31; the output
+// (int32) times each code grid's m < 2^31. The floor division y 2^norm_bits / d takes vpmuludq where the row's
+// reciprocals and remainders fit 32 bits (d > 256 and d 2^norm_bits < 2^32), else the caller's scalar rows.
+KDLSQ_AVX512 int64_t residual_row_avx512(const int32_t* a, const int64_t* bmh, const int64_t* m, const int64_t* rs,
+                                         const int64_t* ls, const int32_t* h, int64_t hm, int64_t hhalf, int64_t hrs, int64_t hls,
+                                         int64_t clamp, int64_t* res, int64_t C) {
+  const __m512i vhm = _mm512_set1_epi64(hm), vhh = _mm512_set1_epi64(hhalf), vlo = _mm512_set1_epi64(-clamp),
+                vhi = _mm512_set1_epi64(clamp);
+  const __m128i vhrs = _mm_cvtsi64_si128(hrs), vhls = _mm_cvtsi64_si128(hls);
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t j = 0; j < C; j += 8) {
+    const __mmask8 tail = C - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (C - j)) - 1);
+    const __m512i a8 = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(tail, a + j));
+    __m512i v = _mm512_add_epi64(_mm512_mul_epi32(a8, _mm512_maskz_loadu_epi64(tail, m + j)), _mm512_maskz_loadu_epi64(tail, bmh + j));
+    v = _mm512_sllv_epi64(_mm512_srav_epi64(v, _mm512_maskz_loadu_epi64(tail, rs + j)), _mm512_maskz_loadu_epi64(tail, ls + j));
+    const __m512i h8 = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(tail, h + j));
+    const __m512i w = _mm512_sll_epi64(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(h8, vhm), vhh), vhrs), vhls);
+    const __m512i r = _mm512_maskz_mov_epi64(tail, _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(v, w), vlo), vhi));
+    _mm512_mask_storeu_epi64(res + j, tail, r);
+    acc = _mm512_add_epi64(acc, r);
+  }
+  return _mm512_reduce_add_epi64(acc);
+}
+
+KDLSQ_AVX512 int64_t center_row_avx512(int64_t* res, int64_t mean, int64_t C) {  // res -= mean; returns sum(res^2)
+  const __m512i vmean = _mm512_set1_epi64(mean);
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t j = 0; j < C; j += 8) {
+    const __mmask8 tail = C - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (C - j)) - 1);
+    const __m512i y = _mm512_maskz_mov_epi64(tail, _mm512_sub_epi64(_mm512_maskz_loadu_epi64(tail, res + j), vmean));
+    _mm512_mask_storeu_epi64(res + j, tail, y);
+    acc = _mm512_add_epi64(acc, _mm512_mul_epi32(y, y));
+  }
+  return _mm512_reduce_add_epi64(acc);
+}
+
+struct CodeGrid {
+  int64_t m, half, rs, ls, lo, hi;
+  int8_t* out;
+};
+
+KDLSQ_AVX512 void layernorm_tail_avx512(const int64_t* y, int64_t d, int64_t norm_bits, const int64_t* gamma, const int64_t* beta,
+                                        int64_t lm, int64_t le, int32_t* o, const CodeGrid* grids, int64_t n_grids, int64_t off,
+                                        int64_t C) {
+  const uint64_t R1 = (uint64_t(1) << 38) / uint64_t(d), R2 = (uint64_t(1) << 40) / uint64_t(d);
+  const __m512i vd = _mm512_set1_epi64(d), vR1 = _mm512_set1_epi64(int64_t(R1)), vR2 = _mm512_set1_epi64(int64_t(R2)),
+                one = _mm512_set1_epi64(1), zero = _mm512_setzero_si512(), vlm = _mm512_set1_epi64(lm),
+                vhalf = _mm512_set1_epi64(le > 0 ? (int64_t(1) << (le - 1)) : 0);
+  const __m128i vnb = _mm_cvtsi64_si128(norm_bits), vrs = _mm_cvtsi64_si128(std::max<int64_t>(le, 0)),
+                vls = _mm_cvtsi64_si128(std::max<int64_t>(-le, 0));
+  for (int64_t j = 0; j < C; j += 8) {
+    const __mmask8 tail = C - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (C - j)) - 1);
+    const __m512i v = _mm512_maskz_loadu_epi64(tail, y + j);
+    const __m512i a = _mm512_abs_epi64(v);
+    __m512i q1 = _mm512_srli_epi64(_mm512_mul_epu32(a, vR1), 38);
+    q1 = _mm512_mask_add_epi64(q1, _mm512_cmpge_epu64_mask(_mm512_sub_epi64(a, _mm512_mul_epu32(q1, vd)), vd), q1, one);
+    const __m512i n2 = _mm512_sll_epi64(_mm512_sub_epi64(a, _mm512_mul_epu32(q1, vd)), vnb);
+    __m512i q2 = _mm512_srli_epi64(_mm512_mul_epu32(n2, vR2), 40);
+    q2 = _mm512_mask_add_epi64(q2, _mm512_cmpge_epu64_mask(_mm512_sub_epi64(n2, _mm512_mul_epu32(q2, vd)), vd), q2, one);
+    const __m512i rem = _mm512_sub_epi64(n2, _mm512_mul_epu32(q2, vd));
+    const __m512i q = _mm512_add_epi64(_mm512_sll_epi64(q1, vnb), q2);
+    const __mmask8 neg = _mm512_cmplt_epi64_mask(v, zero);
+    const __m512i qn = _mm512_mask_add_epi64(q, _mm512_cmpneq_epi64_mask(rem, zero), q, one);
+    const __m512i y_hat = _mm512_mask_sub_epi64(q, neg, zero, qn);
+    const __m512i yg = _mm512_mul_epi32(y_hat, _mm512_maskz_loadu_epi64(tail, gamma + j));
+    __m512i out = _mm512_sll_epi64(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(yg, vlm), vhalf), vrs), vls);
+    const __m256i o32 = _mm512_cvtepi64_epi32(_mm512_add_epi64(out, _mm512_maskz_loadu_epi64(tail, beta + j)));
+    _mm256_mask_storeu_epi32(o + j, tail, o32);
+    const __m512i o64 = _mm512_cvtepi32_epi64(o32);
+    for (int64_t g = 0; g < n_grids; ++g) {
+      const CodeGrid& cg = grids[g];
+      __m512i c = _mm512_add_epi64(_mm512_mul_epi32(o64, _mm512_set1_epi64(cg.m)), _mm512_set1_epi64(cg.half));
+      c = _mm512_sll_epi64(_mm512_sra_epi64(c, _mm_cvtsi64_si128(cg.rs)), _mm_cvtsi64_si128(cg.ls));
+      c = _mm512_min_epi64(_mm512_max_epi64(c, _mm512_set1_epi64(cg.lo)), _mm512_set1_epi64(cg.hi));
+      _mm_mask_storeu_epi8(cg.out + off + j, tail, _mm512_cvtepi64_epi8(c));  // the codes' row at element offset off
+    }
+  }
+}
+#endif
+
 // a: [N, C] int32 products of the Linear before the residual, with bias [C] and (am, ae) [C] onto the residual scale;
 // h: [N, C] int64 or int32 residual input with scalar (hm, he); clamp; then LayerNorm with gamma_int, beta_int [C], NORM_BITS
 // and scalar (lm, le) onto the output scale. int32 out (the engine's LayerNorm outputs have 20 bits).
@@ -447,9 +628,49 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
     crs.push_back(std::max<int64_t>(e, 0));
     cls.push_back(std::max<int64_t>(-e, 0));
   }
+  // The AVX-512 rows (an int32 h; every multiplier below 2^31; y_hat gamma below 2^31: |y_hat| <= (2 sqrt(C) + 1)
+  // 2^norm_bits because |y - mean| <= sqrt(C) (d + 1) and d >= 1)
+  bool simd = false;
+  std::vector<int64_t> bmh;
+#if defined(__x86_64__)
+  {
+    const int64_t lim = int64_t(1) << 31;
+    int64_t g_max = 0;
+    for (int64_t c = 0; c < C; ++c) g_max = std::max<int64_t>(g_max, gp[c] < 0 ? -gp[c] : gp[c]);
+    bool ok = simd_allowed() && has_avx512() && !h64 && hm >= 0 && hm < lim && lm >= 0 && lm < lim && g_max < lim &&
+              (2 * isqrt_newton(C) + 3) * (int64_t(1) << norm_bits) * std::max<int64_t>(g_max, 1) < lim;
+    for (int64_t c = 0; c < C && ok; ++c) ok = d.m[c] >= 0 && d.m[c] < lim;
+    for (int64_t j = 0; j < n_codes && ok; ++j) ok = cm[j] >= 0 && cm[j] < lim;
+    if (ok) {  // bias * m + half per channel: the same int64 sum as (a + bias) * m + half less a * m (wrapping alike)
+      for (int64_t c = 0; c < C; ++c) bmh.push_back(int64_t(uint64_t(bp[c]) * uint64_t(d.m[c]) + uint64_t(d.half[c])));
+      simd = true;
+    }
+  }
+  std::vector<CodeGrid> grids;
+  for (int64_t j = 0; j < n_codes; ++j)
+    grids.push_back({cm[j], chalf[j], crs[j], cls[j], code_rq[4 * j + 2], code_rq[4 * j + 3], code_ptr[j]});
+#endif
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> res(C);
     for (int64_t r = r0; r < r1; ++r) {
+#if defined(__x86_64__)
+      if (simd) {
+        const int64_t total = residual_row_avx512(ap + r * C, bmh.data(), d.m.data(), d.rs.data(), d.ls.data(), hp32 + r * C, hm,
+                                                  hhalf, hrs, hls, res_clamp, res.data(), C);
+        const int64_t sq = center_row_avx512(res.data(), floor_div(2 * total + C, 2 * C), C);
+        const int64_t sd = std::max<int64_t>(isqrt_newton(sq / C), 1);
+        if (sd > 256 && (sd << norm_bits) < (int64_t(1) << 32)) {
+          layernorm_tail_avx512(res.data(), sd, norm_bits, gp, btp, lm, le, o + r * C, grids.data(), n_codes, r * C, C);
+          continue;
+        }
+        normalise_ln_row(res.data(), sd, norm_bits, C);
+        layernorm_out_row(res.data(), gp, btp, lm, le, o + r * C, C);
+        for (int64_t j = 0; j < n_codes; ++j)
+          requant_row_s(o + r * C, static_cast<const int64_t*>(nullptr), cm[j], chalf[j], crs[j], cls[j], code_ptr[j] + r * C, C,
+                        code_rq[4 * j + 2], code_rq[4 * j + 3]);
+        continue;
+      }
+#endif
       if (h64)
         residual_row(ap + r * C, bp, d.m.data(), d.half.data(), d.rs.data(), d.ls.data(), hp64 + r * C, hm, hhalf, hrs, hls,
                      res_clamp, res.data(), C);
@@ -502,11 +723,7 @@ at::Tensor attention(const at::Tensor& qa, const at::Tensor& ka, const at::Tenso
     const int32_t* x = accs[i]->data_ptr<int32_t>();
     const int64_t* bp = biases[i]->data_ptr<int64_t>();
     int8_t* c8 = codes[i].data_ptr<int8_t>();
-    const int64_t lo = qkv_lohi[2 * i], hi = qkv_lohi[2 * i + 1];
-    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / D), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        requant_row_c(x + r * D, bp, dy.m.data(), dy.half.data(), dy.rs.data(), dy.ls.data(), c8 + r * D, D, lo, hi);
-    });
+    requant_rows_int8(x, bp, dy, c8, N, D, qkv_lohi[2 * i], qkv_lohi[2 * i + 1]);
   }
   const bool* mk = mask.data_ptr<bool>();
   int8_t* o = out.data_ptr<int8_t>();
