@@ -1,6 +1,7 @@
 """Fused CPU kernels: LSQ fake quantization (``csrc/lsq_cpu.cpp``) and the attention-score MSE of the distillation
 loss (``csrc/attention_mse_cpu.cpp``) for float32 tensors, and the integer engine's fused passes
-(``csrc/integer_cpu.cpp``: requantization, i-softmax, i-GELU, residual + integer LayerNorm).
+(``csrc/integer_cpu.cpp``: requantization, the attention block with its i-softmax, i-GELU, residual + integer
+LayerNorm).
 
 The unfused torch formula of :mod:`kdlsq_pl.quant.lsq` makes about four passes over a tensor forward and ten
 backward (div, round, clamp, mul; compares, where, round, sub, two masked fills, two muls); on CPU those
@@ -43,8 +44,8 @@ _loaded: dict[str, Any] = {}
 def cpu_kernels() -> Any | None:
     """The ``torch.ops.kdlsq`` namespace (``lsq_forward``, ``lsq_backward``, ``dropout_lsq_forward``,
     ``dropout_lsq_recompute``, ``dropout_lsq_backward``, ``attention_mse_forward``, ``attention_mse_backward``,
-    ``int_requant``, ``int_softmax_requant``, ``int_gelu_requant``, ``int_residual_layernorm``), building it on
-    first call.
+    ``int_requant``, ``int_softmax_requant``, ``int_attention``, ``int_gelu_requant``, ``int_residual_layernorm``,
+    ``set_simd``), building it on first call.
 
     Returns:
         ``torch.ops.kdlsq``, or None when the C++ build fails (no compiler, no ninja, non-Linux); the failure is

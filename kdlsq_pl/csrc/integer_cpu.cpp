@@ -6,10 +6,17 @@
 //   requant            out = clamp(shift_round((x + bias[c]) * m[c], e[c]), lo, hi), int8 or int64 out
 //   softmax_requant    I-BERT's i-softmax of one row of int32 scores (keys masked by a [B, T] mask), then the
 //                      probability quantizer's requantization, int8 out
+//   attention          the query, key and value products requantized to codes, then per (example, head) q k^T and
+//                      p v by oneDNN (at::_int_mm) with softmax_requant's rows between them, the context requantized
+//                      onto the output Linear's input grid, int8 out
 //   gelu_requant       requant to the GELU scale, i-GELU, requant onto the next Linear's input grid, int8 out
-//   residual_layernorm clamp(requant(a + bias) + requant(h)) then the integer LayerNorm, int32 out (|out| < 2^20)
+//   residual_layernorm clamp(requant(a + bias) + requant(h)) then the integer LayerNorm, int32 out (|out| < 2^20),
+//                      and optionally the int8 codes of that output on the grids of the Linears that read it
 // Each op writes into ``out`` when one is given (contiguous, the exact shape and dtype; not aliasing an input),
-// else into a new tensor.
+// else into a new tensor. The hot rows have two forms giving the same integers: loops the compiler vectorizes (the
+// target_clones copies), and hand-written AVX-512 rows where the CPU has AVX-512 and the operands of a product
+// provably fit 32 bits, so that each 64-bit product is one vpmuldq / vpmuludq instead of vpmullq (three micro-ops
+// on Intel); set_simd(false) keeps the first form only (the tests run both).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_int_mm.h>

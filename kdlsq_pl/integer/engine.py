@@ -183,16 +183,16 @@ def _fused_args(L: _Layer) -> dict[str, tuple]:
 
     sm, p, g, n = L.softmax, L.p_rq, L.gelu, L.o2.in_rq
     qkv = [(lin.bias, *rq(r)) for lin, r in ((L.q, L.q_rq), (L.k, L.k_rq), (L.v, L.v_rq))]
-    o_in = rq(L.o.in_rq)
+    o_m, o_e, o_lo, o_hi = code(L.o)
     return {
+        # int_attention: the query, key and value outputs' (bias, m, e) and code bounds; the softmax constants and
+        # the probability grid; the output Linear's input grid
         "attention": (*[t for x in qkv for t in x[:3]], [b for x in qkv for b in x[3:]]),
+        "attention_sm": ([sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS, int(p.m),
+                          int(p.e), p.lo, p.hi], int(o_m), int(o_e), o_lo, o_hi),
         # the int8 codes a LayerNorm writes beside its output: (m, e, lo, hi) of each Linear that reads it
         "qkv_code": [int(v) for lin in (L.q, L.k, L.v) for v in code(lin)],
         "i_code": [int(v) for v in code(L.i)],
-        "attention_sm": ([sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS, int(p.m),
-                          int(p.e), p.lo, p.hi], int(o_in[0]), int(o_in[1]), o_in[2], o_in[3]),
-        "softmax": (sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS, int(p.m),
-                    int(p.e), p.lo, p.hi),
         "gelu": (L.i.bias, *rq(L.g_rq)[:2], L.g_rq.hi, g.b_int, g.c_int, g.shift, g.one, int(n.m), int(n.e), n.lo, n.hi),
         "res1": residual(L.o, L.o_rq, L.h_rq1, L.clamp1, L.ln1),
         "res2": residual(L.o2, L.o2_rq, L.h_rq2, L.clamp2, L.ln2),
