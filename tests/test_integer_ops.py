@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kdlsq_pl.integer.ops import INT, IntGELU, IntLayerNorm, IntSoftmax, Requantize, dyadic, int_sqrt
+from kdlsq_pl.integer.ops import INT, IntGELU, IntLayerNorm, IntSoftmax, Requantize, bit_length, dyadic, int_sqrt
 
 
 class NoFloat(TorchDispatchMode):
@@ -63,6 +63,16 @@ def test_requantize_per_channel_and_clamp():
     rq = Requantize(torch.tensor([0.1, 0.2, 0.4]), 0.1, lo=-127, hi=127)
     q = torch.tensor([[10, 10, 10], [1000, -1000, 3]], dtype=INT)
     assert rq(q).tolist() == [[10, 20, 40], [127, -127, 12]]
+
+
+def test_bit_length_equals_pythons_and_uses_no_float():
+    g = torch.Generator().manual_seed(2)
+    vals = [0, 1, 2, 3, 4, 7, 8, 2 ** 31 - 1, 2 ** 31, 2 ** 32, 2 ** 62, 2 ** 63 - 1]
+    vals += [v >> int(s) for v, s in zip(torch.randint(0, 2 ** 63 - 1, (3000,), generator=g, dtype=INT).tolist(),
+                                          torch.randint(0, 63, (3000,), generator=g).tolist())]
+    with NoFloat():
+        got = bit_length(torch.tensor(vals, dtype=INT))
+    assert got.tolist() == [v.bit_length() for v in vals]
 
 
 def test_int_sqrt_equals_isqrt_and_uses_no_float():

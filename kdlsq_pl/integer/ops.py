@@ -98,11 +98,14 @@ class Requantize:
 
 
 def bit_length(n: torch.Tensor) -> torch.Tensor:
-    """The bit length of each non-negative ``int64`` (0 for 0), counted by comparisons: ``bit_length(5) == 3``."""
+    """The bit length of each non-negative ``int64`` (0 for 0): ``bit_length(5) == 3``. A binary search by shifts
+    and comparisons (six halvings of the 64 bits, then the last bit), integer only."""
     out = torch.zeros_like(n)
-    for k in range(63):
-        out += (n >= (1 << k)).to(INT)
-    return out
+    for k in (32, 16, 8, 4, 2, 1):
+        big = (n >> k) > 0
+        n = torch.where(big, n >> k, n)
+        out += big.to(INT) * k
+    return out + (n > 0).to(INT)
 
 
 def int_sqrt(n: torch.Tensor) -> torch.Tensor:
