@@ -86,8 +86,8 @@ def _ln_bound(ln: nn.LayerNorm) -> float:
 class _Workspace(threading.local):
     """The fused path's reused output buffers: one growable flat buffer per tag, per thread.
 
-    Each intermediate of a layer (the Linears' int32 products, the int8 codes, the attention scores, probabilities
-    and context) is written into the same memory on every layer and every call, instead of a new tensor each time.
+    Each intermediate of a layer (the Linears' int32 products, the int8 codes, the LayerNorm outputs) is written
+    into the same memory on every layer and every call, instead of a new tensor each time.
     Memory written again soon is still in cache, where a new allocation of a few MB costs a trip to DRAM: at batch
     8, length 128 that alone made ``torch._int_mm`` take twice its back-to-back time inside the engine
     (``benchmarks/int_mm_in_engine.py``). A tag's buffer is only reused after its previous content has been read;
@@ -99,16 +99,23 @@ class _Workspace(threading.local):
     def __init__(self, reuse: bool = True):
         self.reuse = reuse
         self.buffers: dict[str, torch.Tensor] = {}
+        self.views: dict[tuple, torch.Tensor] = {}  # (tag, shape, dtype) -> the view handed out last time
 
     def __call__(self, tag: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A contiguous ``[*shape]`` tensor of ``dtype`` in the buffer of ``tag`` (its content is undefined)."""
         if not self.reuse:
             return torch.empty(shape, dtype=dtype)
+        key = (tag, shape, dtype)
+        view = self.views.get(key)
+        if view is not None:  # the same view as last time (slicing and viewing cost microseconds a call)
+            return view
         flat = self.buffers.get(tag)
         n = math.prod(shape)
         if flat is None or flat.dtype != dtype or flat.numel() < n:
             flat = self.buffers[tag] = torch.empty(n, dtype=dtype)
-        return flat[:n].view(shape)
+            self.views = {k: v for k, v in self.views.items() if k[0] != tag}  # views of the old buffer
+        view = self.views[key] = flat[:n].view(shape)
+        return view
 
 
 @dataclass
