@@ -99,9 +99,9 @@ def test_fused_softmax_equals_the_reference_on_edge_scores(kernels, simd, scale)
 
 @pytest.mark.parametrize("T", [17, 40])
 def test_fused_attention_equals_the_reference(kernels, simd, T):
-    """The attention kernel (each head's query, key and value codes, ``q k^T`` and ``p v`` by oneDNN per (example,
-    head), the i-softmax between them, the context onto the next grid) against the reference operators and integer
-    einsums, with padded keys, one example with a single visible key, per-channel multipliers and codes at +-127."""
+    """The attention kernel (``q k^T`` and ``p v`` on int8 codes by oneDNN per (example, head), the i-softmax between
+    them, the context onto the next grid) against the reference operators and integer einsums, with padded keys, one
+    example with a single visible key, and codes at +-127."""
     g = torch.Generator().manual_seed(3)
     B, H, d = 3, 4, 32
     D, N = H * d, B * T
@@ -120,15 +120,15 @@ def test_fused_attention_equals_the_reference(kernels, simd, T):
     scores = torch.einsum("bthd,bshd->bhts", q, k)  # integer einsum: no float
     probs = p_rq(sm(scores, mask[:, None, None, :]))
     want = o_rq(torch.einsum("bhts,bshd->bthd", probs, v)).reshape(N, D)
-    args = [t for a, b_, r in zip(acc, bias, rqs) for t in (a, b_, r.m.reshape(-1), r.e.reshape(-1))]
-    qkv, consts = args[0::4], [t for i in range(3) for t in args[4 * i + 1:4 * i + 4]]
+    codes = [x.reshape(N, D).to(torch.int8) for x in (q, k, v)]
     sm_args = [sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS, int(p_rq.m), int(p_rq.e), 0, 127]
-    got = kernels.int_attention(*qkv, *consts, [-127, 127] * 3, mask, B, H, sm_args, int(o_rq.m), int(o_rq.e), -127, 127)
+    got = kernels.int_attention(*codes, mask, B, H, sm_args, int(o_rq.m), int(o_rq.e), -127, 127)
     assert got.dtype == torch.int8 and got.shape == (N, D)
     assert torch.equal(got.to(INT), want)
     assert want.abs().max() == 127 and (probs[2, :, :, 0] == 127).all()  # the clamp and the single key are reached
+    assert q.abs().max() == 127  # query codes at the clamp
     with pytest.raises(RuntimeError, match="int_attention: D = 128 is not a multiple of heads = 5"):
-        kernels.int_attention(*qkv, *consts, [-127, 127] * 3, mask, B, 5, sm_args, int(o_rq.m), int(o_rq.e), -127, 127)
+        kernels.int_attention(*codes, mask, B, 5, sm_args, int(o_rq.m), int(o_rq.e), -127, 127)
 
 
 def test_fused_layernorm_writes_the_codes_of_its_output(kernels, simd):

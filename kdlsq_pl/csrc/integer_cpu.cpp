@@ -6,9 +6,8 @@
 //   requant            out = clamp(shift_round((x + bias[c]) * m[c], e[c]), lo, hi), int8 or int64 out
 //   softmax_requant    I-BERT's i-softmax of one row of int32 scores (keys masked by a [B, T] mask), then the
 //                      probability quantizer's requantization, int8 out
-//   attention          the query, key and value products requantized to codes, then per (example, head) q k^T and
-//                      p v by oneDNN (at::_int_mm) with softmax_requant's rows between them, the context requantized
-//                      onto the output Linear's input grid, int8 out
+//   attention          per (example, head) q k^T and p v on int8 codes by oneDNN (at::_int_mm) with softmax_requant's
+//                      rows between them, the context requantized onto the output Linear's input grid, int8 out
 //   gelu_requant       requant to the GELU scale, i-GELU, requant onto the next Linear's input grid, int8 out
 //   residual_layernorm clamp(requant(a + bias) + requant(h)) then the integer LayerNorm, int32 out (|out| < 2^20),
 //                      and optionally the int8 codes of that output on the grids of the Linears that read it
@@ -695,48 +694,33 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
   return out;
 }
 
-// The query, key and value accumulators requantized to int8 codes (one pass each), then one head of one example per
-// task, in that head's tiles (which stay in cache): scores = q k^T and context = p v by oneDNN's s8s8 GEMM (at::_int_mm
-// on views of the codes; inside the parallel region it runs on the task's thread), the i-softmax and the probability
-// quantizer's requantization between them, and the context requantized onto the output Linear's input grid.
-// qa, ka, va: [B*T, D] int32 products of the query, key and value Linears; (bias, m, e, lo, hi) of each one's output
-// requantization (bias [D]; m, e [D] or [1]); mask [B, T] bool; sm: the 12 constants of softmax_requant; (om, oe, olo,
-// ohi) the output Linear's input requantization. int8 out [B*T, D].
-at::Tensor attention(const at::Tensor& qa, const at::Tensor& ka, const at::Tensor& va, const at::Tensor& qb, const at::Tensor& qm,
-                     const at::Tensor& qe, const at::Tensor& kb, const at::Tensor& km, const at::Tensor& ke, const at::Tensor& vb,
-                     const at::Tensor& vm, const at::Tensor& ve, at::IntArrayRef qkv_lohi, const at::Tensor& mask, int64_t B,
+// One task per (example, head), in that head's tiles (which stay in cache): scores = q k^T and context = p v by
+// oneDNN's s8s8 GEMM (at::_int_mm on views of the codes; inside the parallel region it runs on the task's thread), the
+// i-softmax and the probability quantizer's requantization between them, and the context requantized onto the output
+// Linear's input grid. q8, k8, v8: [B*T, D] int8 codes of the query, key and value (heads side by side); mask [B, T]
+// bool; sm: the 12 constants of softmax_requant; (om, oe, olo, ohi) the output Linear's input requantization. int8
+// out [B*T, D].
+at::Tensor attention(const at::Tensor& q8, const at::Tensor& k8, const at::Tensor& v8, const at::Tensor& mask, int64_t B,
                      int64_t heads, at::IntArrayRef sm, int64_t om, int64_t oe, int64_t olo, int64_t ohi,
                      const std::optional<at::Tensor>& out_opt) {
-  for (const at::Tensor* t : {&qa, &ka, &va})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kInt && t->dim() == 2 && t->sizes() == qa.sizes(),
-                "int_attention: q, k, v products must be contiguous int32 [B*T, D] of one shape");
+  for (const at::Tensor* t : {&q8, &k8, &v8})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kChar && t->dim() == 2 && t->sizes() == q8.sizes(),
+                "int_attention: q, k, v codes must be contiguous int8 [B*T, D] of one shape");
   TORCH_CHECK(mask.is_contiguous() && mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B &&
-              mask.size(0) * mask.size(1) == qa.size(0), "int_attention: mask must be a contiguous bool [B, T]");
-  TORCH_CHECK(sm.size() == 12 && qkv_lohi.size() == 6, "int_attention: 12 softmax constants and 6 code bounds");
-  const int64_t N = qa.size(0), D = qa.size(1), T = N / B, d = D / heads;
+              mask.size(0) * mask.size(1) == q8.size(0), "int_attention: mask must be a contiguous bool [B, T]");
+  TORCH_CHECK(sm.size() == 12, "int_attention: 12 softmax constants");
+  const int64_t N = q8.size(0), D = q8.size(1), T = N / B, d = D / heads;
   TORCH_CHECK(heads > 0 && D % heads == 0, "int_attention: D = ", D, " is not a multiple of heads = ", heads);
-  at::Tensor out = output(out_opt, qa.sizes(), qa.options().dtype(at::kChar), "int_attention");
+  at::Tensor out = output(out_opt, q8.sizes(), q8.options(), "int_attention");
   const SoftmaxRows smx(sm[0], sm[1], sm[2], sm[3], sm[4], sm[5], sm[6], sm[7], sm[8], sm[9], sm[10], sm[11], "int_attention");
   const int64_t ohalf = oe > 0 ? (int64_t(1) << (oe - 1)) : 0, ors = std::max<int64_t>(oe, 0), ols = std::max<int64_t>(-oe, 0);
-  // the query, key and value codes [B*T, D] int8, each a pass over whole rows (a head's slice is too short a loop)
-  at::Tensor codes[3];
-  const at::Tensor* accs[3] = {&qa, &ka, &va};
-  const at::Tensor* biases[3] = {&qb, &kb, &vb};
-  const at::Tensor* ms[3] = {&qm, &km, &vm};
-  const at::Tensor* es[3] = {&qe, &ke, &ve};
-  for (int i = 0; i < 3; ++i) {
-    codes[i] = at::empty({N, D}, qa.options().dtype(at::kChar));
-    const Dyadic dy(*ms[i], *es[i], D);
-    const int32_t* x = accs[i]->data_ptr<int32_t>();
-    const int64_t* bp = biases[i]->data_ptr<int64_t>();
-    int8_t* c8 = codes[i].data_ptr<int8_t>();
-    requant_rows_int8(x, bp, dy, c8, N, D, qkv_lohi[2 * i], qkv_lohi[2 * i + 1]);
-  }
+  const at::Tensor codes[3] = {q8, k8, v8};
+  const auto i32 = q8.options().dtype(at::kInt);
   const bool* mk = mask.data_ptr<bool>();
   int8_t* o = out.data_ptr<int8_t>();
   at::parallel_for(0, B * heads, 1, [&](int64_t t0, int64_t t1) {
-    at::Tensor S = at::empty({T, T}, qa.options()), P = at::empty({T, T}, qa.options().dtype(at::kChar)),
-               Cx = at::empty({T, d}, qa.options()), C8 = at::empty({T, d}, P.options());
+    at::Tensor S = at::empty({T, T}, i32), P = at::empty({T, T}, q8.options()), Cx = at::empty({T, d}, i32),
+               C8 = at::empty({T, d}, q8.options());
     std::vector<int64_t> ex(T);
     int8_t *Pp = P.data_ptr<int8_t>(), *C8p = C8.data_ptr<int8_t>();
     const int32_t *Sp = S.data_ptr<int32_t>(), *Cp = Cx.data_ptr<int32_t>();
@@ -768,9 +752,8 @@ TORCH_LIBRARY_FRAGMENT(kdlsq, m) {
   m.def("int_requant(Tensor x, Tensor? bias, Tensor m, Tensor e, int lo, int hi, bool int8_out, Tensor(a!)? out=None) -> Tensor");
   m.def("int_softmax_requant(Tensor scores, Tensor mask, int x0, int b_int, int c_int, int widen, int out_bits, int n_clamp, "
         "int sum_bits, int num_bits, int m, int e, int lo, int hi, Tensor(a!)? out=None) -> Tensor");
-  m.def("int_attention(Tensor qa, Tensor ka, Tensor va, Tensor qb, Tensor qm, Tensor qe, Tensor kb, Tensor km, Tensor ke, "
-        "Tensor vb, Tensor vm, Tensor ve, int[] qkv_lohi, Tensor mask, int B, int heads, int[] sm, int om, int oe, int olo, int ohi, "
-        "Tensor(a!)? out=None) -> Tensor");
+  m.def("int_attention(Tensor q8, Tensor k8, Tensor v8, Tensor mask, int B, int heads, int[] sm, int om, int oe, int olo, "
+        "int ohi, Tensor(a!)? out=None) -> Tensor");
   m.def("int_gelu_requant(Tensor acc, Tensor bias, Tensor gm, Tensor ge, int g_clamp, int b_int, int c_int, int shift, int one, "
         "int nm, int ne, int lo, int hi, Tensor(a!)? out=None) -> Tensor");
   m.def("int_residual_layernorm(Tensor a, Tensor bias, Tensor am, Tensor ae, Tensor h, int hm, int he, int res_clamp, "

@@ -189,14 +189,13 @@ def _fused_args(L: _Layer) -> dict[str, tuple]:
         return m, e, lo, hi
 
     sm, p, g, n = L.softmax, L.p_rq, L.gelu, L.o2.in_rq
-    qkv = [(lin.bias, *rq(r)) for lin, r in ((L.q, L.q_rq), (L.k, L.k_rq), (L.v, L.v_rq))]
     o_m, o_e, o_lo, o_hi = code(L.o)
     return {
-        # int_attention: the query, key and value outputs' (bias, m, e) and code bounds; the softmax constants and
-        # the probability grid; the output Linear's input grid
-        "attention": (*[t for x in qkv for t in x[:3]], [b for x in qkv for b in x[3:]]),
-        "attention_sm": ([sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS, int(p.m),
-                          int(p.e), p.lo, p.hi], int(o_m), int(o_e), o_lo, o_hi),
+        # the query, key and value outputs onto their codes: (bias, m, e, lo, hi)
+        **{f"{name}_out": (lin.bias, *rq(r)) for name, lin, r in (("q", L.q, L.q_rq), ("k", L.k, L.k_rq), ("v", L.v, L.v_rq))},
+        # int_attention: the softmax constants and the probability grid; the output Linear's input grid
+        "attention": ([sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS, int(p.m),
+                       int(p.e), p.lo, p.hi], int(o_m), int(o_e), o_lo, o_hi),
         # the int8 codes a LayerNorm writes beside its output: (m, e, lo, hi) of each Linear that reads it
         "qkv_code": [int(v) for lin in (L.q, L.k, L.v) for v in code(lin)],
         "i_code": [int(v) for v in code(L.i)],
@@ -364,10 +363,12 @@ class IntegerEngine:
         K, ws, c = self.kernels, self.workspace, L.fused
         N, D = h.shape
         i8, i32 = torch.int8, torch.int32
-        qa, ka, va = (torch._int_mm(x8, lin.w_t, out=ws(f"acc_{n}", (N, D), i32))
+        # each product onto its codes at once, so the int32 buffer is written again while it is still in cache
+        q8, k8, v8 = (K.int_requant(torch._int_mm(x8, lin.w_t, out=ws("acc", (N, D), i32)), *c[f"{n}_out"], True,
+                                    ws(f"{n}_codes", (N, D), i8))
                       for n, x8, lin in zip("qkv", codes, (L.q, L.k, L.v)))
-        sm, om, oe, olo, ohi = c["attention_sm"]
-        o8 = K.int_attention(qa, ka, va, *c["attention"], mask, mask.shape[0], L.heads, sm, om, oe, olo, ohi, ws("o8", (N, D), i8))
+        sm, om, oe, olo, ohi = c["attention"]
+        o8 = K.int_attention(q8, k8, v8, mask, mask.shape[0], L.heads, sm, om, oe, olo, ohi, ws("o8", (N, D), i8))
         (a1, r1), (a2, r2) = c["res1"], c["res2"]
         acc_o = torch._int_mm(o8, L.o.w_t, out=ws("acc", (N, D), i32))
         i_in = ws("i8", (N, D), i8)
