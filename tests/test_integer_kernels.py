@@ -217,3 +217,57 @@ def test_fused_kernels_write_into_a_given_out(kernels):
     assert kernels.int_residual_layernorm(*ln_args, out, [], []).data_ptr() == out.data_ptr() and torch.equal(out, want)
     with pytest.raises(RuntimeError, match="int_residual_layernorm: out must be"):
         kernels.int_residual_layernorm(*ln_args, torch.zeros(N, C, dtype=torch.int64), [], [])
+
+
+def test_simd_rows_equal_the_compiler_rows_where_their_bounds_fail(kernels):
+    """Constants the engine never builds but the ops accept, each at the edge of a bound of the AVX-512 rows (a
+    one-level ln2 step ``x0 = -1``, negative exp values, a GELU polynomial whose ``y + one`` passes 2^31): the
+    kernels must give the compiler rows' integers (and the reference's) with the AVX-512 rows allowed."""
+    def both(f):
+        before = kernels.set_simd(True)
+        try:
+            fast = f()
+            kernels.set_simd(False)
+            plain = f()
+        finally:
+            kernels.set_simd(before)
+        return fast, plain
+
+    one_rq = Requantize(1.0, 1.0, 0, 127)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    for x0, b_int, c_int, n_clamp, scores in ((-1, 10, 0, 30, [0, -2]), (-4, 4, -100, 4, [0, -9])):
+        sm = IntSoftmax(1e-3)
+        sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS = x0, b_int, c_int, 0, 8, n_clamp, 8, 16
+        s = torch.tensor(scores, dtype=torch.int32).reshape(1, 1, 1, 2)
+        want = torch.clamp(one_rq(sm(s.to(INT), mask[:, None, None, :])), 0, 127)
+        fast, plain = both(lambda: kernels.int_softmax_requant(s, mask, x0, b_int, c_int, 0, 8, n_clamp, 8, 16, int(one_rq.m),
+                                                               int(one_rq.e), 0, 127))
+        assert torch.equal(fast, plain) and torch.equal(fast.to(INT), want)
+    from kdlsq_pl.integer.ops import IntGELU
+    gelu = IntGELU(1e-3)
+    gelu.b_int, gelu.c_int, gelu.shift, gelu.one = -2 ** 20, 2 ** 40, 10, 2 ** 29
+    acc = torch.tensor([[1, -1, 0, 5]], dtype=torch.int32)
+    ident = Requantize(1.0, 1.0, -2 ** 20, 2 ** 20)
+    n_rq = Requantize(1.0, 1.0, -127, 127)
+    want = n_rq(gelu(ident(acc.to(INT))))
+    fast, plain = both(lambda: kernels.int_gelu_requant(acc, torch.zeros(4, dtype=INT), ident.m.reshape(-1), ident.e.reshape(-1),
+                                                        2 ** 20, gelu.b_int, gelu.c_int, gelu.shift, gelu.one, int(n_rq.m),
+                                                        int(n_rq.e), -127, 127))
+    assert torch.equal(fast, plain) and torch.equal(fast.to(INT), want)
+
+
+def test_fused_kernels_refuse_inverted_clamps_and_empty_shapes_run(kernels):
+    x = torch.zeros(4, 0, dtype=torch.int32)
+    rq = Requantize(1.0, 1.0)
+    assert kernels.int_requant(x, None, rq.m.reshape(-1), rq.e.reshape(-1), -127, 127, True).shape == (4, 0)
+    with pytest.raises(RuntimeError, match="int_requant: lo = 10 > hi = 0"):
+        kernels.int_requant(torch.ones(2, 8, dtype=torch.int32), None, rq.m.reshape(-1), rq.e.reshape(-1), 10, 0, True)
+    C = 8
+    ln = IntLayerNorm(torch.ones(C), torch.zeros(C), 2.0 ** -10)
+    with pytest.raises(RuntimeError, match="allowed: 0 <= res_clamp <= 2"):
+        kernels.int_residual_layernorm(torch.zeros(2, C, dtype=torch.int32), torch.zeros(C, dtype=INT), torch.ones(1, dtype=INT),
+                                       torch.zeros(1, dtype=INT), torch.ones(2, C, dtype=torch.int32), 1, 0, -1, ln.gamma_int,
+                                       ln.beta_int, ln.NORM_BITS, int(ln.requant.m), int(ln.requant.e), None, [], [])
+    q8 = torch.zeros(4, 64, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="int_attention: heads = 0 and B = 2; allowed: both >= 1"):
+        kernels.int_attention(q8, q8, q8, torch.ones(2, 2, dtype=torch.bool), 2, 0, [-100, 1, 1, 0, 16, 30, 24, 48, 1, 0, 0, 127], 1, 0, -127, 127)

@@ -212,13 +212,13 @@ void requant_rows_int8(const int32_t* x, const int64_t* bias, const Dyadic& dy, 
   if (ok) {
     std::vector<int64_t> bmh(C);
     for (int64_t c = 0; c < C; ++c) bmh[c] = int64_t(uint64_t(bias ? bias[c] : 0) * uint64_t(dy.m[c]) + uint64_t(dy.half[c]));
-    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) requant_row_avx512(x + r * C, bmh.data(), dy.m.data(), dy.rs.data(), dy.ls.data(), out + r * C, C, lo, hi);
     });
     return;
   }
 #endif
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       requant_row_c(x + r * C, bias, dy.m.data(), dy.half.data(), dy.rs.data(), dy.ls.data(), out + r * C, C, lo, hi);
   });
@@ -228,6 +228,7 @@ void requant_rows_int8(const int32_t* x, const int64_t* bias, const Dyadic& dy, 
 at::Tensor requant(const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& m, const at::Tensor& e,
                    int64_t lo, int64_t hi, bool int8_out, const std::optional<at::Tensor>& out_opt) {
   TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kLong || x.scalar_type() == at::kInt), "requant: contiguous int64/int32 x");
+  TORCH_CHECK(lo <= hi, "int_requant: lo = ", lo, " > hi = ", hi);
   const int64_t C = x.size(-1), N = x.numel() / std::max<int64_t>(C, 1);
   at::Tensor out = output(out_opt, x.sizes(), x.options().dtype(int8_out ? at::kChar : at::kLong), "int_requant");
   const Dyadic d(m, e);
@@ -307,6 +308,7 @@ KDLSQ_AVX512 void normalise_row_avx512(const int64_t* ex, int8_t* o, int64_t T, 
 struct SoftmaxRows {
   int64_t b_int, c_int, widen, out_bits, sum_bits, num_bits, m, half, rs, ls, lo, hi, d0, floor_x, masked_value;
   uint64_t R;
+  int64_t e_bits;
   bool simd;
   SoftmaxRows(int64_t x0, int64_t b_int_, int64_t c_int_, int64_t widen_, int64_t out_bits_, int64_t n_clamp, int64_t sum_bits_,
               int64_t num_bits_, int64_t m_, int64_t e, int64_t lo_, int64_t hi_, const char* op)
@@ -318,8 +320,14 @@ struct SoftmaxRows {
     TORCH_CHECK(d0 > 0 && -n_clamp * x0 < (int64_t(1) << 32), op, ": x0 out of range");
     R = (uint64_t(1) << 32) / uint64_t(d0);
 #if defined(__x86_64__)
-    simd = simd_allowed() && has_avx512() && b_int + x0 >= 0 && b_int < (int64_t(1) << 32) && sum_bits <= 32 && m >= 0 &&
-           m < (int64_t(1) << 32) && out_bits < 64;
+    // the exp values are non-negative and below 2^e_bits (c_int >= 0; e_bits from the polynomial's largest value at
+    // p = 0 and the widening), so a row of T of them sums without wrapping where e_bits + bit_length(T) <= 62 (row())
+    const __int128 y_max = __int128(b_int) * b_int + c_int;
+    e_bits = 0;
+    for (__int128 v = y_max; v > 0; v >>= 1) ++e_bits;
+    e_bits += widen;
+    simd = simd_allowed() && has_avx512() && d0 >= 2 && b_int + x0 >= 0 && b_int < (int64_t(1) << 32) && c_int >= 0 &&
+           widen >= 0 && sum_bits <= 32 && m >= 0 && m < (int64_t(1) << 32) && out_bits < 64;
 #else
     simd = false;
 #endif
@@ -327,7 +335,7 @@ struct SoftmaxRows {
 
   void row(const int32_t* scores, const bool* vis, int64_t* ex, int8_t* o, int64_t T) const {
     const int64_t mx = row_max(scores, vis, T, masked_value);
-    const bool fast = simd && mx != masked_value;
+    const bool fast = simd && mx != masked_value && e_bits + bit_length(T) <= 62;
     int64_t total;
 #if defined(__x86_64__)
     if (fast) total = exp_row_avx512(scores, vis, ex, T, mx, floor_x, d0, R, b_int, c_int, widen);
@@ -355,6 +363,7 @@ at::Tensor softmax_requant(const at::Tensor& scores, const at::Tensor& mask, int
                            int64_t hi, const std::optional<at::Tensor>& out_opt) {
   TORCH_CHECK(scores.is_contiguous() && scores.scalar_type() == at::kInt && scores.dim() == 4, "softmax_requant: [B,H,T,T] int32");
   TORCH_CHECK(mask.is_contiguous() && mask.scalar_type() == at::kBool, "softmax_requant: bool mask [B, T]");
+  TORCH_CHECK(lo <= hi, "int_softmax_requant: lo = ", lo, " > hi = ", hi);
   const int64_t B = scores.size(0), Tk = scores.size(3), rows = scores.numel() / Tk;
   const int64_t rows_per_b = rows / B;
   at::Tensor out = output(out_opt, scores.sizes(), scores.options().dtype(at::kChar), "int_softmax_requant");
@@ -426,6 +435,8 @@ at::Tensor gelu_requant(const at::Tensor& acc, const at::Tensor& bias, const at:
                         int64_t b_int, int64_t c_int, int64_t shift, int64_t one, int64_t nm, int64_t ne, int64_t lo, int64_t hi,
                         const std::optional<at::Tensor>& out_opt) {
   TORCH_CHECK(acc.is_contiguous() && acc.scalar_type() == at::kInt, "gelu_requant: contiguous int32 acc");
+  TORCH_CHECK(lo <= hi && g_clamp >= 0, "int_gelu_requant: lo = ", lo, ", hi = ", hi, ", g_clamp = ", g_clamp,
+              "; allowed: lo <= hi, g_clamp >= 0");
   const int64_t C = acc.size(-1), N = acc.numel() / C;
   at::Tensor out = output(out_opt, acc.sizes(), acc.options().dtype(at::kChar), "int_gelu_requant");
   const Dyadic d(gm, ge, C);
@@ -436,15 +447,16 @@ at::Tensor gelu_requant(const at::Tensor& acc, const at::Tensor& bias, const at:
 #if defined(__x86_64__)
   {
     const int64_t lim = int64_t(1) << 31;
-    const __int128 y_bound = (std::max<__int128>(__int128(b_int) * b_int, c_int < 0 ? -__int128(c_int) : __int128(c_int)) >> shift) +
-                             (one < 0 ? -__int128(one) : __int128(one)) + 1;
+    // |t^2 + c_int| for t^2 in [0, b_int^2] is largest at an end: max(|c_int|, |b_int^2 + c_int|)
+    const __int128 c_abs = c_int < 0 ? -__int128(c_int) : __int128(c_int), top = __int128(b_int) * b_int + c_int;
+    const __int128 y_bound = (std::max<__int128>(c_abs, top < 0 ? -top : top) >> shift) + (one < 0 ? -__int128(one) : __int128(one)) + 1;
     bool ok = simd_allowed() && has_avx512() && g_clamp >= 0 && g_clamp < lim && b_int <= 0 && -b_int < lim && y_bound < lim &&
               nm >= 0 && nm < lim && shift >= 0 && shift < 64;
     for (int64_t c = 0; c < C && ok; ++c) ok = d.m[c] >= 0 && d.m[c] < lim;
     if (ok) {
       std::vector<int64_t> bmh(C);
       for (int64_t c = 0; c < C; ++c) bmh[c] = int64_t(uint64_t(bp[c]) * uint64_t(d.m[c]) + uint64_t(d.half[c]));
-      at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)
           gelu_row_avx512(a + r * C, bmh.data(), d.m.data(), d.rs.data(), d.ls.data(), g_clamp, b_int, c_int, shift, one, nm, nhalf,
                           nrs, nls, lo, hi, o + r * C, C);
@@ -453,7 +465,7 @@ at::Tensor gelu_requant(const at::Tensor& acc, const at::Tensor& bias, const at:
     }
   }
 #endif
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       gelu_row(a + r * C, bp, d.m.data(), d.half.data(), d.rs.data(), d.ls.data(), g_clamp, b_int, c_int, shift, one,
                nm, nhalf, nrs, nls, lo, hi, o + r * C, C);
@@ -615,7 +627,8 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
   const int64_t* bp = bias.data_ptr<int64_t>();
   const int64_t *gp = gamma.data_ptr<int64_t>(), *btp = beta.data_ptr<int64_t>();
   // bounds of normalise_ln_row: |y - mean| < 2^25 after the clamp, norm_bits <= 14
-  TORCH_CHECK(res_clamp <= (int64_t(1) << 24) && norm_bits >= 0 && norm_bits <= 14, "residual_layernorm: res_clamp > 2^24 or norm_bits > 14");
+  TORCH_CHECK(res_clamp >= 0 && res_clamp <= (int64_t(1) << 24) && norm_bits >= 0 && norm_bits <= 14,
+              "residual_layernorm: res_clamp = ", res_clamp, " and norm_bits = ", norm_bits, "; allowed: 0 <= res_clamp <= 2^24, 0 <= norm_bits <= 14");
   const Dyadic d(am, ae, C);
   const int64_t hhalf = he > 0 ? (int64_t(1) << (he - 1)) : 0, hrs = std::max<int64_t>(he, 0), hls = std::max<int64_t>(-he, 0);
   int32_t* o = out.data_ptr<int32_t>();
@@ -627,6 +640,7 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
   for (int64_t j = 0; j < n_codes; ++j) {
     TORCH_CHECK(codes[j].is_contiguous() && codes[j].scalar_type() == at::kChar && codes[j].numel() == N * C,
                 "residual_layernorm: each code tensor must be a contiguous int8 tensor of ", N * C, " elements");
+    TORCH_CHECK(code_rq[4 * j + 2] <= code_rq[4 * j + 3], "residual_layernorm: code grid ", j, " has lo > hi");
     code_ptr.push_back(codes[j].data_ptr<int8_t>());
     const int64_t e = code_rq[4 * j + 1];
     cm.push_back(code_rq[4 * j]);
@@ -656,7 +670,7 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
   for (int64_t j = 0; j < n_codes; ++j)
     grids.push_back({cm[j], chalf[j], crs[j], cls[j], code_rq[4 * j + 2], code_rq[4 * j + 3], code_ptr[j]});
 #endif
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> res(C);
     for (int64_t r = r0; r < r1; ++r) {
 #if defined(__x86_64__)
@@ -709,8 +723,10 @@ at::Tensor attention(const at::Tensor& q8, const at::Tensor& k8, const at::Tenso
   TORCH_CHECK(mask.is_contiguous() && mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B &&
               mask.size(0) * mask.size(1) == q8.size(0), "int_attention: mask must be a contiguous bool [B, T]");
   TORCH_CHECK(sm.size() == 12, "int_attention: 12 softmax constants");
+  TORCH_CHECK(heads > 0 && B > 0, "int_attention: heads = ", heads, " and B = ", B, "; allowed: both >= 1");
   const int64_t N = q8.size(0), D = q8.size(1), T = N / B, d = D / heads;
-  TORCH_CHECK(heads > 0 && D % heads == 0, "int_attention: D = ", D, " is not a multiple of heads = ", heads);
+  TORCH_CHECK(D % heads == 0, "int_attention: D = ", D, " is not a multiple of heads = ", heads);
+  TORCH_CHECK(olo <= ohi && sm[10] <= sm[11], "int_attention: a clamp with lo > hi");
   at::Tensor out = output(out_opt, q8.sizes(), q8.options(), "int_attention");
   const SoftmaxRows smx(sm[0], sm[1], sm[2], sm[3], sm[4], sm[5], sm[6], sm[7], sm[8], sm[9], sm[10], sm[11], "int_attention");
   const int64_t ohalf = oe > 0 ? (int64_t(1) << (oe - 1)) : 0, ors = std::max<int64_t>(oe, 0), ols = std::max<int64_t>(-oe, 0);
