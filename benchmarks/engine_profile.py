@@ -10,7 +10,8 @@ holds the attention products, oneDNN per (example, head), with the i-softmax bet
 forward's time outside them (the embedding gathers, Python, reshapes). It prints milliseconds per forward and
 shares, the FP32 model's median time, and a ceiling: the FP32 time over the Linears' ``_int_mm`` time alone (the
 speed-up if everything else were free); then the engine with its workspace of reused buffers against the same
-engine allocating a new tensor for every output (interleaved rounds); and the memory each holds (the FP32 parameters; every tensor of the engine, ``IntegerEngine.nbytes``).
+engine allocating a new tensor for every output (interleaved rounds); and the memory each holds (the FP32
+parameters; every tensor of the engine, ``IntegerEngine.nbytes``).
 """
 
 from __future__ import annotations

@@ -70,6 +70,20 @@ bool has_avx512() {
                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   return ok;
 }
+
+// The lanes of the 8-wide block at j that lie inside a row of C.
+KDLSQ_AVX512 inline __mmask8 tail8(int64_t C, int64_t j) {
+  return C - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (C - j)) - 1);
+}
+
+// ((x + bias) m + half) >> rs << ls for the 8 int32 x at j (per channel m < 2^31, bmh = Dyadic::folded_half), int64
+// lanes; one vpmuldq for the product. Lanes outside ``tail`` read 0.
+KDLSQ_AVX512 inline __m512i requant8(const int32_t* x, const int64_t* bmh, const int64_t* m, const int64_t* rs, const int64_t* ls,
+                                     int64_t j, __mmask8 tail) {
+  const __m512i x8 = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(tail, x + j));
+  const __m512i v = _mm512_add_epi64(_mm512_mul_epi32(x8, _mm512_maskz_loadu_epi64(tail, m + j)), _mm512_maskz_loadu_epi64(tail, bmh + j));
+  return _mm512_sllv_epi64(_mm512_srav_epi64(v, _mm512_maskz_loadu_epi64(tail, rs + j)), _mm512_maskz_loadu_epi64(tail, ls + j));
+}
 #endif
 
 inline int64_t bit_length(int64_t v) {  // v >= 0; Python's int.bit_length
@@ -96,6 +110,19 @@ struct Dyadic {
       rs.push_back(std::max<int64_t>(ep[i], 0));
       ls.push_back(std::max<int64_t>(-ep[i], 0));
     }
+  }
+  // Every multiplier below 2^31 (and not negative): a * m is then one signed 32 x 32 -> 64-bit product for int32 a.
+  bool m_fits_31() const {
+    for (int64_t v : m)
+      if (v < 0 || v >= (int64_t(1) << 31)) return false;
+    return true;
+  }
+  // bias[c] * m[c] + half[c] per channel (bias may be null), in wrapping int64: (a + bias) m + half is a m plus this,
+  // the same int64 sum, so the AVX-512 rows multiply only a.
+  std::vector<int64_t> folded_half(const int64_t* bias) const {
+    std::vector<int64_t> out(m.size());
+    for (size_t c = 0; c < m.size(); ++c) out[c] = int64_t(uint64_t(bias ? bias[c] : 0) * uint64_t(m[c]) + uint64_t(half[c]));
+    return out;
   }
 };
 
@@ -192,11 +219,8 @@ KDLSQ_AVX512 void requant_row_avx512(const int32_t* x, const int64_t* bmh, const
                                      int8_t* out, int64_t C, int64_t lo, int64_t hi) {
   const __m512i vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
   for (int64_t j = 0; j < C; j += 8) {
-    const __mmask8 tail = C - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (C - j)) - 1);
-    const __m512i x8 = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(tail, x + j));
-    __m512i v = _mm512_add_epi64(_mm512_mul_epi32(x8, _mm512_maskz_loadu_epi64(tail, m + j)), _mm512_maskz_loadu_epi64(tail, bmh + j));
-    v = _mm512_sllv_epi64(_mm512_srav_epi64(v, _mm512_maskz_loadu_epi64(tail, rs + j)), _mm512_maskz_loadu_epi64(tail, ls + j));
-    v = _mm512_min_epi64(_mm512_max_epi64(v, vlo), vhi);
+    const __mmask8 tail = tail8(C, j);
+    const __m512i v = _mm512_min_epi64(_mm512_max_epi64(requant8(x, bmh, m, rs, ls, j, tail), vlo), vhi);
     _mm_mask_storeu_epi8(out + j, tail, _mm512_cvtepi64_epi8(v));
   }
 }
@@ -207,11 +231,8 @@ KDLSQ_AVX512 void requant_row_avx512(const int32_t* x, const int64_t* bmh, const
 void requant_rows_int8(const int32_t* x, const int64_t* bias, const Dyadic& dy, int8_t* out, int64_t N, int64_t C, int64_t lo,
                        int64_t hi) {
 #if defined(__x86_64__)
-  bool ok = simd_allowed() && has_avx512();
-  for (int64_t c = 0; c < C && ok; ++c) ok = dy.m[c] >= 0 && dy.m[c] < (int64_t(1) << 31);
-  if (ok) {
-    std::vector<int64_t> bmh(C);
-    for (int64_t c = 0; c < C; ++c) bmh[c] = int64_t(uint64_t(bias ? bias[c] : 0) * uint64_t(dy.m[c]) + uint64_t(dy.half[c]));
+  if (simd_allowed() && has_avx512() && dy.m_fits_31()) {
+    const std::vector<int64_t> bmh = dy.folded_half(bias);
     at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) requant_row_avx512(x + r * C, bmh.data(), dy.m.data(), dy.rs.data(), dy.ls.data(), out + r * C, C, lo, hi);
     });
@@ -264,7 +285,7 @@ KDLSQ_AVX512 int64_t exp_row_avx512(const int32_t* row, const bool* vis, int64_t
   const __m128i vwiden = _mm_cvtsi64_si128(widen);
   __m512i acc = zero;
   for (int64_t j = 0; j < T; j += 8) {
-    const __mmask8 tail = T - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (T - j)) - 1);
+    const __mmask8 tail = tail8(T, j);
     const __m512i sc = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(tail, row + j));
     const __m512i x = _mm512_max_epi64(_mm512_sub_epi64(sc, vmx), vfloor);
     const __m512i n = _mm512_sub_epi64(zero, x);
@@ -292,7 +313,7 @@ KDLSQ_AVX512 void normalise_row_avx512(const int64_t* ex, int8_t* o, int64_t T, 
   const __m512i vf = _mm512_set1_epi64(factor), vm = _mm512_set1_epi64(m), vhalf = _mm512_set1_epi64(half),
                 vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
   for (int64_t j = 0; j < T; j += 8) {
-    const __mmask8 tail = T - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (T - j)) - 1);
+    const __mmask8 tail = tail8(T, j);
     const __m512i e = _mm512_sra_epi64(_mm512_maskz_loadu_epi64(tail, ex + j), vdown);
     const __m512i prob = _mm512_sra_epi64(_mm512_mul_epu32(e, vf), vout);
     __m512i v = _mm512_sll_epi64(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epu32(prob, vm), vhalf), vrs), vls);
@@ -409,11 +430,8 @@ KDLSQ_AVX512 void gelu_row_avx512(const int32_t* a, const int64_t* bmh, const in
                 vhi = _mm512_set1_epi64(hi), zero = _mm512_setzero_si512();
   const __m128i vshift = _mm_cvtsi64_si128(shift), vnrs = _mm_cvtsi64_si128(nrs), vnls = _mm_cvtsi64_si128(nls);
   for (int64_t j = 0; j < C; j += 8) {
-    const __mmask8 tail = C - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (C - j)) - 1);
-    const __m512i a8 = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(tail, a + j));
-    __m512i q = _mm512_add_epi64(_mm512_mul_epi32(a8, _mm512_maskz_loadu_epi64(tail, m + j)), _mm512_maskz_loadu_epi64(tail, bmh + j));
-    q = _mm512_sllv_epi64(_mm512_srav_epi64(q, _mm512_maskz_loadu_epi64(tail, rs + j)), _mm512_maskz_loadu_epi64(tail, ls + j));
-    q = _mm512_min_epi64(_mm512_max_epi64(q, vgl), vgh);
+    const __mmask8 tail = tail8(C, j);
+    const __m512i q = _mm512_min_epi64(_mm512_max_epi64(requant8(a, bmh, m, rs, ls, j, tail), vgl), vgh);
     const __m512i t = _mm512_add_epi64(_mm512_min_epi64(_mm512_abs_epi64(q), vnb), vb);
     const __m512i u = _mm512_add_epi64(_mm512_mul_epi32(t, t), vc);
     const __mmask8 pos = _mm512_cmpgt_epi64_mask(q, zero), neg = _mm512_cmplt_epi64_mask(q, zero);
@@ -451,11 +469,9 @@ at::Tensor gelu_requant(const at::Tensor& acc, const at::Tensor& bias, const at:
     const __int128 c_abs = c_int < 0 ? -__int128(c_int) : __int128(c_int), top = __int128(b_int) * b_int + c_int;
     const __int128 y_bound = (std::max<__int128>(c_abs, top < 0 ? -top : top) >> shift) + (one < 0 ? -__int128(one) : __int128(one)) + 1;
     bool ok = simd_allowed() && has_avx512() && g_clamp >= 0 && g_clamp < lim && b_int <= 0 && -b_int < lim && y_bound < lim &&
-              nm >= 0 && nm < lim && shift >= 0 && shift < 64;
-    for (int64_t c = 0; c < C && ok; ++c) ok = d.m[c] >= 0 && d.m[c] < lim;
+              nm >= 0 && nm < lim && shift >= 0 && shift < 64 && d.m_fits_31();
     if (ok) {
-      std::vector<int64_t> bmh(C);
-      for (int64_t c = 0; c < C; ++c) bmh[c] = int64_t(uint64_t(bp[c]) * uint64_t(d.m[c]) + uint64_t(d.half[c]));
+      const std::vector<int64_t> bmh = d.folded_half(bp);
       at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)
           gelu_row_avx512(a + r * C, bmh.data(), d.m.data(), d.rs.data(), d.ls.data(), g_clamp, b_int, c_int, shift, one, nm, nhalf,
@@ -524,6 +540,12 @@ KDLSQ_CLONES void layernorm_out_row(const int64_t* __restrict y_hat, const int64
   for (int64_t c = 0; c < C; ++c) o[c] = int32_t((((y_hat[c] * gamma[c] * lm + half) >> rs) << ls) + beta[c]);  // shift_round
 }
 
+// One int8 code output of the LayerNorm kernel: its dyadic (m, half, rs, ls), clamp and tensor.
+struct CodeGrid {
+  int64_t m, half, rs, ls, lo, hi;
+  int8_t* out;
+};
+
 #if defined(__x86_64__)
 // The LayerNorm kernel's rows in AVX-512 (8 int64 lanes; the engine's case: an int32 h), the same integers as
 // residual_row / center_row / normalise_ln_row / layernorm_out_row / requant_row_s. Every product but the division's
@@ -540,10 +562,8 @@ KDLSQ_AVX512 int64_t residual_row_avx512(const int32_t* a, const int64_t* bmh, c
   const __m128i vhrs = _mm_cvtsi64_si128(hrs), vhls = _mm_cvtsi64_si128(hls);
   __m512i acc = _mm512_setzero_si512();
   for (int64_t j = 0; j < C; j += 8) {
-    const __mmask8 tail = C - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (C - j)) - 1);
-    const __m512i a8 = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(tail, a + j));
-    __m512i v = _mm512_add_epi64(_mm512_mul_epi32(a8, _mm512_maskz_loadu_epi64(tail, m + j)), _mm512_maskz_loadu_epi64(tail, bmh + j));
-    v = _mm512_sllv_epi64(_mm512_srav_epi64(v, _mm512_maskz_loadu_epi64(tail, rs + j)), _mm512_maskz_loadu_epi64(tail, ls + j));
+    const __mmask8 tail = tail8(C, j);
+    const __m512i v = requant8(a, bmh, m, rs, ls, j, tail);
     const __m512i h8 = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(tail, h + j));
     const __m512i w = _mm512_sll_epi64(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(h8, vhm), vhh), vhrs), vhls);
     const __m512i r = _mm512_maskz_mov_epi64(tail, _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(v, w), vlo), vhi));
@@ -557,18 +577,13 @@ KDLSQ_AVX512 int64_t center_row_avx512(int64_t* res, int64_t mean, int64_t C) { 
   const __m512i vmean = _mm512_set1_epi64(mean);
   __m512i acc = _mm512_setzero_si512();
   for (int64_t j = 0; j < C; j += 8) {
-    const __mmask8 tail = C - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (C - j)) - 1);
+    const __mmask8 tail = tail8(C, j);
     const __m512i y = _mm512_maskz_mov_epi64(tail, _mm512_sub_epi64(_mm512_maskz_loadu_epi64(tail, res + j), vmean));
     _mm512_mask_storeu_epi64(res + j, tail, y);
     acc = _mm512_add_epi64(acc, _mm512_mul_epi32(y, y));
   }
   return _mm512_reduce_add_epi64(acc);
 }
-
-struct CodeGrid {
-  int64_t m, half, rs, ls, lo, hi;
-  int8_t* out;
-};
 
 KDLSQ_AVX512 void layernorm_tail_avx512(const int64_t* y, int64_t d, int64_t norm_bits, const int64_t* gamma, const int64_t* beta,
                                         int64_t lm, int64_t le, int32_t* o, const CodeGrid* grids, int64_t n_grids, int64_t off,
@@ -580,7 +595,7 @@ KDLSQ_AVX512 void layernorm_tail_avx512(const int64_t* y, int64_t d, int64_t nor
   const __m128i vnb = _mm_cvtsi64_si128(norm_bits), vrs = _mm_cvtsi64_si128(std::max<int64_t>(le, 0)),
                 vls = _mm_cvtsi64_si128(std::max<int64_t>(-le, 0));
   for (int64_t j = 0; j < C; j += 8) {
-    const __mmask8 tail = C - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (C - j)) - 1);
+    const __mmask8 tail = tail8(C, j);
     const __m512i v = _mm512_maskz_loadu_epi64(tail, y + j);
     const __m512i a = _mm512_abs_epi64(v);
     __m512i q1 = _mm512_srli_epi64(_mm512_mul_epu32(a, vR1), 38);
@@ -635,19 +650,20 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
   // the output's int8 codes on the grids of the Linears that read it: (m, e, lo, hi) per tensor of ``codes``
   const int64_t n_codes = int64_t(codes.size());
   TORCH_CHECK(int64_t(code_rq.size()) == 4 * n_codes, "residual_layernorm: 4 requantization constants per code tensor");
-  std::vector<int8_t*> code_ptr;
-  std::vector<int64_t> cm, chalf, crs, cls;
+  std::vector<CodeGrid> grids;
   for (int64_t j = 0; j < n_codes; ++j) {
     TORCH_CHECK(codes[j].is_contiguous() && codes[j].scalar_type() == at::kChar && codes[j].numel() == N * C,
                 "residual_layernorm: each code tensor must be a contiguous int8 tensor of ", N * C, " elements");
     TORCH_CHECK(code_rq[4 * j + 2] <= code_rq[4 * j + 3], "residual_layernorm: code grid ", j, " has lo > hi");
-    code_ptr.push_back(codes[j].data_ptr<int8_t>());
     const int64_t e = code_rq[4 * j + 1];
-    cm.push_back(code_rq[4 * j]);
-    chalf.push_back(e > 0 ? (int64_t(1) << (e - 1)) : 0);
-    crs.push_back(std::max<int64_t>(e, 0));
-    cls.push_back(std::max<int64_t>(-e, 0));
+    grids.push_back({code_rq[4 * j], e > 0 ? (int64_t(1) << (e - 1)) : 0, std::max<int64_t>(e, 0), std::max<int64_t>(-e, 0),
+                     code_rq[4 * j + 2], code_rq[4 * j + 3], codes[j].data_ptr<int8_t>()});
   }
+  // the codes of output row r, by the compiler-vectorized rows
+  auto code_rows = [&](int64_t r) {
+    for (const CodeGrid& g : grids)
+      requant_row_s(o + r * C, static_cast<const int64_t*>(nullptr), g.m, g.half, g.rs, g.ls, g.out + r * C, C, g.lo, g.hi);
+  };
   // The AVX-512 rows (an int32 h; every multiplier below 2^31; y_hat gamma below 2^31: |y_hat| <= (2 sqrt(C) + 1)
   // 2^norm_bits because |y - mean| <= sqrt(C) (d + 1) and d >= 1)
   bool simd = false;
@@ -657,18 +673,11 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
     const int64_t lim = int64_t(1) << 31;
     int64_t g_max = 0;
     for (int64_t c = 0; c < C; ++c) g_max = std::max<int64_t>(g_max, gp[c] < 0 ? -gp[c] : gp[c]);
-    bool ok = simd_allowed() && has_avx512() && !h64 && hm >= 0 && hm < lim && lm >= 0 && lm < lim && g_max < lim &&
-              (2 * isqrt_newton(C) + 3) * (int64_t(1) << norm_bits) * std::max<int64_t>(g_max, 1) < lim;
-    for (int64_t c = 0; c < C && ok; ++c) ok = d.m[c] >= 0 && d.m[c] < lim;
-    for (int64_t j = 0; j < n_codes && ok; ++j) ok = cm[j] >= 0 && cm[j] < lim;
-    if (ok) {  // bias * m + half per channel: the same int64 sum as (a + bias) * m + half less a * m (wrapping alike)
-      for (int64_t c = 0; c < C; ++c) bmh.push_back(int64_t(uint64_t(bp[c]) * uint64_t(d.m[c]) + uint64_t(d.half[c])));
-      simd = true;
-    }
+    simd = simd_allowed() && has_avx512() && !h64 && hm >= 0 && hm < lim && lm >= 0 && lm < lim && g_max < lim &&
+           (2 * isqrt_newton(C) + 3) * (int64_t(1) << norm_bits) * std::max<int64_t>(g_max, 1) < lim && d.m_fits_31();
+    for (const CodeGrid& g : grids) simd = simd && g.m >= 0 && g.m < lim;
+    if (simd) bmh = d.folded_half(bp);
   }
-  std::vector<CodeGrid> grids;
-  for (int64_t j = 0; j < n_codes; ++j)
-    grids.push_back({cm[j], chalf[j], crs[j], cls[j], code_rq[4 * j + 2], code_rq[4 * j + 3], code_ptr[j]});
 #endif
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> res(C);
@@ -685,9 +694,7 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
         }
         normalise_ln_row(res.data(), sd, norm_bits, C);
         layernorm_out_row(res.data(), gp, btp, lm, le, o + r * C, C);
-        for (int64_t j = 0; j < n_codes; ++j)
-          requant_row_s(o + r * C, static_cast<const int64_t*>(nullptr), cm[j], chalf[j], crs[j], cls[j], code_ptr[j] + r * C, C,
-                        code_rq[4 * j + 2], code_rq[4 * j + 3]);
+        code_rows(r);
         continue;
       }
 #endif
@@ -700,9 +707,7 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
       const int64_t sq = center_row(res.data(), C);
       normalise_ln_row(res.data(), std::max<int64_t>(isqrt_newton(sq / C), 1), norm_bits, C);
       layernorm_out_row(res.data(), gp, btp, lm, le, o + r * C, C);
-      for (int64_t j = 0; j < n_codes; ++j)
-        requant_row_s(o + r * C, static_cast<const int64_t*>(nullptr), cm[j], chalf[j], crs[j], cls[j], code_ptr[j] + r * C, C,
-                      code_rq[4 * j + 2], code_rq[4 * j + 3]);
+      code_rows(r);
     }
   });
   return out;
