@@ -5,12 +5,14 @@ Usage: ``python benchmarks/engine_profile.py [--threads 2 1] [--batch 8] [--leng
 Builds the bundled MiniLM with quantizers inserted and calibrated (as ``benchmarks/inference.py`` does; a trained
 student runs the same operations at the same cost) and its :class:`~kdlsq_pl.integer.engine.IntegerEngine`, then
 times ``--repeats`` forwards of a batch of random ids (every token real) with a clock around each call of: the
-Linears' ``torch._int_mm`` (oneDNN) and each fused integer kernel (``csrc/integer_cpu.cpp``; ``int_attention``
+Linears' GEMMs (``IntLinear.mm``: oneDNN's matmul primitive on weights packed once, or ``torch._int_mm`` where the
+``onednn-cpu-gomp`` wheel is missing) and each fused integer kernel (``csrc/integer_cpu.cpp``; ``int_attention``
 holds the attention products, oneDNN per (example, head), with the i-softmax between them); ``rest`` is the
 forward's time outside them (the embedding gathers, Python, reshapes). It prints milliseconds per forward and
-shares, the FP32 model's median time, and a ceiling: the FP32 time over the Linears' ``_int_mm`` time alone (the
-speed-up if everything else were free); then the engine with its workspace of reused buffers against the same
-engine allocating a new tensor for every output (interleaved rounds); and the memory each holds (the FP32
+shares, the FP32 model's median time, and a ceiling: the FP32 time over the Linears' GEMM time alone (the
+speed-up if everything else were free); then, in interleaved rounds, the engine with its workspace of reused
+buffers against the same engine allocating a new tensor for every output, and the engine's Linears on oneDNN's
+packed matmul against ``torch._int_mm``; and the memory each holds (the FP32
 parameters; every tensor of the engine, ``IntegerEngine.nbytes``).
 """
 
@@ -30,6 +32,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from inference import calibrated_student, random_batch  # noqa: E402
+from kdlsq_pl.integer.engine import IntLinear  # noqa: E402
+
+GEMM = "Linears: IntLinear.mm"
 
 
 def build(quant_name: str, batch: int, length: int):
@@ -68,8 +73,8 @@ def profile(engine, x: dict, repeats: int) -> tuple[float, dict[str, float]]:
             return clock.wrap(name, getattr(kernels, name))
 
     engine.kernels = Kernels()
-    int_mm = torch._int_mm
-    torch._int_mm = clock.wrap("Linears: torch._int_mm", int_mm)
+    mm = IntLinear.mm
+    IntLinear.mm = clock.wrap(GEMM, mm)
     try:
         engine(**x)
         clock.seconds.clear()
@@ -79,28 +84,42 @@ def profile(engine, x: dict, repeats: int) -> tuple[float, dict[str, float]]:
             engine(**x)
             times.append(time.perf_counter() - t0)
     finally:
-        torch._int_mm = int_mm
+        IntLinear.mm = mm
         engine.kernels = kernels
     steps = {k: 1e3 * v / repeats for k, v in clock.seconds.items()}
     steps["rest (gathers, Python)"] = 1e3 * sum(times) / repeats - sum(steps.values())
     return 1e3 * statistics.median(times), steps
 
 
-def workspace_ab(engine, x: dict, repeats: int) -> tuple[float, float]:
-    """Median ms per forward with the engine's workspace and without it (``reuse=False``: a new tensor for every
-    output, the engine before the workspace), in interleaved rounds."""
+def interleaved_ab(engine, x: dict, repeats: int, switch) -> tuple[float, float]:
+    """Median ms per forward with ``switch(engine, True)`` and with ``switch(engine, False)``, in interleaved rounds
+    (left switched on)."""
     times = {True: [], False: []}
     try:
         for _ in range(repeats):
-            for reuse in (True, False):
-                engine.workspace.reuse = reuse
+            for on in (True, False):
+                switch(engine, on)
                 engine(**x)
                 t0 = time.perf_counter()
                 engine(**x)
-                times[reuse].append(1e3 * (time.perf_counter() - t0))
+                times[on].append(1e3 * (time.perf_counter() - t0))
     finally:
-        engine.workspace.reuse = True
+        switch(engine, True)
     return statistics.median(times[True]), statistics.median(times[False])
+
+
+def _reuse(engine, on: bool) -> None:
+    engine.workspace.reuse = on
+
+
+def _packed(engine, on: bool) -> None:
+    """The Linears on their packed weights (oneDNN's matmul primitive) or, off, on ``torch._int_mm``."""
+    for L in engine.layers:
+        for lin in (L.q, L.k, L.v, L.o, L.i, L.o2):
+            if not on and lin.packed is not None:
+                lin.stashed, lin.packed = lin.packed, None
+            elif on and lin.packed is None:
+                lin.packed = lin.__dict__.pop("stashed")
 
 
 def main() -> None:
@@ -128,14 +147,18 @@ def main() -> None:
             fp = statistics.median(fp_ms)
             total, steps = profile(engine, x, args.repeats)
             print(f"\nthreads {threads}: HF FP32 eager {fp:.1f} ms, integer engine {total:.1f} ms ({fp / total:.2f}x)")
-            with_ws, without_ws = workspace_ab(engine, x, args.repeats)
+            with_ws, without_ws = interleaved_ab(engine, x, args.repeats, _reuse)
             print(f"  workspace (interleaved): {with_ws:.1f} ms with its reused buffers, {without_ws:.1f} ms with a new "
                   f"tensor per output ({without_ws / with_ws:.2f}x)")
+            if engine.layers and engine.layers[0].q.packed is not None:
+                packed, int_mm = interleaved_ab(engine, x, args.repeats, _packed)
+                print(f"  Linears (interleaved): {packed:.1f} ms with oneDNN's packed matmul, {int_mm:.1f} ms with "
+                      f"torch._int_mm ({int_mm / packed:.2f}x)")
             mean_total = sum(steps.values())
             for name, ms in sorted(steps.items(), key=lambda kv: -kv[1]):
                 print(f"  {name:34s} {ms:7.1f} ms  {100 * ms / mean_total:5.1f}%")
-            gemm = steps.get("Linears: torch._int_mm", 0.0)
-            print(f"  ceiling: FP32 / the Linears' _int_mm alone {fp / gemm:.2f}x")
+            gemm = steps.get(GEMM, 0.0)
+            print(f"  ceiling: FP32 / the Linears' GEMMs alone {fp / gemm:.2f}x")
 
 
 if __name__ == "__main__":

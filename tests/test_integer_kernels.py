@@ -24,8 +24,8 @@ def simd(request, kernels):
 
 @pytest.fixture(scope="module")
 def kernels():
-    from kdlsq_pl.kernels import cpu_kernels
-    k = cpu_kernels()
+    from kdlsq_pl.kernels import integer_kernels
+    k = integer_kernels()
     if k is None:
         pytest.skip("the C++ kernels cannot be built here")
     return k
@@ -97,13 +97,14 @@ def test_fused_softmax_equals_the_reference_on_edge_scores(kernels, simd, scale)
     assert (got[2, :, :, 0] == 127).all() and (got[2, :, :, 1:] == 0).all()  # the one visible key takes probability 1
 
 
-@pytest.mark.parametrize("T", [17, 40])
-def test_fused_attention_equals_the_reference(kernels, simd, T):
-    """The attention kernel (``q k^T`` and ``p v`` on int8 codes by oneDNN per (example, head), the i-softmax between
-    them, the context onto the next grid) against the reference operators and integer einsums, with padded keys, one
-    example with a single visible key, and codes at +-127."""
+@pytest.mark.parametrize("T, H, threads", [(17, 4, 2), (40, 4, 1), (40, 5, 2), (17, 5, 4)])
+def test_fused_attention_equals_the_reference(kernels, simd, T, H, threads):
+    """The attention kernel (``q k^T`` and ``p v`` on int8 codes by oneDNN's matmul primitive batched over a group of
+    heads, the i-softmax between them, the context onto the next grid) against the reference operators and integer
+    einsums, with padded keys, one example with a single visible key, and codes at +-127; on 1, 2 and 4 threads, so
+    that the heads run in one group, in equal groups and in unequal ones (5 heads as 3 + 2), and each example alone."""
     g = torch.Generator().manual_seed(3)
-    B, H, d = 3, 4, 32
+    B, d = 3, 32
     D, N = H * d, B * T
     acc = [torch.randint(-2 ** 18, 2 ** 18, (N, D), generator=g, dtype=torch.int32) for _ in range(3)]
     acc[0][:T] = 2 ** 24  # the query codes of example 0 at the clamp
@@ -122,13 +123,50 @@ def test_fused_attention_equals_the_reference(kernels, simd, T):
     want = o_rq(torch.einsum("bhts,bshd->bthd", probs, v)).reshape(N, D)
     codes = [x.reshape(N, D).to(torch.int8) for x in (q, k, v)]
     sm_args = [sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS, int(p_rq.m), int(p_rq.e), 0, 127]
-    got = kernels.int_attention(*codes, mask, B, H, sm_args, int(o_rq.m), int(o_rq.e), -127, 127)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernels.int_attention(*codes, mask, B, H, sm_args, int(o_rq.m), int(o_rq.e), -127, 127)
+        alone = [kernels.int_attention(*(c[b * T:(b + 1) * T] for c in codes), mask[b:b + 1].contiguous(), 1, H, sm_args,
+                                       int(o_rq.m), int(o_rq.e), -127, 127) for b in range(B)]
+    finally:
+        torch.set_num_threads(before)
     assert got.dtype == torch.int8 and got.shape == (N, D)
     assert torch.equal(got.to(INT), want)
+    assert torch.equal(torch.cat(alone).to(INT), want)
     assert want.abs().max() == 127 and (probs[2, :, :, 0] == 127).all()  # the clamp and the single key are reached
     assert q.abs().max() == 127  # query codes at the clamp
-    with pytest.raises(RuntimeError, match="int_attention: D = 128 is not a multiple of heads = 5"):
-        kernels.int_attention(*codes, mask, B, 5, sm_args, int(o_rq.m), int(o_rq.e), -127, 127)
+    with pytest.raises(RuntimeError, match=f"int_attention: D = {D} is not a multiple of heads = 3"):
+        kernels.int_attention(*codes, mask, B, 3, sm_args, int(o_rq.m), int(o_rq.e), -127, 127)
+
+
+def test_packed_weights_multiply_like_int_mm(kernels):
+    """oneDNN's matmul on weights packed once (``PackedS8``, the engine's Linears) equals ``torch._int_mm`` and an
+    int64 product, for row counts from 1 to 1000 (one primitive each, on one packed layout), odd widths, and codes at
+    both ends of int8; bad inputs give one-line errors."""
+    g = torch.Generator().manual_seed(11)
+    for K, N in ((384, 1536), (37, 19)):
+        w = torch.randint(-128, 128, (K, N), generator=g, dtype=torch.int8)
+        w[0], w[1] = 127, -128
+        packed = torch.classes.kdlsq.PackedS8(w)
+        assert packed.nbytes() >= K * N and packed.impl()
+        for M in (1, 7, 128, 1000):
+            x = torch.randint(-128, 128, (M, K), generator=g, dtype=torch.int8)
+            x[0] = -128
+            want = x.to(INT) @ w.to(INT)
+            assert torch.equal(packed.mm(x, None).to(INT), want)
+            out = torch.empty(M, N, dtype=torch.int32)
+            assert packed.mm(x, out).data_ptr() == out.data_ptr() and torch.equal(out.to(INT), want)
+            if M >= 17:
+                assert torch.equal(packed.mm(x, None), torch._int_mm(x, w))
+    with pytest.raises(RuntimeError, match=r"PackedS8.mm: input must be int8 \[M, 37\]"):
+        packed.mm(torch.zeros(4, 36, dtype=torch.int8), None)
+    with pytest.raises(RuntimeError, match="PackedS8.mm: input must be int8"):
+        packed.mm(torch.zeros(4, 37, dtype=torch.int32), None)
+    with pytest.raises(RuntimeError, match=r"PackedS8.mm: out must be contiguous int32 \[4, 19\]"):
+        packed.mm(torch.zeros(4, 37, dtype=torch.int8), torch.empty(4, 20, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="PackedS8: weights must be a 2-D int8 CPU tensor"):
+        torch.classes.kdlsq.PackedS8(torch.zeros(3, 4))
 
 
 def test_fused_layernorm_writes_the_codes_of_its_output(kernels, simd):

@@ -131,8 +131,18 @@ def test_falls_back_to_torch_when_the_build_fails(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="kdlsq_pl.kernels"):
         got = run(v, s, 3, 3, True, grad, expect_fused=False)
     assert kernels.cpu_kernels() is None
-    assert "fused CPU kernels unavailable" in caplog.text
+    assert "fused CPU kernels kdlsq_cpu_kernels unavailable" in caplog.text
     assert_same(got, run(v, s, 3, 3, False, grad))
+
+
+def test_integer_kernels_need_the_onednn_wheel(monkeypatch, caplog):
+    """Without the wheel that ships libdnnl.so.3 the integer kernels are unavailable with one warning (the integer
+    engine then runs its torch reference operators)."""
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels, "ONEDNN_WHEEL", "no-such-onednn-wheel")
+    with caplog.at_level("WARNING", logger="kdlsq_pl.kernels"):
+        assert kernels.integer_kernels() is None
+    assert "integer kernels unavailable: no libdnnl.so.3 (pip install no-such-onednn-wheel==2023.2.0)" in caplog.text
 
 
 @needs_compiler

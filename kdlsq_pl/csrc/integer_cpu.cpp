@@ -20,9 +20,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -30,9 +32,24 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <string>
+#include <unordered_map>
 #include <vector>
 
+#include "dnnl.hpp"
+
 namespace {
+
+using dnnl::memory;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
 
 inline int64_t shift_round(int64_t v, int64_t e) {
   return e > 0 ? (v + (int64_t(1) << (e - 1))) >> e : v << (-e);
@@ -713,12 +730,138 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
   return out;
 }
 
-// One task per (example, head), in that head's tiles (which stay in cache): scores = q k^T and context = p v by
-// oneDNN's s8s8 GEMM (at::_int_mm on views of the codes; inside the parallel region it runs on the task's thread), the
-// i-softmax and the probability quantizer's requantization between them, and the context requantized onto the output
-// Linear's input grid. q8, k8, v8: [B*T, D] int8 codes of the query, key and value (heads side by side); mask [B, T]
-// bool; sm: the 12 constants of softmax_requant; (om, oe, olo, ohi) the output Linear's input requantization. int8
-// out [B*T, D].
+// oneDNN's matmul primitive for the attention products, batched over a group of heads of one example: scores
+// [1, n, T, T] = q [1, n, T, d] (in place in the [B*T, D] codes: strides T*D, d, D, 1) x k^T [1, n, d, T] (the task's
+// transposed copy), and context [1, n, T, d] (the task's [T, n*d] tile: strides T*n*d, d, n*d, 1) = p [1, n, T, T] x
+// v [1, n, T, d] (in place, like q). The 4-D form with a leading 1 is what selects oneDNN's brgemm kernels (AMX or
+// VNNI) for these strides; 3-D or per-head 2-D forms with a transposed key get its slower gemm:jit. Built once per
+// (T, n, D), then shared by every thread (execute is thread-safe; each thread brings its own scratchpad and stream).
+struct HeadProducts {
+  dnnl::reorder kt;  // the group's keys [T, n*d] (row stride D) -> [n, d, T]
+  dnnl::matmul qk, pv;
+  size_t scratch;
+};
+
+const HeadProducts& head_products(int64_t T, int64_t n, int64_t d, int64_t D) {
+  static std::mutex mu;
+  static std::map<std::array<int64_t, 4>, HeadProducts> cache;
+  std::lock_guard<std::mutex> g(mu);
+  const std::array<int64_t, 4> key{T, n, d, D};
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  using dims = memory::dims;
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  const memory::desc q_md({1, n, T, d}, dt::s8, dims{T * D, d, D, 1}), kt_md({1, n, d, T}, dt::s8, tag::abcd),
+      s_md({1, n, T, T}, dt::s32, tag::abcd), p_md({1, n, T, T}, dt::s8, tag::abcd), v_md({1, n, T, d}, dt::s8, dims{T * D, d, D, 1}),
+      c_md({1, n, T, d}, dt::s32, dims{T * n * d, d, n * d, 1});
+  const auto kt = dnnl::reorder::primitive_desc(cpu_engine(), memory::desc({1, n, d, T}, dt::s8, dims{T * D, d, 1, D}), cpu_engine(),
+                                                kt_md);
+  const auto qk = dnnl::matmul::primitive_desc(cpu_engine(), q_md, kt_md, s_md, attr);
+  const auto pv = dnnl::matmul::primitive_desc(cpu_engine(), p_md, v_md, c_md, attr);
+  const size_t scratch = std::max(qk.scratchpad_desc().get_size(), pv.scratchpad_desc().get_size());
+  return cache.emplace(key, HeadProducts{dnnl::reorder(kt), dnnl::matmul(qk), dnnl::matmul(pv), scratch}).first->second;
+}
+
+dnnl::stream& thread_stream() {  // the calling thread's oneDNN stream
+  thread_local dnnl::stream stream(cpu_engine());
+  return stream;
+}
+
+// Runs one oneDNN primitive on the calling thread's stream with the calling thread's scratchpad. Inside an
+// at::parallel_for task (an OpenMP parallel region) oneDNN does not open a nested team: it runs on this thread.
+void execute(const dnnl::matmul& mm, const memory::desc& a_md, const void* a, const memory::desc& w_md, const void* w,
+             const memory::desc& c_md, void* c, size_t scratch_bytes) {
+  thread_local std::vector<char> scratch;
+  if (scratch.size() < scratch_bytes) scratch.resize(scratch_bytes);
+  dnnl::stream& stream = thread_stream();
+  memory am(a_md, cpu_engine(), const_cast<void*>(a)), wm(w_md, cpu_engine(), const_cast<void*>(w)), cm(c_md, cpu_engine(), c),
+      sm(memory::desc({int64_t(scratch_bytes)}, dt::u8, tag::a), cpu_engine(), scratch.data());
+  mm.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, cm}, {DNNL_ARG_SCRATCHPAD, sm}});
+  stream.wait();
+}
+
+// The rows the weights' packed layout is chosen for (batch 8 x length 128); other row counts reuse that layout.
+constexpr int64_t REF_ROWS = 1024;
+
+// A Linear's int8 weights [K, N] (in, out) packed once for oneDNN's matmul, and one primitive per row count M
+// (built on first use, then cached). mm(x8 [M, K] int8, out [M, N] int32) writes x8 @ w; a row count for which
+// oneDNN offers only its reference kernel with this layout runs torch._int_mm on the plain weights instead.
+struct PackedS8 : torch::CustomClassHolder {
+  at::Tensor w_t;  // [K, N] int8, row-major (kept: the fallback and the pickled state)
+  int64_t K, N;
+  memory::desc packed_md;
+  memory packed;
+  std::string impl;
+  std::mutex mu;
+  struct Prim { dnnl::matmul mm; size_t scratch; bool ok; };
+  std::unordered_map<int64_t, Prim> by_rows;
+
+  explicit PackedS8(at::Tensor w) : w_t(w.contiguous()) {
+    TORCH_CHECK(w_t.dim() == 2 && w_t.scalar_type() == at::kChar && w_t.device().is_cpu(),
+                "PackedS8: weights must be a 2-D int8 CPU tensor [in, out]; got ", w_t.dim(), "-D ", w_t.scalar_type());
+    K = w_t.size(0); N = w_t.size(1);
+    TORCH_CHECK(K > 0 && N > 0, "PackedS8: empty weights [", K, ", ", N, "]");
+    auto& eng = cpu_engine();
+    memory::desc a_md({REF_ROWS, K}, dt::s8, tag::ab), w_any({K, N}, dt::s8, tag::any), c_md({REF_ROWS, N}, dt::s32, tag::ab);
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    auto pd = dnnl::matmul::primitive_desc(eng, a_md, w_any, c_md, attr);
+    packed_md = pd.weights_desc();
+    impl = pd.impl_info_str();
+    memory plain({{K, N}, dt::s8, tag::ab}, eng, w_t.data_ptr());
+    packed = memory(packed_md, eng);
+    dnnl::stream s(eng);
+    dnnl::reorder(plain, packed).execute(s, plain, packed);
+    s.wait();
+  }
+
+  Prim& prim(int64_t M) {
+    std::lock_guard<std::mutex> g(mu);
+    auto it = by_rows.find(M);
+    if (it != by_rows.end()) return it->second;
+    memory::desc a_md({M, K}, dt::s8, tag::ab), c_md({M, N}, dt::s32, tag::ab);
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    Prim p{dnnl::matmul(), 0, false};
+    try {
+      auto pd = dnnl::matmul::primitive_desc(cpu_engine(), a_md, packed_md, c_md, attr);
+      std::string name = pd.impl_info_str();
+      if (name.find("ref") == std::string::npos) {
+        p = Prim{dnnl::matmul(pd), pd.scratchpad_desc().get_size(), true};
+      }
+    } catch (const dnnl::error&) {
+    }
+    return by_rows.emplace(M, std::move(p)).first->second;
+  }
+
+  at::Tensor mm(at::Tensor x8, std::optional<at::Tensor> out_opt) {
+    TORCH_CHECK(x8.dim() == 2 && x8.scalar_type() == at::kChar && x8.size(1) == K,
+                "PackedS8.mm: input must be int8 [M, ", K, "]; got ", x8.scalar_type(), " ", x8.sizes());
+    x8 = x8.contiguous();
+    const int64_t M = x8.size(0);
+    at::Tensor out = out_opt.has_value() ? *out_opt : at::empty({M, N}, x8.options().dtype(at::kInt));
+    TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous() && out.size(0) == M && out.size(1) == N,
+                "PackedS8.mm: out must be contiguous int32 [", M, ", ", N, "]; got ", out.scalar_type(), " ", out.sizes());
+    if (M == 0) return out;
+    Prim& p = prim(M);
+    if (!p.ok) return at::_int_mm_out(out, x8, w_t);
+    execute(p.mm, {{M, K}, dt::s8, tag::ab}, x8.data_ptr(), packed_md, packed.get_data_handle(), {{M, N}, dt::s32, tag::ab},
+            out.data_ptr(), p.scratch);
+    return out;
+  }
+
+  // Whether row count M runs oneDNN's packed kernel (false: torch._int_mm), building its primitive.
+  bool packed_for(int64_t M) { return M > 0 && prim(M).ok; }
+};
+
+// One task per (example, group of heads), with the group's tiles in cache: its keys transposed to [n, d, T], the
+// scores q k^T and the context p v by oneDNN's matmul primitive batched over the group (head_products), the i-softmax
+// and the probability quantizer's requantization between them, and the context requantized onto the output Linear's
+// input grid, straight into its place in ``out``. Heads are grouped so that there are at least as many tasks as
+// threads (one group of all heads at batch >= threads). q8, k8, v8: [B*T, D] int8 codes of the query, key and value
+// (heads side by side); mask [B, T] bool; sm: the 12 constants of softmax_requant; (om, oe, olo, ohi) the output
+// Linear's input requantization. int8 out [B*T, D].
 at::Tensor attention(const at::Tensor& q8, const at::Tensor& k8, const at::Tensor& v8, const at::Tensor& mask, int64_t B,
                      int64_t heads, at::IntArrayRef sm, int64_t om, int64_t oe, int64_t olo, int64_t ohi,
                      const std::optional<at::Tensor>& out_opt) {
@@ -733,30 +876,44 @@ at::Tensor attention(const at::Tensor& q8, const at::Tensor& k8, const at::Tenso
   TORCH_CHECK(D % heads == 0, "int_attention: D = ", D, " is not a multiple of heads = ", heads);
   TORCH_CHECK(olo <= ohi && sm[10] <= sm[11], "int_attention: a clamp with lo > hi");
   at::Tensor out = output(out_opt, q8.sizes(), q8.options(), "int_attention");
+  if (N == 0) return out;
   const SoftmaxRows smx(sm[0], sm[1], sm[2], sm[3], sm[4], sm[5], sm[6], sm[7], sm[8], sm[9], sm[10], sm[11], "int_attention");
   const int64_t ohalf = oe > 0 ? (int64_t(1) << (oe - 1)) : 0, ors = std::max<int64_t>(oe, 0), ols = std::max<int64_t>(-oe, 0);
-  const at::Tensor codes[3] = {q8, k8, v8};
-  const auto i32 = q8.options().dtype(at::kInt);
+  const int64_t groups = std::min<int64_t>(heads, (at::get_num_threads() + B - 1) / B), per = (heads + groups - 1) / groups;
+  const int64_t n_groups = (heads + per - 1) / per;  // the last group may hold fewer heads
+  const HeadProducts* prods[2] = {&head_products(T, per, d, D), heads % per ? &head_products(T, heads % per, d, D) : nullptr};
+  const int8_t *qp = q8.data_ptr<int8_t>(), *kp = k8.data_ptr<int8_t>(), *vp = v8.data_ptr<int8_t>();
   const bool* mk = mask.data_ptr<bool>();
   int8_t* o = out.data_ptr<int8_t>();
-  at::parallel_for(0, B * heads, 1, [&](int64_t t0, int64_t t1) {
-    at::Tensor S = at::empty({T, T}, i32), P = at::empty({T, T}, q8.options()), Cx = at::empty({T, d}, i32),
-               C8 = at::empty({T, d}, q8.options());
-    std::vector<int64_t> ex(T);
-    int8_t *Pp = P.data_ptr<int8_t>(), *C8p = C8.data_ptr<int8_t>();
-    const int32_t *Sp = S.data_ptr<int32_t>(), *Cp = Cx.data_ptr<int32_t>();
+  at::parallel_for(0, B * n_groups, 1, [&](int64_t t0, int64_t t1) {
+    // per-thread tiles, kept between calls (a fresh zeroed 1 MB each call costs a pass over memory)
+    thread_local std::vector<int32_t> S, Cx;
+    thread_local std::vector<int8_t> P, Kt;
+    thread_local std::vector<int64_t> ex;
+    for (auto* v : {&S, &Cx}) v->resize(std::max<size_t>(v->size(), size_t(per * T * std::max(T, d))));
+    for (auto* v : {&P, &Kt}) v->resize(std::max<size_t>(v->size(), size_t(per * T * std::max(T, d))));
+    ex.resize(std::max<size_t>(ex.size(), size_t(T)));
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / heads, h = task % heads, c0 = h * d;
-      // this head's [T, d] slices of the codes (row stride D), as views: oneDNN reads them in place
-      at::Tensor qh = codes[0].narrow(0, b * T, T).narrow(1, c0, d), kh = codes[1].narrow(0, b * T, T).narrow(1, c0, d),
-                 vh = codes[2].narrow(0, b * T, T).narrow(1, c0, d);
-      at::_int_mm_out(S, qh, kh.t());
+      const int64_t b = task / n_groups, g = task % n_groups, h0 = g * per, n = std::min(per, heads - h0), c0 = h0 * d;
+      const HeadProducts& hp = n == per ? *prods[0] : *prods[1];
+      using dims = memory::dims;
+      {  // the group's keys transposed by oneDNN's reorder (on this thread, like the products)
+        memory from({{1, n, d, T}, dt::s8, dims{T * D, d, 1, D}}, cpu_engine(), const_cast<int8_t*>(kp + b * T * D + c0)),
+            to({{1, n, d, T}, dt::s8, tag::abcd}, cpu_engine(), Kt.data());
+        hp.kt.execute(thread_stream(), from, to);
+        thread_stream().wait();
+      }
+      execute(hp.qk, memory::desc({1, n, T, d}, dt::s8, dims{T * D, d, D, 1}), qp + b * T * D + c0,
+              memory::desc({1, n, d, T}, dt::s8, tag::abcd), Kt.data(), memory::desc({1, n, T, T}, dt::s32, tag::abcd), S.data(),
+              hp.scratch);
       const bool* vis = mk + b * T;
-      for (int64_t r = 0; r < T; ++r) smx.row(Sp + r * T, vis, ex.data(), Pp + r * T, T);
-      at::_int_mm_out(Cx, P, vh);
-      // the output Linear's input grid is per tensor: the tile requantizes as one flat row, then goes to its place
-      requant_row_s(Cp, static_cast<const int64_t*>(nullptr), om, ohalf, ors, ols, C8p, T * d, olo, ohi);
-      for (int64_t t = 0; t < T; ++t) std::memcpy(o + (b * T + t) * D + c0, C8p + t * d, size_t(d));
+      for (int64_t r = 0; r < n * T; ++r) smx.row(S.data() + r * T, vis, ex.data(), P.data() + r * T, T);
+      execute(hp.pv, memory::desc({1, n, T, T}, dt::s8, tag::abcd), P.data(), memory::desc({1, n, T, d}, dt::s8, dims{T * D, d, D, 1}),
+              vp + b * T * D + c0, memory::desc({1, n, T, d}, dt::s32, dims{T * n * d, d, n * d, 1}), Cx.data(), hp.scratch);
+      // the output Linear's input grid is per tensor: each of the tile's rows requantizes straight into its place
+      for (int64_t t = 0; t < T; ++t)
+        requant_row_s(Cx.data() + t * n * d, static_cast<const int64_t*>(nullptr), om, ohalf, ors, ols, o + (b * T + t) * D + c0,
+                      n * d, olo, ohi);
     }
   });
   return out;
@@ -769,6 +926,12 @@ bool set_simd(bool on) {  // returns the previous setting
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kdlsq, m) {
+  m.class_<PackedS8>("PackedS8")
+      .def(torch::init<at::Tensor>())
+      .def("mm", &PackedS8::mm)
+      .def("packed_for", &PackedS8::packed_for)
+      .def("impl", [](const c10::intrusive_ptr<PackedS8>& self) { return self->impl; })
+      .def("nbytes", [](const c10::intrusive_ptr<PackedS8>& self) { return int64_t(self->packed_md.get_size()); });
   m.def("set_simd(bool on) -> bool", &set_simd);
   m.def("int_requant(Tensor x, Tensor? bias, Tensor m, Tensor e, int lo, int hi, bool int8_out, Tensor(a!)? out=None) -> Tensor");
   m.def("int_softmax_requant(Tensor scores, Tensor mask, int x0, int b_int, int c_int, int widen, int out_bits, int n_clamp, "

@@ -3,8 +3,10 @@
 The student's learned step sizes become the quantization scales: every quantized weight is stored as its int8
 codes (2- and 4-bit codes widened to int8), every Linear's input is requantized onto its input quantizer's grid
 (int8 codes), Q, K, V and the attention probabilities onto theirs. Matrix products are int8 x int8 -> int32 by
-``torch._int_mm`` (oneDNN on CPU): for the Linears, and per (example, head) for the two attention products inside the
-fused attention kernel (``int_attention``; int32 ``torch.matmul`` in the reference path);
+oneDNN's matmul primitive (the PyPI wheel ``onednn-cpu-gomp``, :func:`kdlsq_pl.kernels.integer_kernels`): for the
+Linears on weights packed once when the engine is built, and batched over heads for the two attention products
+inside the fused attention kernel (``int_attention``); the reference path uses ``torch._int_mm`` and int32
+``torch.matmul``;
 biases are integers on the accumulator's scale; requantization between them is dyadic (``ops.Requantize``: an integer
 multiplier and a right shift). GELU, softmax and LayerNorm are I-BERT's integer operators (``ops``), the pooler's
 tanh is ``2 sigmoid(2x) - 1`` with the sigmoid as a two-way integer softmax, and the classifier head's weights
@@ -30,6 +32,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from kdlsq_pl import kernels as kernels_mod
 from kdlsq_pl.errors import ConfigError
 from kdlsq_pl.integer.ops import INT, IntGELU, IntLayerNorm, IntSoftmax, Requantize
 from kdlsq_pl.quant.lsq import LSQQuantizer
@@ -71,6 +74,14 @@ class IntLinear:
         self.scale_out = s_a * s_w.expand(codes.shape[0]).clone()
         bias = _f64(linear.bias) if linear.bias is not None else torch.zeros(codes.shape[0], dtype=torch.float64)
         self.bias = torch.round(bias / self.scale_out).to(INT)
+
+    #: The weights packed for oneDNN's matmul primitive (``torch.classes.kdlsq.PackedS8`` of
+    #: :func:`kdlsq_pl.kernels.integer_kernels`), set by an engine on the fused path; None: ``torch._int_mm`` on ``w_t``.
+    packed = None
+
+    def mm(self, x8: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``x8 @ w_t`` into ``out``: ``x8`` ``[N, in]`` int8, ``out`` ``[N, out]`` int32 (no bias)."""
+        return self.packed.mm(x8, out) if self.packed is not None else torch._int_mm(x8, self.w_t, out=out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         codes = self.in_rq(x).to(torch.int8)
@@ -239,8 +250,7 @@ class IntegerEngine:
             raise ConfigError(f"integer engine: model type {student.config.model_type!r} is not supported; allowed: bert")
         self = object.__new__(cls)
         self.workspace = _Workspace()
-        from kdlsq_pl.kernels import cpu_kernels
-        self.kernels = cpu_kernels() if fused is not False else None
+        self.kernels = kernels_mod.integer_kernels() if fused is not False else None
         if fused and self.kernels is None:
             raise RuntimeError("integer engine: fused=True but the C++ kernels could not be built (see the warning above)")
         ranges = _calibrate_ranges(student, list(calibration_batches))
@@ -313,6 +323,8 @@ class IntegerEngine:
                 heads=att.self.num_attention_heads, clamp1=2 ** (RESIDUAL_BITS + 1), clamp2=2 ** (RESIDUAL_BITS + 1)))
             if self.kernels is not None:
                 self.layers[-1].fused = _fused_args(self.layers[-1])
+                for lin in (q, k, v, o, i, o2):  # packed once for oneDNN's matmul primitive
+                    lin.packed = torch.classes.kdlsq.PackedS8(lin.w_t)
             s_h = s_h2
         pooler = bert.pooler
         self.pooling = getattr(pooler, "mode", "cls")
@@ -364,18 +376,18 @@ class IntegerEngine:
         N, D = h.shape
         i8, i32 = torch.int8, torch.int32
         # each product onto its codes at once, so the int32 buffer is written again while it is still in cache
-        q8, k8, v8 = (K.int_requant(torch._int_mm(x8, lin.w_t, out=ws("acc", (N, D), i32)), *c[f"{n}_out"], True,
+        q8, k8, v8 = (K.int_requant(lin.mm(x8, ws("acc", (N, D), i32)), *c[f"{n}_out"], True,
                                     ws(f"{n}_codes", (N, D), i8))
                       for n, x8, lin in zip("qkv", codes, (L.q, L.k, L.v)))
         sm, om, oe, olo, ohi = c["attention"]
         o8 = K.int_attention(q8, k8, v8, mask, mask.shape[0], L.heads, sm, om, oe, olo, ohi, ws("o8", (N, D), i8))
         (a1, r1), (a2, r2) = c["res1"], c["res2"]
-        acc_o = torch._int_mm(o8, L.o.w_t, out=ws("acc", (N, D), i32))
+        acc_o = L.o.mm(o8, ws("acc", (N, D), i32))
         i_in = ws("i8", (N, D), i8)
         h1 = K.int_residual_layernorm(acc_o, *a1, h, *r1, None if fresh else ws("h1", (N, D), i32), c["i_code"], [i_in])
-        acc_i = torch._int_mm(i_in, L.i.w_t, out=ws("acc_ffn", (N, L.i.w_t.shape[1]), i32))
+        acc_i = L.i.mm(i_in, ws("acc_ffn", (N, L.i.w_t.shape[1]), i32))
         g8 = K.int_gelu_requant(acc_i, *c["gelu"], ws("g8", tuple(acc_i.shape), i8))
-        acc_o2 = torch._int_mm(g8, L.o2.w_t, out=ws("acc", (N, D), i32))
+        acc_o2 = L.o2.mm(g8, ws("acc", (N, D), i32))
         nxt_codes = [ws(f"{n}8", (N, D), i8) for n in "qkv"] if nxt is not None else []
         out = K.int_residual_layernorm(acc_o2, *a2, h1, *r2, None if fresh else ws("h", (N, D), i32),
                                        nxt.fused["qkv_code"] if nxt is not None else [], nxt_codes)
@@ -439,12 +451,15 @@ class IntegerEngine:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every tensor the engine holds (integer weights, tables, biases, multipliers)."""
+        """Bytes of every tensor the engine holds (integer weights, also packed for oneDNN on the fused path; tables,
+        biases, multipliers)."""
         seen: dict[int, int] = {}
 
         def walk(obj, depth=0):
             if isinstance(obj, torch.Tensor):
                 seen[id(obj)] = obj.numel() * obj.element_size()
+            elif isinstance(obj, torch.ScriptObject):  # a Linear's weights packed for oneDNN (PackedS8)
+                seen[id(obj)] = obj.nbytes()
             elif depth < 4 and isinstance(obj, (list, tuple)):
                 for x in obj:
                     walk(x, depth + 1)
