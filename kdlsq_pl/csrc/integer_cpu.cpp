@@ -919,6 +919,75 @@ at::Tensor attention(const at::Tensor& q8, const at::Tensor& k8, const at::Tenso
   return out;
 }
 
+// The integer embedding sum: out[b T + t, c] = clamp(word[ids[b, t], c] + position[t, c] + token_type[tt[b, t], c], -clamp,
+// clamp) as int32 [B*T, D] (clamp < 2^31), the same integers as the engine's torch path. ids, tt: [B, T] int64; the
+// word rows from ``word`` [V, D] (int32 or int64), or at 4 bits or fewer as word_lut[row or 0, word_codes[id, c]]
+// (word_codes [V, D] uint8, word_lut [V or 1, L] int64); position [P >= T, D], token_type [n, D] int64.
+template <typename W>
+void embedding_rows(const int64_t* ids, const int64_t* tt, const W* word, const uint8_t* codes, const int64_t* lut, int64_t lut_rows,
+                    int64_t L, const int64_t* pos, const int64_t* tok, int64_t T, int64_t D, int64_t clamp, int32_t* o, int64_t r0,
+                    int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t id = ids[r], t = r % T;
+    const int64_t *p = pos + t * D, *k = tok + tt[r] * D;
+    int32_t* out = o + r * D;
+    if (codes != nullptr) {
+      const uint8_t* cr = codes + id * D;
+      const int64_t* lr = lut + (lut_rows == 1 ? 0 : id) * L;
+      for (int64_t c = 0; c < D; ++c) out[c] = int32_t(std::min(std::max(lr[cr[c]] + p[c] + k[c], -clamp), clamp));
+    } else {
+      const W* wr = word + id * D;
+      for (int64_t c = 0; c < D; ++c) out[c] = int32_t(std::min(std::max(int64_t(wr[c]) + p[c] + k[c], -clamp), clamp));
+    }
+  }
+}
+
+at::Tensor embedding(const at::Tensor& ids, const at::Tensor& tt, const std::optional<at::Tensor>& word_codes,
+                     const std::optional<at::Tensor>& word_lut, const std::optional<at::Tensor>& word, const at::Tensor& position,
+                     const at::Tensor& token_type, int64_t clamp, const std::optional<at::Tensor>& out_opt) {
+  TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong && ids.is_contiguous() && tt.sizes() == ids.sizes() &&
+              tt.scalar_type() == at::kLong && tt.is_contiguous(), "int_embedding: ids and token types must be contiguous int64 [B, T]");
+  const bool lut = word_codes.has_value() && word_codes->defined();
+  TORCH_CHECK(lut == (word_lut.has_value() && word_lut->defined()) && lut != (word.has_value() && word->defined()),
+              "int_embedding: give word_codes with word_lut, or word");
+  const at::Tensor& table = lut ? *word_codes : *word;
+  const int64_t B = ids.size(0), T = ids.size(1), V = table.size(0), D = table.size(1);
+  for (const at::Tensor* t : {&table, &position, &token_type})
+    TORCH_CHECK(t->dim() == 2 && t->size(1) == D && t->is_contiguous(), "int_embedding: tables must be contiguous [rows, ", D, "]");
+  TORCH_CHECK(position.scalar_type() == at::kLong && token_type.scalar_type() == at::kLong, "int_embedding: int64 position and token type tables");
+  TORCH_CHECK(T <= position.size(0), "int_embedding: sequence length ", T, " > ", position.size(0), " positions");
+  TORCH_CHECK(clamp >= 0 && clamp < (int64_t(1) << 31), "int_embedding: clamp = ", clamp, "; allowed: 0 <= clamp < 2^31");
+  if (ids.numel() > 0) {
+    const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < V, "int_embedding: token id ", lo < 0 ? lo : hi, " out of range; allowed: 0..", V - 1);
+    const int64_t tlo = tt.min().item<int64_t>(), thi = tt.max().item<int64_t>();
+    TORCH_CHECK(tlo >= 0 && thi < token_type.size(0), "int_embedding: token type ", tlo < 0 ? tlo : thi, " out of range; allowed: 0..",
+                token_type.size(0) - 1);
+  }
+  if (lut) {
+    TORCH_CHECK(word_codes->scalar_type() == at::kByte && word_lut->scalar_type() == at::kLong && word_lut->dim() == 2 &&
+                word_lut->is_contiguous() && (word_lut->size(0) == 1 || word_lut->size(0) == V),
+                "int_embedding: word codes must be uint8 [V, D] with an int64 [1 or V, L] lut");
+  } else {
+    TORCH_CHECK(word->scalar_type() == at::kInt || word->scalar_type() == at::kLong, "int_embedding: word table must be int32 or int64");
+  }
+  at::Tensor out = output(out_opt, {B * T, D}, ids.options().dtype(at::kInt), "int_embedding");
+  const int64_t *ip = ids.data_ptr<int64_t>(), *tp = tt.data_ptr<int64_t>(), *pp = position.data_ptr<int64_t>(),
+                *kp = token_type.data_ptr<int64_t>();
+  int32_t* o = out.data_ptr<int32_t>();
+  at::parallel_for(0, B * T, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
+    if (lut) {
+      embedding_rows<int64_t>(ip, tp, nullptr, word_codes->data_ptr<uint8_t>(), word_lut->data_ptr<int64_t>(), word_lut->size(0),
+                              word_lut->size(1), pp, kp, T, D, clamp, o, r0, r1);
+    } else if (word->scalar_type() == at::kInt) {
+      embedding_rows<int32_t>(ip, tp, word->data_ptr<int32_t>(), nullptr, nullptr, 0, 0, pp, kp, T, D, clamp, o, r0, r1);
+    } else {
+      embedding_rows<int64_t>(ip, tp, word->data_ptr<int64_t>(), nullptr, nullptr, 0, 0, pp, kp, T, D, clamp, o, r0, r1);
+    }
+  });
+  return out;
+}
+
 bool set_simd(bool on) {  // returns the previous setting
   return g_simd.exchange(on);
 }
@@ -933,6 +1002,8 @@ TORCH_LIBRARY_FRAGMENT(kdlsq, m) {
       .def("impl", [](const c10::intrusive_ptr<PackedS8>& self) { return self->impl; })
       .def("nbytes", [](const c10::intrusive_ptr<PackedS8>& self) { return int64_t(self->packed_md.get_size()); });
   m.def("set_simd(bool on) -> bool", &set_simd);
+  m.def("int_embedding(Tensor ids, Tensor tt, Tensor? word_codes, Tensor? word_lut, Tensor? word, Tensor position, "
+        "Tensor token_type, int clamp, Tensor(a!)? out=None) -> Tensor");
   m.def("int_requant(Tensor x, Tensor? bias, Tensor m, Tensor e, int lo, int hi, bool int8_out, Tensor(a!)? out=None) -> Tensor");
   m.def("int_softmax_requant(Tensor scores, Tensor mask, int x0, int b_int, int c_int, int widen, int out_bits, int n_clamp, "
         "int sum_bits, int num_bits, int m, int e, int lo, int hi, Tensor(a!)? out=None) -> Tensor");
@@ -948,6 +1019,7 @@ TORCH_LIBRARY_IMPL(kdlsq, CPU, m) {
   m.impl("int_requant", &requant);
   m.impl("int_softmax_requant", &softmax_requant);
   m.impl("int_attention", &attention);
+  m.impl("int_embedding", &embedding);
   m.impl("int_gelu_requant", &gelu_requant);
   m.impl("int_residual_layernorm", &residual_layernorm);
 }

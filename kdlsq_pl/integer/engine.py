@@ -24,6 +24,7 @@ LSQ quantizers of at most 8 bits (``quant=w2a8 | w4a8 | w8a8``, per tensor or pe
 
 from __future__ import annotations
 
+import gc
 import math
 import threading
 from dataclasses import dataclass
@@ -393,23 +394,37 @@ class IntegerEngine:
                                        nxt.fused["qkv_code"] if nxt is not None else [], nxt_codes)
         return out, nxt_codes
 
-    @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False):
         """Integer logits ``[B, C]`` (int64); with ``output_hidden_states`` also the integer hidden states after the
-        embeddings and each layer, as ``(logits, [h_0 .. h_L])``, each ``[B, T, D]`` on its ``hidden_scales``."""
+        embeddings and each layer, as ``(logits, [h_0 .. h_L])``, each ``[B, T, D]`` on its ``hidden_scales``.
+
+        Python's cyclic garbage collector is paused during the call: the forward's objects are freed by reference
+        counting, and a collection that a forward's transient tensors would trigger walks every object of the process
+        (a model loaded with ``transformers`` holds about half a million), about 3.5 ms a forward on average at
+        batch 8 here (``benchmarks/engine_profile.py``)."""
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._forward(input_ids, attention_mask, token_type_ids, output_hidden_states)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    @torch.no_grad()
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None,
+                 output_hidden_states: bool):
         B, T = input_ids.shape
         mask = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.to(torch.bool)
         tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-        e = self._word_rows(input_ids) + self.position[:T].unsqueeze(0) + self.token_type[tt]
         if self.kernels is not None:  # the residual kernel with a zero first term and the identity multiplier
-            D = e.shape[-1]
-            zeros = torch.zeros(B * T, D, dtype=torch.int32)
-            one = torch.ones(1, dtype=INT)
+            D = self.position.shape[1]
+            e = self.kernels.int_embedding(input_ids.contiguous(), tt.contiguous(), self.word_codes, self.word_lut, self.word,
+                                           self.position, self.token_type, self.clamp_e, self.workspace("e", (B * T, D), torch.int32))
+            zeros, no_bias, one, zero = self._zeros(B * T, D)
             out = None if output_hidden_states else self.workspace("h", (B * T, D), torch.int32)
             codes = [self.workspace(f"{n}8", (B * T, D), torch.int8) for n in "qkv"] if self.layers else []
-            h = self.kernels.int_residual_layernorm(zeros, torch.zeros(D, dtype=INT), one, torch.zeros(1, dtype=INT),
-                                                    e.reshape(B * T, D).contiguous(), 1, 0, self.clamp_e, self.ln_e.gamma_int,
+            h = self.kernels.int_residual_layernorm(zeros, no_bias, one, zero, e, 1, 0, self.clamp_e, self.ln_e.gamma_int,
                                                     self.ln_e.beta_int, self.ln_e.NORM_BITS, int(self.ln_e.requant.m),
                                                     int(self.ln_e.requant.e), out,
                                                     self.layers[0].fused["qkv_code"] if self.layers else [], codes)
@@ -420,6 +435,7 @@ class IntegerEngine:
                 hidden.append(h.reshape(B, T, D))
             h = hidden[-1]
         else:
+            e = self._word_rows(input_ids) + self.position[:T].unsqueeze(0) + self.token_type[tt]
             h = self.ln_e(torch.clamp(e, -self.clamp_e, self.clamp_e))
             hidden = [h]
             for L in self.layers:
@@ -439,6 +455,15 @@ class IntegerEngine:
             pooled = 2 * self.sigmoid(pair)[..., 0] - 2 ** 15  # tanh(x) = 2 sigmoid(2x) - 1, scale 2^-15
         logits = torch.matmul(pooled, self.head_w_t) + self.head_b
         return (logits, hidden) if output_hidden_states else logits
+
+    def _zeros(self, n: int, d: int) -> tuple[torch.Tensor, ...]:
+        """The embedding LayerNorm's constant operands: a zero first term ``[n, d]`` int32 (a view of one zero buffer
+        kept for the largest ``n`` so far, never written), a zero bias ``[d]``, the identity multiplier and shift."""
+        z = getattr(self, "_zero_rows", None)
+        if z is None or z[0].shape[0] < n:
+            z = self._zero_rows = (torch.zeros(n, d, dtype=torch.int32), torch.zeros(d, dtype=INT), torch.ones(1, dtype=INT),
+                                   torch.zeros(1, dtype=INT))
+        return (z[0][:n],) + z[1:]
 
     def _word_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The word embeddings of ``input_ids`` ``[B, T]`` on the embedding sum's scale, ``[B, T, D]`` int64."""
@@ -467,7 +492,7 @@ class IntegerEngine:
                 for x in vars(obj).values():
                     walk(x, depth + 1)
 
-        walk([v for k, v in vars(self).items() if k not in ("kernels", "attention")])
+        walk([v for k, v in vars(self).items() if k not in ("kernels", "attention", "_zero_rows")])
         return sum(seen.values())
 
     @property
