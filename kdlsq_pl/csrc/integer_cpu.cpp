@@ -20,6 +20,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -294,6 +295,7 @@ at::Tensor requant(const at::Tensor& x, const std::optional<at::Tensor>& bias, c
 // exp_row in AVX-512 (8 int64 lanes), the same integers: its three products have 32-bit operands (n = -x < 2^32 and
 // R < 2^32; z <= n_clamp and d0 < 2^32; 0 <= p + b_int < 2^32, checked by the caller), so each is one unsigned
 // 32 x 32 -> 64-bit multiply (vpmuludq) where the compiler's loop used the 64-bit vpmullq (three micro-ops on Intel).
+// p = x + z d0 is minus the division's remainder n - z d0, which the quotient's correction computes anyway.
 KDLSQ_AVX512 int64_t exp_row_avx512(const int32_t* row, const bool* vis, int64_t* ex, int64_t T, int64_t mx, int64_t floor_x,
                                     int64_t d0, uint64_t R, int64_t b_int, int64_t c_int, int64_t widen) {
   const __m512i vmx = _mm512_set1_epi64(mx), vfloor = _mm512_set1_epi64(floor_x), vd0 = _mm512_set1_epi64(d0),
@@ -307,9 +309,11 @@ KDLSQ_AVX512 int64_t exp_row_avx512(const int32_t* row, const bool* vis, int64_t
     const __m512i x = _mm512_max_epi64(_mm512_sub_epi64(sc, vmx), vfloor);
     const __m512i n = _mm512_sub_epi64(zero, x);
     __m512i z = _mm512_srli_epi64(_mm512_mul_epu32(n, vR), 32);
-    const __mmask8 short_by_one = _mm512_cmpge_epu64_mask(_mm512_sub_epi64(n, _mm512_mul_epu32(z, vd0)), vd0);
+    __m512i r = _mm512_sub_epi64(n, _mm512_mul_epu32(z, vd0));  // n - z d0, in [0, 2 d0)
+    const __mmask8 short_by_one = _mm512_cmpge_epu64_mask(r, vd0);
     z = _mm512_mask_add_epi64(z, short_by_one, z, one);
-    const __m512i t = _mm512_add_epi64(_mm512_add_epi64(x, _mm512_mul_epu32(z, vd0)), vb);  // p + b_int
+    r = _mm512_mask_sub_epi64(r, short_by_one, r, vd0);
+    const __m512i t = _mm512_sub_epi64(vb, r);  // p + b_int, with p = x + z d0 = -r
     __m512i e = _mm512_add_epi64(_mm512_mul_epu32(t, t), vc);
     e = _mm512_srav_epi64(_mm512_sll_epi64(e, vwiden), z);
     const __m128i vb8 = _mm_maskz_loadu_epi8(tail, vis + j);
@@ -879,6 +883,13 @@ at::Tensor attention(const at::Tensor& q8, const at::Tensor& k8, const at::Tenso
   if (N == 0) return out;
   const SoftmaxRows smx(sm[0], sm[1], sm[2], sm[3], sm[4], sm[5], sm[6], sm[7], sm[8], sm[9], sm[10], sm[11], "int_attention");
   const int64_t ohalf = oe > 0 ? (int64_t(1) << (oe - 1)) : 0, ors = std::max<int64_t>(oe, 0), ols = std::max<int64_t>(-oe, 0);
+  // the context's requantization as per-channel rows for the AVX-512 row (no bias: bias m + half is half), where m < 2^31
+  Dyadic o_rows(at::full({1}, om, at::kLong), at::full({1}, oe, at::kLong), D);
+#if defined(__x86_64__)
+  if (!(simd_allowed() && has_avx512() && o_rows.m_fits_31())) o_rows.m.clear();
+#else
+  o_rows.m.clear();
+#endif
   const int64_t groups = std::min<int64_t>(heads, (at::get_num_threads() + B - 1) / B), per = (heads + groups - 1) / groups;
   const int64_t n_groups = (heads + per - 1) / per;  // the last group may hold fewer heads
   const HeadProducts* prods[2] = {&head_products(T, per, d, D), heads % per ? &head_products(T, heads % per, d, D) : nullptr};
@@ -911,9 +922,17 @@ at::Tensor attention(const at::Tensor& q8, const at::Tensor& k8, const at::Tenso
       execute(hp.pv, memory::desc({1, n, T, T}, dt::s8, tag::abcd), P.data(), memory::desc({1, n, T, d}, dt::s8, dims{T * D, d, D, 1}),
               vp + b * T * D + c0, memory::desc({1, n, T, d}, dt::s32, dims{T * n * d, d, n * d, 1}), Cx.data(), hp.scratch);
       // the output Linear's input grid is per tensor: each of the tile's rows requantizes straight into its place
-      for (int64_t t = 0; t < T; ++t)
-        requant_row_s(Cx.data() + t * n * d, static_cast<const int64_t*>(nullptr), om, ohalf, ors, ols, o + (b * T + t) * D + c0,
-                      n * d, olo, ohi);
+      for (int64_t t = 0; t < T; ++t) {
+        const int32_t* row = Cx.data() + t * n * d;
+        int8_t* dst = o + (b * T + t) * D + c0;
+#if defined(__x86_64__)
+        if (!o_rows.m.empty()) {
+          requant_row_avx512(row, o_rows.half.data(), o_rows.m.data(), o_rows.rs.data(), o_rows.ls.data(), dst, n * d, olo, ohi);
+          continue;
+        }
+#endif
+        requant_row_s(row, static_cast<const int64_t*>(nullptr), om, ohalf, ors, ols, dst, n * d, olo, ohi);
+      }
     }
   });
   return out;
