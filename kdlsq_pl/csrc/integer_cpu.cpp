@@ -95,12 +95,19 @@ KDLSQ_AVX512 inline __mmask8 tail8(int64_t C, int64_t j) {
 }
 
 // ((x + bias) m + half) >> rs << ls for the 8 int32 x at j (per channel m < 2^31, bmh = Dyadic::folded_half), int64
-// lanes; one vpmuldq for the product. Lanes outside ``tail`` read 0.
+// lanes; one vpmuldq for the product. Lanes outside ``tail`` read 0. ls may be null: every left shift is 0 (the usual
+// case, a multiplier that needs a right shift), and the row skips it: 512-bit shifts and multiplies share one port.
 KDLSQ_AVX512 inline __m512i requant8(const int32_t* x, const int64_t* bmh, const int64_t* m, const int64_t* rs, const int64_t* ls,
                                      int64_t j, __mmask8 tail) {
   const __m512i x8 = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(tail, x + j));
   const __m512i v = _mm512_add_epi64(_mm512_mul_epi32(x8, _mm512_maskz_loadu_epi64(tail, m + j)), _mm512_maskz_loadu_epi64(tail, bmh + j));
-  return _mm512_sllv_epi64(_mm512_srav_epi64(v, _mm512_maskz_loadu_epi64(tail, rs + j)), _mm512_maskz_loadu_epi64(tail, ls + j));
+  const __m512i r = _mm512_srav_epi64(v, _mm512_maskz_loadu_epi64(tail, rs + j));
+  return ls == nullptr ? r : _mm512_sllv_epi64(r, _mm512_maskz_loadu_epi64(tail, ls + j));
+}
+
+// v << s, skipped where s is 0 (a per-call constant: the branch is always taken the same way).
+KDLSQ_AVX512 inline __m512i shl_if(__m512i v, int64_t s) {
+  return s == 0 ? v : _mm512_sll_epi64(v, _mm_cvtsi64_si128(s));
 }
 #endif
 
@@ -128,6 +135,12 @@ struct Dyadic {
       rs.push_back(std::max<int64_t>(ep[i], 0));
       ls.push_back(std::max<int64_t>(-ep[i], 0));
     }
+  }
+  // The left shifts, or null where every one is 0 (requant8 then skips them).
+  const int64_t* ls_or_null() const {
+    for (int64_t v : ls)
+      if (v != 0) return ls.data();
+    return nullptr;
   }
   // Every multiplier below 2^31 (and not negative): a * m is then one signed 32 x 32 -> 64-bit product for int32 a.
   bool m_fits_31() const {
@@ -251,8 +264,9 @@ void requant_rows_int8(const int32_t* x, const int64_t* bias, const Dyadic& dy, 
 #if defined(__x86_64__)
   if (simd_allowed() && has_avx512() && dy.m_fits_31()) {
     const std::vector<int64_t> bmh = dy.folded_half(bias);
+    const int64_t* ls = dy.ls_or_null();
     at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) requant_row_avx512(x + r * C, bmh.data(), dy.m.data(), dy.rs.data(), dy.ls.data(), out + r * C, C, lo, hi);
+      for (int64_t r = r0; r < r1; ++r) requant_row_avx512(x + r * C, bmh.data(), dy.m.data(), dy.rs.data(), ls, out + r * C, C, lo, hi);
     });
     return;
   }
@@ -329,15 +343,14 @@ KDLSQ_AVX512 int64_t exp_row_avx512(const int32_t* row, const bool* vis, int64_t
 // products are single vpmuludq; the same integers.
 KDLSQ_AVX512 void normalise_row_avx512(const int64_t* ex, int8_t* o, int64_t T, int64_t down, int64_t factor, int64_t out_shift,
                                        int64_t m, int64_t half, int64_t rs, int64_t ls, int64_t lo, int64_t hi) {
-  const __m128i vdown = _mm_cvtsi64_si128(down), vout = _mm_cvtsi64_si128(out_shift), vrs = _mm_cvtsi64_si128(rs),
-                vls = _mm_cvtsi64_si128(ls);
+  const __m128i vdown = _mm_cvtsi64_si128(down), vout = _mm_cvtsi64_si128(out_shift), vrs = _mm_cvtsi64_si128(rs);
   const __m512i vf = _mm512_set1_epi64(factor), vm = _mm512_set1_epi64(m), vhalf = _mm512_set1_epi64(half),
                 vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
   for (int64_t j = 0; j < T; j += 8) {
     const __mmask8 tail = tail8(T, j);
     const __m512i e = _mm512_sra_epi64(_mm512_maskz_loadu_epi64(tail, ex + j), vdown);
     const __m512i prob = _mm512_sra_epi64(_mm512_mul_epu32(e, vf), vout);
-    __m512i v = _mm512_sll_epi64(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epu32(prob, vm), vhalf), vrs), vls);
+    __m512i v = shl_if(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epu32(prob, vm), vhalf), vrs), ls);
     v = _mm512_min_epi64(_mm512_max_epi64(v, vlo), vhi);
     _mm_mask_storeu_epi8(o + j, tail, _mm512_cvtepi64_epi8(v));
   }
@@ -449,7 +462,7 @@ KDLSQ_AVX512 void gelu_row_avx512(const int32_t* a, const int64_t* bmh, const in
                 vb = _mm512_set1_epi64(b_int), vc = _mm512_set1_epi64(c_int), vone = _mm512_set1_epi64(one),
                 vnm = _mm512_set1_epi64(nm), vnh = _mm512_set1_epi64(nhalf), vlo = _mm512_set1_epi64(lo),
                 vhi = _mm512_set1_epi64(hi), zero = _mm512_setzero_si512();
-  const __m128i vshift = _mm_cvtsi64_si128(shift), vnrs = _mm_cvtsi64_si128(nrs), vnls = _mm_cvtsi64_si128(nls);
+  const __m128i vshift = _mm_cvtsi64_si128(shift), vnrs = _mm_cvtsi64_si128(nrs);
   for (int64_t j = 0; j < C; j += 8) {
     const __mmask8 tail = tail8(C, j);
     const __m512i q = _mm512_min_epi64(_mm512_max_epi64(requant8(a, bmh, m, rs, ls, j, tail), vgl), vgh);
@@ -461,7 +474,7 @@ KDLSQ_AVX512 void gelu_row_avx512(const int32_t* a, const int64_t* bmh, const in
     const __m512i y1 = _mm512_add_epi64(_mm512_sra_epi64(su, vshift), vone);
     const __m512i g = _mm512_mul_epi32(_mm512_sub_epi64(zero, q), y1);
     const __m512i gm = _mm512_add_epi64(_mm512_mul_epu32(g, vnm), _mm512_slli_epi64(_mm512_mul_epi32(_mm512_srai_epi64(g, 32), vnm), 32));
-    __m512i v = _mm512_sll_epi64(_mm512_sra_epi64(_mm512_add_epi64(gm, vnh), vnrs), vnls);
+    __m512i v = shl_if(_mm512_sra_epi64(_mm512_add_epi64(gm, vnh), vnrs), nls);
     v = _mm512_min_epi64(_mm512_max_epi64(v, vlo), vhi);
     _mm_mask_storeu_epi8(o + j, tail, _mm512_cvtepi64_epi8(v));
   }
@@ -493,9 +506,10 @@ at::Tensor gelu_requant(const at::Tensor& acc, const at::Tensor& bias, const at:
               nm >= 0 && nm < lim && shift >= 0 && shift < 64 && d.m_fits_31();
     if (ok) {
       const std::vector<int64_t> bmh = d.folded_half(bp);
+      const int64_t* ls = d.ls_or_null();
       at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)
-          gelu_row_avx512(a + r * C, bmh.data(), d.m.data(), d.rs.data(), d.ls.data(), g_clamp, b_int, c_int, shift, one, nm, nhalf,
+          gelu_row_avx512(a + r * C, bmh.data(), d.m.data(), d.rs.data(), ls, g_clamp, b_int, c_int, shift, one, nm, nhalf,
                           nrs, nls, lo, hi, o + r * C, C);
       });
       return out;
@@ -580,13 +594,13 @@ KDLSQ_AVX512 int64_t residual_row_avx512(const int32_t* a, const int64_t* bmh, c
                                          int64_t clamp, int64_t* res, int64_t C) {
   const __m512i vhm = _mm512_set1_epi64(hm), vhh = _mm512_set1_epi64(hhalf), vlo = _mm512_set1_epi64(-clamp),
                 vhi = _mm512_set1_epi64(clamp);
-  const __m128i vhrs = _mm_cvtsi64_si128(hrs), vhls = _mm_cvtsi64_si128(hls);
+  const __m128i vhrs = _mm_cvtsi64_si128(hrs);
   __m512i acc = _mm512_setzero_si512();
   for (int64_t j = 0; j < C; j += 8) {
     const __mmask8 tail = tail8(C, j);
     const __m512i v = requant8(a, bmh, m, rs, ls, j, tail);
     const __m512i h8 = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(tail, h + j));
-    const __m512i w = _mm512_sll_epi64(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(h8, vhm), vhh), vhrs), vhls);
+    const __m512i w = shl_if(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(h8, vhm), vhh), vhrs), hls);
     const __m512i r = _mm512_maskz_mov_epi64(tail, _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(v, w), vlo), vhi));
     _mm512_mask_storeu_epi64(res + j, tail, r);
     acc = _mm512_add_epi64(acc, r);
@@ -613,8 +627,7 @@ KDLSQ_AVX512 void layernorm_tail_avx512(const int64_t* y, int64_t d, int64_t nor
   const __m512i vd = _mm512_set1_epi64(d), vR1 = _mm512_set1_epi64(int64_t(R1)), vR2 = _mm512_set1_epi64(int64_t(R2)),
                 one = _mm512_set1_epi64(1), zero = _mm512_setzero_si512(), vlm = _mm512_set1_epi64(lm),
                 vhalf = _mm512_set1_epi64(le > 0 ? (int64_t(1) << (le - 1)) : 0);
-  const __m128i vnb = _mm_cvtsi64_si128(norm_bits), vrs = _mm_cvtsi64_si128(std::max<int64_t>(le, 0)),
-                vls = _mm_cvtsi64_si128(std::max<int64_t>(-le, 0));
+  const __m128i vnb = _mm_cvtsi64_si128(norm_bits), vrs = _mm_cvtsi64_si128(std::max<int64_t>(le, 0));
   for (int64_t j = 0; j < C; j += 8) {
     const __mmask8 tail = tail8(C, j);
     const __m512i v = _mm512_maskz_loadu_epi64(tail, y + j);
@@ -630,14 +643,14 @@ KDLSQ_AVX512 void layernorm_tail_avx512(const int64_t* y, int64_t d, int64_t nor
     const __m512i qn = _mm512_mask_add_epi64(q, _mm512_cmpneq_epi64_mask(rem, zero), q, one);
     const __m512i y_hat = _mm512_mask_sub_epi64(q, neg, zero, qn);
     const __m512i yg = _mm512_mul_epi32(y_hat, _mm512_maskz_loadu_epi64(tail, gamma + j));
-    __m512i out = _mm512_sll_epi64(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(yg, vlm), vhalf), vrs), vls);
+    __m512i out = shl_if(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(yg, vlm), vhalf), vrs), std::max<int64_t>(-le, 0));
     const __m256i o32 = _mm512_cvtepi64_epi32(_mm512_add_epi64(out, _mm512_maskz_loadu_epi64(tail, beta + j)));
     _mm256_mask_storeu_epi32(o + j, tail, o32);
     const __m512i o64 = _mm512_cvtepi32_epi64(o32);
     for (int64_t g = 0; g < n_grids; ++g) {
       const CodeGrid& cg = grids[g];
       __m512i c = _mm512_add_epi64(_mm512_mul_epi32(o64, _mm512_set1_epi64(cg.m)), _mm512_set1_epi64(cg.half));
-      c = _mm512_sll_epi64(_mm512_sra_epi64(c, _mm_cvtsi64_si128(cg.rs)), _mm_cvtsi64_si128(cg.ls));
+      c = shl_if(_mm512_sra_epi64(c, _mm_cvtsi64_si128(cg.rs)), cg.ls);
       c = _mm512_min_epi64(_mm512_max_epi64(c, _mm512_set1_epi64(cg.lo)), _mm512_set1_epi64(cg.hi));
       _mm_mask_storeu_epi8(cg.out + off + j, tail, _mm512_cvtepi64_epi8(c));  // the codes' row at element offset off
     }
@@ -689,6 +702,7 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
   // 2^norm_bits because |y - mean| <= sqrt(C) (d + 1) and d >= 1)
   bool simd = false;
   std::vector<int64_t> bmh;
+  const int64_t* a_ls = nullptr;
 #if defined(__x86_64__)
   {
     const int64_t lim = int64_t(1) << 31;
@@ -698,6 +712,7 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
            (2 * isqrt_newton(C) + 3) * (int64_t(1) << norm_bits) * std::max<int64_t>(g_max, 1) < lim && d.m_fits_31();
     for (const CodeGrid& g : grids) simd = simd && g.m >= 0 && g.m < lim;
     if (simd) bmh = d.folded_half(bp);
+    a_ls = d.ls_or_null();
   }
 #endif
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
@@ -705,7 +720,7 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
     for (int64_t r = r0; r < r1; ++r) {
 #if defined(__x86_64__)
       if (simd) {
-        const int64_t total = residual_row_avx512(ap + r * C, bmh.data(), d.m.data(), d.rs.data(), d.ls.data(), hp32 + r * C, hm,
+        const int64_t total = residual_row_avx512(ap + r * C, bmh.data(), d.m.data(), d.rs.data(), a_ls, hp32 + r * C, hm,
                                                   hhalf, hrs, hls, res_clamp, res.data(), C);
         const int64_t sq = center_row_avx512(res.data(), floor_div(2 * total + C, 2 * C), C);
         const int64_t sd = std::max<int64_t>(isqrt_newton(sq / C), 1);
@@ -890,6 +905,7 @@ at::Tensor attention(const at::Tensor& q8, const at::Tensor& k8, const at::Tenso
 #else
   o_rows.m.clear();
 #endif
+  const int64_t* o_ls = o_rows.ls_or_null();
   const int64_t groups = std::min<int64_t>(heads, (at::get_num_threads() + B - 1) / B), per = (heads + groups - 1) / groups;
   const int64_t n_groups = (heads + per - 1) / per;  // the last group may hold fewer heads
   const HeadProducts* prods[2] = {&head_products(T, per, d, D), heads % per ? &head_products(T, heads % per, d, D) : nullptr};
@@ -927,7 +943,7 @@ at::Tensor attention(const at::Tensor& q8, const at::Tensor& k8, const at::Tenso
         int8_t* dst = o + (b * T + t) * D + c0;
 #if defined(__x86_64__)
         if (!o_rows.m.empty()) {
-          requant_row_avx512(row, o_rows.half.data(), o_rows.m.data(), o_rows.rs.data(), o_rows.ls.data(), dst, n * d, olo, ohi);
+          requant_row_avx512(row, o_rows.half.data(), o_rows.m.data(), o_rows.rs.data(), o_ls, dst, n * d, olo, ohi);
           continue;
         }
 #endif
