@@ -101,8 +101,8 @@ class _Workspace(threading.local):
     Each intermediate of a layer (the Linears' int32 products, the int8 codes, the LayerNorm outputs) is written
     into the same memory on every layer and every call, instead of a new tensor each time.
     Memory written again soon is still in cache, where a new allocation of a few MB costs a trip to DRAM: at batch
-    8, length 128 that alone made ``torch._int_mm`` take twice its back-to-back time inside the engine
-    (``benchmarks/int_mm_in_engine.py``). A tag's buffer is only reused after its previous content has been read;
+    8, length 128 that alone made the Linears' GEMMs take twice their back-to-back time inside the engine
+    (``benchmarks/engine_profile.py`` prints the A/B). A tag's buffer is only reused after its previous content has been read;
     the LayerNorm outputs take two buffers in turn, except in a call that returns the hidden states (new tensors
     then). Nothing a call returns is a view of a buffer. Per thread: two threads may call one engine at once.
     ``reuse=False`` hands out a new tensor each time instead (the engine before this workspace, for benchmarks).
