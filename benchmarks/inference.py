@@ -1,7 +1,7 @@
 """Inference latency, throughput and peak memory of every way to run the model, on the CPU.
 
 Usage: ``python benchmarks/inference.py [--batches 1 8 32] [--length 128] [--threads 2 1] [--repeats 7]
-[--quant w2a8] [--run <student run dir>] [--dev-pairs 160]``
+[--quant w2a8] [--run <student run dir>] [--dev-pairs 160] [--only quantize_dynamic "integer engine"]``
 
 For each thread count and batch size (random ids, every token real, length ``--length``), and for the first
 ``--dev-pairs`` real MRPC dev pairs in batches of 8 padded to each batch's longest pair (``dev mix``), it times: Hugging Face FP32 (eager and
@@ -162,6 +162,8 @@ def main() -> None:
     ap.add_argument("--quant", default="w2a8")
     ap.add_argument("--run", help="a trained student's run folder (default: the bundled MiniLM, quantized and calibrated)")
     ap.add_argument("--dev-pairs", type=int, default=160, help="MRPC dev pairs of the dev-mix rows (0: skip them)")
+    ap.add_argument("--only", nargs="+", metavar="NAME",
+                    help="time only the engines whose name contains one of these words (HF FP32 eager, the baseline, always runs)")
     args = ap.parse_args()
     from train_step import PeakMemory
 
@@ -174,6 +176,8 @@ def main() -> None:
     with torch.no_grad():
         for threads in args.threads:
             fns = engines(m, threads)
+            if args.only:
+                fns = {k: f for i, (k, f) in enumerate(fns.items()) if i == 0 or any(w in k for w in args.only)}
             shapes = [(str(B), B) for B in args.batches] + ([("dev mix", None)] if mix else [])
             for label, B in shapes:
                 if B is None:

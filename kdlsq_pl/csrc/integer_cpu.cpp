@@ -36,7 +36,6 @@
 #include <map>
 #include <mutex>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "dnnl.hpp"
@@ -754,7 +753,8 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
 // transposed copy), and context [1, n, T, d] (the task's [T, n*d] tile: strides T*n*d, d, n*d, 1) = p [1, n, T, T] x
 // v [1, n, T, d] (in place, like q). The 4-D form with a leading 1 is what selects oneDNN's brgemm kernels (AMX or
 // VNNI) for these strides; 3-D or per-head 2-D forms with a transposed key get its slower gemm:jit. Built once per
-// (T, n, D), then shared by every thread (execute is thread-safe; each thread brings its own scratchpad and stream).
+// (T, n, D) and thread count, then shared by every thread (execute is thread-safe; each thread brings its own
+// scratchpad and stream).
 struct HeadProducts {
   dnnl::reorder kt;  // the group's keys [T, n*d] (row stride D) -> [n, d, T]
   dnnl::matmul qk, pv;
@@ -763,9 +763,11 @@ struct HeadProducts {
 
 const HeadProducts& head_products(int64_t T, int64_t n, int64_t d, int64_t D) {
   static std::mutex mu;
-  static std::map<std::array<int64_t, 4>, HeadProducts> cache;
+  static std::map<std::array<int64_t, 5>, HeadProducts> cache;
   std::lock_guard<std::mutex> g(mu);
-  const std::array<int64_t, 4> key{T, n, d, D};
+  // a primitive keeps the thread count it was built for: at one thread the tasks run outside a parallel region, and a
+  // primitive built for two would open one of its own
+  const std::array<int64_t, 5> key{T, n, d, D, int64_t(at::get_num_threads())};
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   using dims = memory::dims;
@@ -803,18 +805,19 @@ void execute(const dnnl::matmul& mm, const memory::desc& a_md, const void* a, co
 // The rows the weights' packed layout is chosen for (batch 8 x length 128); other row counts reuse that layout.
 constexpr int64_t REF_ROWS = 1024;
 
-// A Linear's int8 weights [K, N] (in, out) packed once for oneDNN's matmul, and one primitive per row count M
-// (built on first use, then cached). mm(x8 [M, K] int8, out [M, N] int32) writes x8 @ w; a row count for which
-// oneDNN offers only its reference kernel with this layout runs torch._int_mm on the plain weights instead.
+// A Linear's int8 weights [K, N] (in, out) packed once for oneDNN's matmul, and one primitive per row count M and
+// thread count (built on first use, then cached: a oneDNN primitive keeps the thread count it was built for).
+// mm(x8 [M, K] int8, out [M, N] int32) writes x8 @ w; a row count for which oneDNN offers only its reference kernel
+// with this layout runs torch._int_mm on the plain weights instead.
 struct PackedS8 : torch::CustomClassHolder {
-  at::Tensor w_t;  // [K, N] int8, row-major (kept: the fallback and the pickled state)
+  at::Tensor w_t;  // [K, N] int8, row-major (kept for the fallback)
   int64_t K, N;
   memory::desc packed_md;
   memory packed;
   std::string impl;
   std::mutex mu;
   struct Prim { dnnl::matmul mm; size_t scratch; bool ok; };
-  std::unordered_map<int64_t, Prim> by_rows;
+  std::map<std::pair<int64_t, int64_t>, Prim> by_rows;  // (M, threads) -> primitive
 
   explicit PackedS8(at::Tensor w) : w_t(w.contiguous()) {
     TORCH_CHECK(w_t.dim() == 2 && w_t.scalar_type() == at::kChar && w_t.device().is_cpu(),
@@ -837,7 +840,8 @@ struct PackedS8 : torch::CustomClassHolder {
 
   Prim& prim(int64_t M) {
     std::lock_guard<std::mutex> g(mu);
-    auto it = by_rows.find(M);
+    const std::pair<int64_t, int64_t> key{M, at::get_num_threads()};
+    auto it = by_rows.find(key);
     if (it != by_rows.end()) return it->second;
     memory::desc a_md({M, K}, dt::s8, tag::ab), c_md({M, N}, dt::s32, tag::ab);
     dnnl::primitive_attr attr;
@@ -851,7 +855,7 @@ struct PackedS8 : torch::CustomClassHolder {
       }
     } catch (const dnnl::error&) {
     }
-    return by_rows.emplace(M, std::move(p)).first->second;
+    return by_rows.emplace(key, std::move(p)).first->second;
   }
 
   at::Tensor mm(at::Tensor x8, std::optional<at::Tensor> out_opt) {
