@@ -239,9 +239,10 @@ class IntegerEngine:
                 attention activation.
             calibration_batches: a few batches (``input_ids``, ``attention_mask``, ``token_type_ids``) for the scales
                 of the tensors the student keeps in full precision.
-            fused: run each layer's integer passes as the fused C++ kernels of ``csrc/integer_cpu.cpp``
-                (bit-identical to the torch operators of ``ops``); ``None``: where they can be built; ``False``:
-                the torch operators (the reference).
+            fused: run each layer's integer passes as the fused C++ kernels of ``csrc/integer_cpu.cpp`` and its
+                GEMMs by oneDNN's matmul primitive (bit-identical to the torch operators of ``ops``; needs the
+                ``onednn-cpu-gomp`` wheel, :func:`kdlsq_pl.kernels.integer_kernels`); ``None``: where they can be
+                built; ``False``: the torch operators and ``torch._int_mm`` (the reference).
 
         Raises:
             ConfigError: a model the engine does not support (not BERT-layout, a quantizer that is not LSQ or is
