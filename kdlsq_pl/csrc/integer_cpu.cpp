@@ -6,11 +6,17 @@
 //   requant            out = clamp(shift_round((x + bias[c]) * m[c], e[c]), lo, hi), int8 or int64 out
 //   softmax_requant    I-BERT's i-softmax of one row of int32 scores (keys masked by a [B, T] mask), then the
 //                      probability quantizer's requantization, int8 out
-//   attention          per (example, head) q k^T and p v on int8 codes by oneDNN (at::_int_mm) with softmax_requant's
-//                      rows between them, the context requantized onto the output Linear's input grid, int8 out
+//   attention          per (example, group of heads) q k^T and p v on int8 codes by oneDNN's matmul primitive with
+//                      softmax_requant's rows between them, the context requantized onto the output Linear's input
+//                      grid, int8 out
 //   gelu_requant       requant to the GELU scale, i-GELU, requant onto the next Linear's input grid, int8 out
 //   residual_layernorm clamp(requant(a + bias) + requant(h)) then the integer LayerNorm, int32 out (|out| < 2^20),
 //                      and optionally the int8 codes of that output on the grids of the Linears that read it
+//   embedding          the integer embedding sum (word + position + token type rows, clamped), int32 out
+//   PackedS8           a Linear's int8 weights packed once for oneDNN's matmul primitive; mm(x8) -> int32 x8 @ w
+// oneDNN is the libdnnl.so.3 of the PyPI wheel onednn-cpu-gomp (oneDNN 3.2, GNU OpenMP: torch's libgomp, found by
+// soname), compiled against the oneDNN 3.x C++ header torch ships (oneDNN keeps its C ABI within a major version);
+// the products are exact (int32 accumulation of int8 x int8), the same integers as torch._int_mm.
 // Each op writes into ``out`` when one is given (contiguous, the exact shape and dtype; not aliasing an input),
 // else into a new tensor. The hot rows have two forms giving the same integers: loops the compiler vectorizes (the
 // target_clones copies), and hand-written AVX-512 rows where the CPU has AVX-512 and the operands of a product
@@ -874,8 +880,6 @@ struct PackedS8 : torch::CustomClassHolder {
     return out;
   }
 
-  // Whether row count M runs oneDNN's packed kernel (false: torch._int_mm), building its primitive.
-  bool packed_for(int64_t M) { return M > 0 && prim(M).ok; }
 };
 
 // One task per (example, group of heads), with the group's tiles in cache: its keys transposed to [n, d, T], the
@@ -1037,7 +1041,6 @@ TORCH_LIBRARY_FRAGMENT(kdlsq, m) {
   m.class_<PackedS8>("PackedS8")
       .def(torch::init<at::Tensor>())
       .def("mm", &PackedS8::mm)
-      .def("packed_for", &PackedS8::packed_for)
       .def("impl", [](const c10::intrusive_ptr<PackedS8>& self) { return self->impl; })
       .def("nbytes", [](const c10::intrusive_ptr<PackedS8>& self) { return int64_t(self->packed_md.get_size()); });
   m.def("set_simd(bool on) -> bool", &set_simd);
