@@ -172,8 +172,8 @@ def test_embedding_sum_equals_the_torch_gathers(kernels):
 
 def test_packed_weights_multiply_like_int_mm(kernels):
     """oneDNN's matmul on weights packed once (``PackedS8``, the engine's Linears) equals ``torch._int_mm`` and an
-    int64 product, for row counts from 1 to 1000 (one primitive each, on one packed layout), odd widths, and codes at
-    both ends of int8; bad inputs give one-line errors."""
+    int64 product, for row counts from 1 to 1000 (one primitive each, on one packed layout), odd widths, codes at
+    both ends of int8, and more row counts than its primitive cache keeps; bad inputs give one-line errors."""
     g = torch.Generator().manual_seed(11)
     for K, N in ((384, 1536), (37, 19)):
         w = torch.randint(-128, 128, (K, N), generator=g, dtype=torch.int8)
@@ -189,6 +189,10 @@ def test_packed_weights_multiply_like_int_mm(kernels):
             assert packed.mm(x, out).data_ptr() == out.data_ptr() and torch.equal(out.to(INT), want)
             if M >= 17:
                 assert torch.equal(packed.mm(x, None), torch._int_mm(x, w))
+    small = torch.classes.kdlsq.PackedS8(w[:5, :3].contiguous())  # more row counts than the 256 primitives it keeps
+    for M in range(1, 300):
+        x = torch.randint(-128, 128, (M, 5), generator=g, dtype=torch.int8)
+        assert torch.equal(small.mm(x, None).to(INT), x.to(INT) @ w[:5, :3].to(INT))
     with pytest.raises(RuntimeError, match=r"PackedS8.mm: input must be int8 \[M, 37\]"):
         packed.mm(torch.zeros(4, 36, dtype=torch.int8), None)
     with pytest.raises(RuntimeError, match="PackedS8.mm: input must be int8"):

@@ -40,6 +40,7 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -767,9 +768,13 @@ struct HeadProducts {
   size_t scratch;
 };
 
-const HeadProducts& head_products(int64_t T, int64_t n, int64_t d, int64_t D) {
+// Most primitives a cache keeps (each holds its JIT code): past that it starts over. Entries are shared pointers, so
+// a call still running with one that is dropped keeps it alive.
+constexpr size_t MAX_PRIMITIVES = 256;
+
+std::shared_ptr<const HeadProducts> head_products(int64_t T, int64_t n, int64_t d, int64_t D) {
   static std::mutex mu;
-  static std::map<std::array<int64_t, 5>, HeadProducts> cache;
+  static std::map<std::array<int64_t, 5>, std::shared_ptr<const HeadProducts>> cache;
   std::lock_guard<std::mutex> g(mu);
   // a primitive keeps the thread count it was built for: at one thread the tasks run outside a parallel region, and a
   // primitive built for two would open one of its own
@@ -787,7 +792,8 @@ const HeadProducts& head_products(int64_t T, int64_t n, int64_t d, int64_t D) {
   const auto qk = dnnl::matmul::primitive_desc(cpu_engine(), q_md, kt_md, s_md, attr);
   const auto pv = dnnl::matmul::primitive_desc(cpu_engine(), p_md, v_md, c_md, attr);
   const size_t scratch = std::max(qk.scratchpad_desc().get_size(), pv.scratchpad_desc().get_size());
-  return cache.emplace(key, HeadProducts{dnnl::reorder(kt), dnnl::matmul(qk), dnnl::matmul(pv), scratch}).first->second;
+  if (cache.size() >= MAX_PRIMITIVES) cache.clear();
+  return cache[key] = std::make_shared<const HeadProducts>(HeadProducts{dnnl::reorder(kt), dnnl::matmul(qk), dnnl::matmul(pv), scratch});
 }
 
 dnnl::stream& thread_stream() {  // the calling thread's oneDNN stream
@@ -823,7 +829,7 @@ struct PackedS8 : torch::CustomClassHolder {
   std::string impl;
   std::mutex mu;
   struct Prim { dnnl::matmul mm; size_t scratch; bool ok; };
-  std::map<std::pair<int64_t, int64_t>, Prim> by_rows;  // (M, threads) -> primitive
+  std::map<std::pair<int64_t, int64_t>, std::shared_ptr<const Prim>> by_rows;  // (M, threads) -> primitive
 
   explicit PackedS8(at::Tensor w) : w_t(w.contiguous()) {
     TORCH_CHECK(w_t.dim() == 2 && w_t.scalar_type() == at::kChar && w_t.device().is_cpu(),
@@ -844,7 +850,7 @@ struct PackedS8 : torch::CustomClassHolder {
     s.wait();
   }
 
-  Prim& prim(int64_t M) {
+  std::shared_ptr<const Prim> prim(int64_t M) {
     std::lock_guard<std::mutex> g(mu);
     const std::pair<int64_t, int64_t> key{M, at::get_num_threads()};
     auto it = by_rows.find(key);
@@ -861,7 +867,8 @@ struct PackedS8 : torch::CustomClassHolder {
       }
     } catch (const dnnl::error&) {
     }
-    return by_rows.emplace(key, std::move(p)).first->second;
+    if (by_rows.size() >= MAX_PRIMITIVES) by_rows.clear();
+    return by_rows[key] = std::make_shared<const Prim>(std::move(p));
   }
 
   at::Tensor mm(at::Tensor x8, std::optional<at::Tensor> out_opt) {
@@ -873,13 +880,12 @@ struct PackedS8 : torch::CustomClassHolder {
     TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous() && out.size(0) == M && out.size(1) == N,
                 "PackedS8.mm: out must be contiguous int32 [", M, ", ", N, "]; got ", out.scalar_type(), " ", out.sizes());
     if (M == 0) return out;
-    Prim& p = prim(M);
-    if (!p.ok) return at::_int_mm_out(out, x8, w_t);
-    execute(p.mm, {{M, K}, dt::s8, tag::ab}, x8.data_ptr(), packed_md, packed.get_data_handle(), {{M, N}, dt::s32, tag::ab},
-            out.data_ptr(), p.scratch);
+    const std::shared_ptr<const Prim> p = prim(M);
+    if (!p->ok) return at::_int_mm_out(out, x8, w_t);
+    execute(p->mm, {{M, K}, dt::s8, tag::ab}, x8.data_ptr(), packed_md, packed.get_data_handle(), {{M, N}, dt::s32, tag::ab},
+            out.data_ptr(), p->scratch);
     return out;
   }
-
 };
 
 // One task per (example, group of heads), with the group's tiles in cache: its keys transposed to [n, d, T], the
@@ -916,7 +922,8 @@ at::Tensor attention(const at::Tensor& q8, const at::Tensor& k8, const at::Tenso
   const int64_t* o_ls = o_rows.ls_or_null();
   const int64_t groups = std::min<int64_t>(heads, (at::get_num_threads() + B - 1) / B), per = (heads + groups - 1) / groups;
   const int64_t n_groups = (heads + per - 1) / per;  // the last group may hold fewer heads
-  const HeadProducts* prods[2] = {&head_products(T, per, d, D), heads % per ? &head_products(T, heads % per, d, D) : nullptr};
+  const std::shared_ptr<const HeadProducts> prods[2] = {head_products(T, per, d, D),
+                                                        heads % per ? head_products(T, heads % per, d, D) : nullptr};
   const int8_t *qp = q8.data_ptr<int8_t>(), *kp = k8.data_ptr<int8_t>(), *vp = v8.data_ptr<int8_t>();
   const bool* mk = mask.data_ptr<bool>();
   int8_t* o = out.data_ptr<int8_t>();
