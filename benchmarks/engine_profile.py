@@ -5,9 +5,9 @@ Usage: ``python benchmarks/engine_profile.py [--threads 2 1] [--batch 8] [--leng
 Builds the bundled MiniLM with quantizers inserted and calibrated (as ``benchmarks/inference.py`` does; a trained
 student runs the same operations at the same cost) and its :class:`~kdlsq_pl.integer.engine.IntegerEngine`, then
 times ``--repeats`` forwards of a batch of random ids (every token real) with a clock around each call of: the
-Linears' GEMMs (``IntLinear.mm``: oneDNN's matmul primitive on weights packed once, or ``torch._int_mm`` where the
-``onednn-cpu-gomp`` wheel is missing) and each fused integer kernel (``csrc/integer_cpu.cpp``; ``int_attention``
-holds the attention products, oneDNN per (example, head), with the i-softmax between them); ``rest`` is the
+Linears' GEMMs (``IntLinear.mm``: oneDNN's matmul primitive on weights packed once) and each fused integer kernel
+(``csrc/integer_cpu.cpp``; ``int_attention`` holds the attention products, oneDNN batched over each example's heads,
+with the i-softmax between them); ``rest`` is the
 forward's time outside them (the embedding gathers, Python, reshapes). It prints milliseconds per forward and
 shares, the FP32 model's median time, and a ceiling: the FP32 time over the Linears' GEMM time alone (the
 speed-up if everything else were free); then, in interleaved rounds, the engine with its workspace of reused

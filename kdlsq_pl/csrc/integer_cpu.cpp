@@ -26,7 +26,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -128,11 +127,10 @@ struct Dyadic {
   std::vector<int64_t> m, half, rs, ls;
   bool per_c;
   // channels > 0: a single (m, e) is repeated to that many channels, so the loops index every array by channel.
-  Dyadic(const at::Tensor& mt, const at::Tensor& et, int64_t channels = 0) {
-    const int64_t n = mt.numel();
+  Dyadic(const at::Tensor& mt, const at::Tensor& et, int64_t channels = 0)
+      : Dyadic(mt.data_ptr<int64_t>(), et.data_ptr<int64_t>(), mt.numel(), channels) {}
+  Dyadic(const int64_t* mp, const int64_t* ep, int64_t n, int64_t channels) {
     per_c = n > 1;
-    const int64_t* mp = mt.data_ptr<int64_t>();
-    const int64_t* ep = et.data_ptr<int64_t>();
     const int64_t count = n == 1 && channels > 0 ? channels : n;
     for (int64_t j = 0; j < count; ++j) {
       const int64_t i = n == 1 ? 0 : j;
@@ -911,15 +909,12 @@ at::Tensor attention(const at::Tensor& q8, const at::Tensor& k8, const at::Tenso
   at::Tensor out = output(out_opt, q8.sizes(), q8.options(), "int_attention");
   if (N == 0) return out;
   const SoftmaxRows smx(sm[0], sm[1], sm[2], sm[3], sm[4], sm[5], sm[6], sm[7], sm[8], sm[9], sm[10], sm[11], "int_attention");
-  const int64_t ohalf = oe > 0 ? (int64_t(1) << (oe - 1)) : 0, ors = std::max<int64_t>(oe, 0), ols = std::max<int64_t>(-oe, 0);
-  // the context's requantization as per-channel rows for the AVX-512 row (no bias: bias m + half is half), where m < 2^31
-  Dyadic o_rows(at::full({1}, om, at::kLong), at::full({1}, oe, at::kLong), D);
+  // the context's requantization, per tensor, as channel rows for the AVX-512 row (no bias: bias m + half is half)
+  const Dyadic o_rows(&om, &oe, 1, D);
 #if defined(__x86_64__)
-  if (!(simd_allowed() && has_avx512() && o_rows.m_fits_31())) o_rows.m.clear();
-#else
-  o_rows.m.clear();
-#endif
   const int64_t* o_ls = o_rows.ls_or_null();
+  const bool o_simd = simd_allowed() && has_avx512() && o_rows.m_fits_31();
+#endif
   const int64_t groups = std::min<int64_t>(heads, (at::get_num_threads() + B - 1) / B), per = (heads + groups - 1) / groups;
   const int64_t n_groups = (heads + per - 1) / per;  // the last group may hold fewer heads
   const std::shared_ptr<const HeadProducts> prods[2] = {head_products(T, per, d, D),
@@ -957,12 +952,13 @@ at::Tensor attention(const at::Tensor& q8, const at::Tensor& k8, const at::Tenso
         const int32_t* row = Cx.data() + t * n * d;
         int8_t* dst = o + (b * T + t) * D + c0;
 #if defined(__x86_64__)
-        if (!o_rows.m.empty()) {
+        if (o_simd) {
           requant_row_avx512(row, o_rows.half.data(), o_rows.m.data(), o_rows.rs.data(), o_ls, dst, n * d, olo, ohi);
           continue;
         }
 #endif
-        requant_row_s(row, static_cast<const int64_t*>(nullptr), om, ohalf, ors, ols, dst, n * d, olo, ohi);
+        requant_row_s(row, static_cast<const int64_t*>(nullptr), om, o_rows.half[0], o_rows.rs[0], o_rows.ls[0], dst, n * d, olo,
+                      ohi);
       }
     }
   });

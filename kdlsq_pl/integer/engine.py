@@ -493,7 +493,7 @@ class IntegerEngine:
                 for x in vars(obj).values():
                     walk(x, depth + 1)
 
-        walk([v for k, v in vars(self).items() if k not in ("kernels", "attention", "_zero_rows")])
+        walk([v for k, v in vars(self).items() if k not in ("kernels", "_zero_rows")])
         return sum(seen.values())
 
     @property
