@@ -458,29 +458,30 @@ KDLSQ_CLONES void gelu_row(const int32_t* __restrict a, const int64_t* __restric
 // gelu_row in AVX-512 (8 int64 lanes), the same integers: (a + bias) m + half as a (int32) times m < 2^31 by vpmuldq
 // plus bias m + half folded per channel (bmh; the same int64 sum, wrapping alike); |q| <= g_clamp < 2^31 and |t| <=
 // |b_int| < 2^31, so t^2 and q (y + one) (|y + one| < 2^31, checked by the caller) are single vpmuldq; g (up to 62 bits)
-// times nm < 2^31 as its low half by vpmuludq plus its high half by vpmuldq shifted up 32 bits (the exact int64 product).
+// times nm by vpmullq (the low 64 bits: the scalar int64 product, wrapping alike). Fewest micro-ops, since 512-bit
+// integer work runs on two ports only: the sign of q only where it matters (g = 0 at q = 0), and a saturating int8
+// conversion in place of the clamp to 127 (lo >= -128, hi <= 127, checked by the caller).
 KDLSQ_AVX512 void gelu_row_avx512(const int32_t* a, const int64_t* bmh, const int64_t* m, const int64_t* rs, const int64_t* ls,
                                   int64_t g_clamp, int64_t b_int, int64_t c_int, int64_t shift, int64_t one, int64_t nm,
                                   int64_t nhalf, int64_t nrs, int64_t nls, int64_t lo, int64_t hi, int8_t* o, int64_t C) {
   const __m512i vgl = _mm512_set1_epi64(-g_clamp), vgh = _mm512_set1_epi64(g_clamp), vnb = _mm512_set1_epi64(-b_int),
-                vb = _mm512_set1_epi64(b_int), vc = _mm512_set1_epi64(c_int), vone = _mm512_set1_epi64(one),
+                vb = _mm512_set1_epi64(b_int), vc = _mm512_set1_epi64(c_int), vnone = _mm512_set1_epi64(-one),
                 vnm = _mm512_set1_epi64(nm), vnh = _mm512_set1_epi64(nhalf), vlo = _mm512_set1_epi64(lo),
                 vhi = _mm512_set1_epi64(hi), zero = _mm512_setzero_si512();
   const __m128i vshift = _mm_cvtsi64_si128(shift), vnrs = _mm_cvtsi64_si128(nrs);
+  const bool clamp_hi = hi < 127;
   for (int64_t j = 0; j < C; j += 8) {
     const __mmask8 tail = tail8(C, j);
     const __m512i q = _mm512_min_epi64(_mm512_max_epi64(requant8(a, bmh, m, rs, ls, j, tail), vgl), vgh);
     const __m512i t = _mm512_add_epi64(_mm512_min_epi64(_mm512_abs_epi64(q), vnb), vb);
     const __m512i u = _mm512_add_epi64(_mm512_mul_epi32(t, t), vc);
-    const __mmask8 pos = _mm512_cmpgt_epi64_mask(q, zero), neg = _mm512_cmplt_epi64_mask(q, zero);
-    __m512i su = _mm512_maskz_mov_epi64(pos, u);
-    su = _mm512_mask_sub_epi64(su, neg, zero, u);  // sgn(q) (t^2 + c_int)
-    const __m512i y1 = _mm512_add_epi64(_mm512_sra_epi64(su, vshift), vone);
-    const __m512i g = _mm512_mul_epi32(_mm512_sub_epi64(zero, q), y1);
-    const __m512i gm = _mm512_add_epi64(_mm512_mul_epu32(g, vnm), _mm512_slli_epi64(_mm512_mul_epi32(_mm512_srai_epi64(g, 32), vnm), 32));
-    __m512i v = shl_if(_mm512_sra_epi64(_mm512_add_epi64(gm, vnh), vnrs), nls);
-    v = _mm512_min_epi64(_mm512_max_epi64(v, vlo), vhi);
-    _mm_mask_storeu_epi8(o + j, tail, _mm512_cvtepi64_epi8(v));
+    // sgn(q) (t^2 + c_int) as u negated where q < 0: at q = 0 the product g below is 0 whatever y is
+    const __m512i su = _mm512_mask_sub_epi64(u, _mm512_cmplt_epi64_mask(q, zero), zero, u);
+    const __m512i g = _mm512_mul_epi32(q, _mm512_sub_epi64(vnone, _mm512_sra_epi64(su, vshift)));  // -q (y + one)
+    __m512i v = shl_if(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mullo_epi64(g, vnm), vnh), vnrs), nls);
+    v = _mm512_max_epi64(v, vlo);
+    if (clamp_hi) v = _mm512_min_epi64(v, vhi);  // else hi = 127: the saturating conversion clamps
+    _mm_mask_storeu_epi8(o + j, tail, _mm512_cvtsepi64_epi8(v));
   }
 }
 #endif
@@ -507,7 +508,7 @@ at::Tensor gelu_requant(const at::Tensor& acc, const at::Tensor& bias, const at:
     const __int128 c_abs = c_int < 0 ? -__int128(c_int) : __int128(c_int), top = __int128(b_int) * b_int + c_int;
     const __int128 y_bound = (std::max<__int128>(c_abs, top < 0 ? -top : top) >> shift) + (one < 0 ? -__int128(one) : __int128(one)) + 1;
     bool ok = simd_allowed() && has_avx512() && g_clamp >= 0 && g_clamp < lim && b_int <= 0 && -b_int < lim && y_bound < lim &&
-              nm >= 0 && nm < lim && shift >= 0 && shift < 64 && d.m_fits_31();
+              nm >= 0 && nm < lim && shift >= 0 && shift < 64 && lo >= -128 && hi <= 127 && d.m_fits_31();
     if (ok) {
       const std::vector<int64_t> bmh = d.folded_half(bp);
       const int64_t* ls = d.ls_or_null();
@@ -591,8 +592,8 @@ struct CodeGrid {
 // becomes one signed 32 x 32 -> 64-bit vpmuldq, exact because both operands fit 32 bits: a (int32) times m < 2^31, with
 // bias * m + half folded per channel beforehand (the same int64 sum, wrapping alike); h (int32) times hm < 2^31;
 // (y - mean)^2 with |y - mean| < 2^25; y_hat gamma (below 2^31, checked by the caller) times lm < 2^31; the output
-// (int32) times each code grid's m < 2^31. The floor division y 2^norm_bits / d takes vpmuludq where the row's
-// reciprocals and remainders fit 32 bits (d > 256 and d 2^norm_bits < 2^32), else the caller's scalar rows.
+// (int32) times each code grid's m < 2^31. The floor division y 2^norm_bits / d is one 52-bit multiply where the CPU
+// has AVX-512 IFMA (normalise_ln_ifma), else normalise_ln_row's two reciprocal steps (compiler-vectorized).
 KDLSQ_AVX512 int64_t residual_row_avx512(const int32_t* a, const int64_t* bmh, const int64_t* m, const int64_t* rs,
                                          const int64_t* ls, const int32_t* h, int64_t hm, int64_t hhalf, int64_t hrs, int64_t hls,
                                          int64_t clamp, int64_t* res, int64_t C) {
@@ -624,39 +625,62 @@ KDLSQ_AVX512 int64_t center_row_avx512(int64_t* res, int64_t mean, int64_t C) { 
   return _mm512_reduce_add_epi64(acc);
 }
 
-KDLSQ_AVX512 void layernorm_tail_avx512(const int64_t* y, int64_t d, int64_t norm_bits, const int64_t* gamma, const int64_t* beta,
-                                        int64_t lm, int64_t le, int32_t* o, const CodeGrid* grids, int64_t n_grids, int64_t off,
-                                        int64_t C) {
-  const uint64_t R1 = (uint64_t(1) << 38) / uint64_t(d), R2 = (uint64_t(1) << 40) / uint64_t(d);
-  const __m512i vd = _mm512_set1_epi64(d), vR1 = _mm512_set1_epi64(int64_t(R1)), vR2 = _mm512_set1_epi64(int64_t(R2)),
-                one = _mm512_set1_epi64(1), zero = _mm512_setzero_si512(), vlm = _mm512_set1_epi64(lm),
-                vhalf = _mm512_set1_epi64(le > 0 ? (int64_t(1) << (le - 1)) : 0);
-  const __m128i vnb = _mm_cvtsi64_si128(norm_bits), vrs = _mm_cvtsi64_si128(std::max<int64_t>(le, 0));
+#define KDLSQ_AVX512_IFMA __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512ifma")))
+
+bool has_avx512_ifma() {
+  static const bool ok = has_avx512() && __builtin_cpu_supports("avx512ifma");
+  return ok;
+}
+
+// The same division by one 52-bit multiply (vpmadd52huq, AVX-512 IFMA): for 2 <= d < 2^32 and n < 2^50,
+// floor(n / d) = floor(n M / 2^(51 + k)) with k = bit_length(d) - 1 and M = floor(2^(51 + k) / d) + 1 < 2^52 (M d =
+// 2^(51 + k) + e with 0 < e <= d, so the estimate exceeds n / d by n e / (d 2^(51 + k)) < 1 / d: below the next
+// integer). vpmadd52huq gives floor(n M / 2^52), and a shift by k - 1 the rest. A negative y takes -ceil(a / d) =
+// -floor((a + d - 1) / d) with a = |y| << norm_bits < 2^39 (|y| < 2^25, norm_bits <= 14), Python's floor division.
+KDLSQ_AVX512_IFMA void normalise_ln_ifma(int64_t* y, int64_t d, int64_t norm_bits, int64_t C) {
+  const int64_t k = bit_length(d) - 1;
+  const __m512i vM = _mm512_set1_epi64(int64_t(((unsigned __int128)1 << (51 + k)) / uint64_t(d) + 1)),
+                vd1 = _mm512_set1_epi64(d - 1), zero = _mm512_setzero_si512();
+  const __m128i vnb = _mm_cvtsi64_si128(norm_bits), vk = _mm_cvtsi64_si128(k - 1);
   for (int64_t j = 0; j < C; j += 8) {
     const __mmask8 tail = tail8(C, j);
     const __m512i v = _mm512_maskz_loadu_epi64(tail, y + j);
-    const __m512i a = _mm512_abs_epi64(v);
-    __m512i q1 = _mm512_srli_epi64(_mm512_mul_epu32(a, vR1), 38);
-    q1 = _mm512_mask_add_epi64(q1, _mm512_cmpge_epu64_mask(_mm512_sub_epi64(a, _mm512_mul_epu32(q1, vd)), vd), q1, one);
-    const __m512i n2 = _mm512_sll_epi64(_mm512_sub_epi64(a, _mm512_mul_epu32(q1, vd)), vnb);
-    __m512i q2 = _mm512_srli_epi64(_mm512_mul_epu32(n2, vR2), 40);
-    q2 = _mm512_mask_add_epi64(q2, _mm512_cmpge_epu64_mask(_mm512_sub_epi64(n2, _mm512_mul_epu32(q2, vd)), vd), q2, one);
-    const __m512i rem = _mm512_sub_epi64(n2, _mm512_mul_epu32(q2, vd));
-    const __m512i q = _mm512_add_epi64(_mm512_sll_epi64(q1, vnb), q2);
     const __mmask8 neg = _mm512_cmplt_epi64_mask(v, zero);
-    const __m512i qn = _mm512_mask_add_epi64(q, _mm512_cmpneq_epi64_mask(rem, zero), q, one);
-    const __m512i y_hat = _mm512_mask_sub_epi64(q, neg, zero, qn);
-    const __m512i yg = _mm512_mul_epi32(y_hat, _mm512_maskz_loadu_epi64(tail, gamma + j));
-    __m512i out = shl_if(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(yg, vlm), vhalf), vrs), std::max<int64_t>(-le, 0));
+    __m512i n = _mm512_sll_epi64(_mm512_abs_epi64(v), vnb);
+    n = _mm512_mask_add_epi64(n, neg, n, vd1);
+    const __m512i q = _mm512_srl_epi64(_mm512_madd52hi_epu64(zero, n, vM), vk);
+    _mm512_mask_storeu_epi64(y + j, tail, _mm512_mask_sub_epi64(q, neg, zero, q));
+  }
+}
+
+// The LayerNorm's output from y_hat: round(y_hat gamma lm / 2^le) + beta into o (int32), and its int8 codes on each
+// code grid. Grids that repeat an earlier one (the query, key and value Linears often share their input's step size)
+// store the codes computed for the first.
+KDLSQ_AVX512 void layernorm_out_avx512(const int64_t* y_hat, const int64_t* gamma, const int64_t* beta, int64_t lm, int64_t le,
+                                       int32_t* o, const CodeGrid* grids, const int64_t* same_as, int64_t n_grids, int64_t off,
+                                       int64_t C) {
+  const __m512i vlm = _mm512_set1_epi64(lm), vhalf = _mm512_set1_epi64(le > 0 ? (int64_t(1) << (le - 1)) : 0);
+  const __m128i vrs = _mm_cvtsi64_si128(std::max<int64_t>(le, 0));
+  const int64_t ls = std::max<int64_t>(-le, 0);
+  __m128i codes[8];
+  for (int64_t j = 0; j < C; j += 8) {
+    const __mmask8 tail = tail8(C, j);
+    const __m512i yg = _mm512_mul_epi32(_mm512_maskz_loadu_epi64(tail, y_hat + j), _mm512_maskz_loadu_epi64(tail, gamma + j));
+    const __m512i out = shl_if(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(yg, vlm), vhalf), vrs), ls);
     const __m256i o32 = _mm512_cvtepi64_epi32(_mm512_add_epi64(out, _mm512_maskz_loadu_epi64(tail, beta + j)));
     _mm256_mask_storeu_epi32(o + j, tail, o32);
     const __m512i o64 = _mm512_cvtepi32_epi64(o32);
     for (int64_t g = 0; g < n_grids; ++g) {
       const CodeGrid& cg = grids[g];
-      __m512i c = _mm512_add_epi64(_mm512_mul_epi32(o64, _mm512_set1_epi64(cg.m)), _mm512_set1_epi64(cg.half));
-      c = shl_if(_mm512_sra_epi64(c, _mm_cvtsi64_si128(cg.rs)), cg.ls);
-      c = _mm512_min_epi64(_mm512_max_epi64(c, _mm512_set1_epi64(cg.lo)), _mm512_set1_epi64(cg.hi));
-      _mm_mask_storeu_epi8(cg.out + off + j, tail, _mm512_cvtepi64_epi8(c));  // the codes' row at element offset off
+      if (same_as[g] >= 0) {
+        codes[g] = codes[same_as[g]];
+      } else {
+        __m512i c = _mm512_add_epi64(_mm512_mul_epi32(o64, _mm512_set1_epi64(cg.m)), _mm512_set1_epi64(cg.half));
+        c = shl_if(_mm512_sra_epi64(c, _mm_cvtsi64_si128(cg.rs)), cg.ls);
+        c = _mm512_min_epi64(_mm512_max_epi64(c, _mm512_set1_epi64(cg.lo)), _mm512_set1_epi64(cg.hi));
+        codes[g] = _mm512_cvtepi64_epi8(c);
+      }
+      _mm_mask_storeu_epi8(cg.out + off + j, tail, codes[g]);  // the codes' row at element offset off
     }
   }
 }
@@ -697,6 +721,14 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
     grids.push_back({code_rq[4 * j], e > 0 ? (int64_t(1) << (e - 1)) : 0, std::max<int64_t>(e, 0), std::max<int64_t>(-e, 0),
                      code_rq[4 * j + 2], code_rq[4 * j + 3], codes[j].data_ptr<int8_t>()});
   }
+  // each grid's first earlier copy (equal m, e, lo and hi), or -1: the AVX-512 rows compute its codes once
+  TORCH_CHECK(n_codes <= 8, "residual_layernorm: at most 8 code tensors, got ", n_codes);
+  std::vector<int64_t> same_as(n_codes, -1);
+  for (int64_t j = 0; j < n_codes; ++j)
+    for (int64_t i = 0; i < j && same_as[j] < 0; ++i)
+      if (code_rq[4 * i] == code_rq[4 * j] && code_rq[4 * i + 1] == code_rq[4 * j + 1] && code_rq[4 * i + 2] == code_rq[4 * j + 2] &&
+          code_rq[4 * i + 3] == code_rq[4 * j + 3])
+        same_as[j] = i;
   // the codes of output row r, by the compiler-vectorized rows
   auto code_rows = [&](int64_t r) {
     for (const CodeGrid& g : grids)
@@ -728,13 +760,11 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
                                                   hhalf, hrs, hls, res_clamp, res.data(), C);
         const int64_t sq = center_row_avx512(res.data(), floor_div(2 * total + C, 2 * C), C);
         const int64_t sd = std::max<int64_t>(isqrt_newton(sq / C), 1);
-        if (sd > 256 && (sd << norm_bits) < (int64_t(1) << 32)) {
-          layernorm_tail_avx512(res.data(), sd, norm_bits, gp, btp, lm, le, o + r * C, grids.data(), n_codes, r * C, C);
-          continue;
-        }
-        normalise_ln_row(res.data(), sd, norm_bits, C);
-        layernorm_out_row(res.data(), gp, btp, lm, le, o + r * C, C);
-        code_rows(r);
+        if (sd >= 2 && has_avx512_ifma())
+          normalise_ln_ifma(res.data(), sd, norm_bits, C);
+        else
+          normalise_ln_row(res.data(), sd, norm_bits, C);
+        layernorm_out_avx512(res.data(), gp, btp, lm, le, o + r * C, grids.data(), same_as.data(), n_codes, r * C, C);
         continue;
       }
 #endif
