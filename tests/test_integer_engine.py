@@ -116,17 +116,25 @@ def test_integer_ops_option_swaps_gelu_and_softmax(minilm_path, batches):
         assert torch.equal(out.attentions[0], pq(ibert_softmax(scores[0], visible)))
 
 
-@pytest.mark.parametrize("name, per_channel", [("w8a8", False), ("w2a8", True)])
-def test_fused_kernels_give_the_reference_integers(minilm_path, batches, name, per_channel):
+@pytest.mark.parametrize("name, per_channel, qkv_apart", [("w8a8", False, True), ("w2a8", True, False)])
+def test_fused_kernels_give_the_reference_integers(minilm_path, batches, name, per_channel, qkv_apart):
+    """The fused path (C++ kernels, oneDNN products) against the torch reference operators on real RTE batches, logits
+    and every hidden state. Calibrated, the query, key and value Linears share one input step size and run as one
+    product; with the key's step size moved apart (as training moves them) they run as three."""
     from kdlsq_pl.kernels import integer_kernels
     if integer_kernels() is None:
         from kdlsq_pl.kernels import cpu_kernels
         assert cpu_kernels() is None, "the integer kernels did not build where the training kernels do (see the warning)"
         pytest.skip("the C++ kernels cannot be built here")
     student = quantized_student(minilm_path, batches, name, per_channel)
+    if qkv_apart:
+        with torch.no_grad():
+            for layer in student.bert.encoder.layer:
+                layer.attention.self.key.input_quantizer.scale.mul_(1.01)
     ref = IntegerEngine.from_student(student, batches[:2], fused=False)
     fused = IntegerEngine.from_student(student, batches[:2], fused=True)
     assert ref.kernels is None and fused.kernels is not None
+    assert all((L.qkv is None) == qkv_apart for L in fused.layers)
     for b in batches:  # padded batches of real RTE pairs
         with NoFloat():  # both paths integer-only
             lr, hr = ref(b["input_ids"], b["attention_mask"], b["token_type_ids"], output_hidden_states=True)

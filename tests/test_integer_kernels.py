@@ -227,7 +227,8 @@ def test_fused_layernorm_writes_the_codes_of_its_output(kernels, simd):
 
 def test_fused_requant_equals_the_reference_on_edge_inputs(kernels, simd):
     """int32 products at the ends of their range, biases far beyond int32, per-channel and scalar multipliers with
-    right and left shifts: the kernel equals ``Requantize`` of ``x + bias`` in int64, integer for integer."""
+    right and left shifts: the kernel equals ``Requantize`` of ``x + bias`` in int64, integer for integer; so does
+    ``int_requant_split``, which writes column blocks into separate tensors."""
     g = torch.Generator().manual_seed(4)
     N, C = 33, 96
     x = torch.randint(-2 ** 31, 2 ** 31 - 1, (N, C), generator=g, dtype=torch.int64)
@@ -242,6 +243,15 @@ def test_fused_requant_equals_the_reference_on_edge_inputs(kernels, simd):
             got = kernels.int_requant(x, bias, rq.m.reshape(-1), rq.e.reshape(-1), lo, hi, int8)
             assert got.dtype == (torch.int8 if int8 else INT)
             assert torch.equal(got.to(INT), want)
+            if int8:  # the same rows as three column blocks of 32, each into its own tensor (a fused q/k/v product)
+                blocks = [torch.full((N, C // 3), 99, dtype=torch.int8) for _ in range(3)]
+                kernels.int_requant_split(x, bias, rq.m.reshape(-1).expand(C).contiguous(), rq.e.reshape(-1).expand(C).contiguous(),
+                                          lo, hi, blocks)
+                assert torch.equal(torch.cat(blocks, dim=1).to(INT), want)
+    with pytest.raises(RuntimeError, match="int_requant_split: 96 columns do not split into 5 blocks"):
+        kernels.int_requant_split(x, bias, rq.m.reshape(-1), rq.e.reshape(-1), -127, 127, [torch.empty(N, 19, dtype=torch.int8)] * 5)
+    with pytest.raises(RuntimeError, match=r"int_requant_split: each out must be a contiguous int8 tensor of shape \[33, 48\]"):
+        kernels.int_requant_split(x, bias, rq.m.reshape(-1), rq.e.reshape(-1), -127, 127, [torch.empty(N, 48, dtype=torch.int32)] * 2)
 
 
 @pytest.mark.parametrize("s_g", [2.0 ** -14, 4e-6])
@@ -263,6 +273,29 @@ def test_fused_gelu_equals_the_reference_on_edge_inputs(kernels, simd, s_g):
     got = kernels.int_gelu_requant(acc, bias, g_rq.m.reshape(-1), g_rq.e.reshape(-1), g_rq.hi, gelu.b_int, gelu.c_int, gelu.shift,
                                    gelu.one, int(n_rq.m), int(n_rq.e), n_rq.lo, n_rq.hi)
     assert torch.equal(got.to(INT), want)
+
+
+@pytest.mark.parametrize("s_t", [1e-3, 4e-6])
+def test_fused_tanh_equals_the_reference_sigmoid_pair(kernels, s_t):
+    """``int_tanh`` (the pooler's tanh as 2 sigmoid(2x) - 1, the sigmoid a two-way i-softmax) against
+    ``2 IntSoftmax([x, 0])[0] - 2^15`` integer for integer, over a dense range past the exp's clamp at 30 ln2 and
+    the 2^21 clamp of the engine's tanh input, and within 0.01 of ``math.tanh`` (I-BERT's exp polynomial is good to
+    about 2e-3 relative; the 15-bit output adds 2^-15)."""
+    import math
+    sm = IntSoftmax(2.0 * s_t, out_bits=15, max_len=2)
+    reach = 2 ** 21
+    x = torch.cat([torch.arange(-reach, reach + 1, 997, dtype=INT), torch.arange(-3000, 3001, dtype=INT),
+                   torch.tensor([0, 1, -1, reach, -reach, sm.N_CLAMP * sm.x0, sm.N_CLAMP * sm.x0 - 1, -sm.N_CLAMP * sm.x0 + 1])])
+    want = 2 * sm(torch.stack([x, torch.zeros_like(x)], dim=-1))[..., 0] - 2 ** 15
+    x = x[: x.numel() // 4 * 4]
+    want = want[: x.numel()]
+    got = kernels.int_tanh(x.reshape(-1, 4), sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS,
+                           sm.NUM_BITS)
+    assert got.shape == (x.numel() // 4, 4) and torch.equal(got.reshape(-1), want)
+    err = max(abs(int(g) * 2.0 ** -15 - math.tanh(float(v) * s_t)) for g, v in zip(got.reshape(-1), x))
+    assert err < 0.01, err
+    with pytest.raises(RuntimeError, match="int_tanh: x0 = 5"):
+        kernels.int_tanh(x, 5, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS)
 
 
 def test_fused_kernels_write_into_a_given_out(kernels):

@@ -262,22 +262,29 @@ KDLSQ_AVX512 void requant_row_avx512(const int32_t* x, const int64_t* bmh, const
 #endif
 
 // Requantization of int32 rows [N, C] to int8 codes with per-channel (bias, m, e) (a Dyadic of C channels): the AVX-512
-// rows where the CPU has them and every m is below 2^31, else the compiler-vectorized rows; the same integers.
-void requant_rows_int8(const int32_t* x, const int64_t* bias, const Dyadic& dy, int8_t* out, int64_t N, int64_t C, int64_t lo,
-                       int64_t hi) {
+// rows where the CPU has them and every m is below 2^31, else the compiler-vectorized rows; the same integers. The
+// columns go to outs.size() contiguous [N, C / outs.size()] blocks in turn (one: the whole [N, C] rows).
+void requant_rows_int8(const int32_t* x, const int64_t* bias, const Dyadic& dy, const std::vector<int8_t*>& outs, int64_t N,
+                       int64_t C, int64_t lo, int64_t hi) {
+  const int64_t k = int64_t(outs.size()), Cb = C / k, grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
 #if defined(__x86_64__)
   if (simd_allowed() && has_avx512() && dy.m_fits_31()) {
     const std::vector<int64_t> bmh = dy.folded_half(bias);
     const int64_t* ls = dy.ls_or_null();
-    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) requant_row_avx512(x + r * C, bmh.data(), dy.m.data(), dy.rs.data(), ls, out + r * C, C, lo, hi);
+    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0, c = 0; j < k; ++j, c += Cb)
+          requant_row_avx512(x + r * C + c, bmh.data() + c, dy.m.data() + c, dy.rs.data() + c, ls ? ls + c : nullptr,
+                             outs[j] + r * Cb, Cb, lo, hi);
     });
     return;
   }
 #endif
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
-      requant_row_c(x + r * C, bias, dy.m.data(), dy.half.data(), dy.rs.data(), dy.ls.data(), out + r * C, C, lo, hi);
+      for (int64_t j = 0, c = 0; j < k; ++j, c += Cb)
+        requant_row_c(x + r * C + c, bias ? bias + c : nullptr, dy.m.data() + c, dy.half.data() + c, dy.rs.data() + c,
+                      dy.ls.data() + c, outs[j] + r * Cb, Cb, lo, hi);
   });
 }
 
@@ -303,9 +310,54 @@ at::Tensor requant(const at::Tensor& x, const std::optional<at::Tensor>& bias, c
   const bool is64 = x.scalar_type() == at::kLong;
   if (is64 && int8_out) run(x.data_ptr<int64_t>(), out.data_ptr<int8_t>());
   else if (is64) run(x.data_ptr<int64_t>(), out.data_ptr<int64_t>());
-  else if (int8_out) requant_rows_int8(x.data_ptr<int32_t>(), bp, Dyadic(m, e, C), out.data_ptr<int8_t>(), N, C, lo, hi);
+  else if (int8_out) requant_rows_int8(x.data_ptr<int32_t>(), bp, Dyadic(m, e, C), {out.data_ptr<int8_t>()}, N, C, lo, hi);
   else run(x.data_ptr<int32_t>(), out.data_ptr<int64_t>());
   return out;
+}
+
+// tanh by I-BERT's sigmoid: 2 softmax([x, 0])[0] - 2^out_bits for each int64 x (the scale of x halved: the caller's
+// constants are i-softmax's for 2 s), on the scale 2^-out_bits, the same integers as ops.IntSoftmax on the pair
+// (max over the pair, exp by z ln2 + p and the polynomial, I-BERT's one-division normalisation). x: any shape,
+// contiguous int64; returns int64 of that shape.
+at::Tensor tanh_pair(const at::Tensor& x, int64_t x0, int64_t b_int, int64_t c_int, int64_t widen, int64_t out_bits,
+                     int64_t n_clamp, int64_t sum_bits, int64_t num_bits) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kLong, "int_tanh: contiguous int64 x");
+  TORCH_CHECK(x0 < 0 && widen >= 0 && widen < 63 && out_bits >= 0 && out_bits <= num_bits && num_bits < 63 && sum_bits >= 0,
+              "int_tanh: x0 = ", x0, ", widen = ", widen, ", out_bits = ", out_bits, ", num_bits = ", num_bits,
+              "; allowed: x0 < 0, 0 <= widen < 63, 0 <= out_bits <= num_bits < 63");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t* xp = x.data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
+  const int64_t floor_x = n_clamp * x0;
+  auto i_exp = [&](int64_t diff) {  // diff <= 0
+    const int64_t v = std::max(diff, floor_x), z = v / x0, p = v - z * x0;  // z >= 0: truncation is floor
+    return (((p + b_int) * (p + b_int) + c_int) << widen) >> z;
+  };
+  for (int64_t j = 0; j < x.numel(); ++j) {
+    const int64_t mx = std::max<int64_t>(xp[j], 0), e0 = i_exp(xp[j] - mx), e1 = i_exp(-mx);
+    const int64_t total = std::max<int64_t>(e0 + e1, 1), down = std::max<int64_t>(bit_length(total) - sum_bits, 0);
+    const int64_t factor = (int64_t(1) << num_bits) / (total >> down);
+    o[j] = 2 * (((e0 >> down) * factor) >> (num_bits - out_bits)) - (int64_t(1) << out_bits);
+  }
+  return out;
+}
+
+// int_requant of int32 x [N, k C] onto int8 codes, the k column blocks of C into the k contiguous outs [N, C]: one
+// product of k Linears side by side (the query, key and value) onto each one's codes.
+void requant_split(const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& m, const at::Tensor& e,
+                   int64_t lo, int64_t hi, at::TensorList outs) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kInt && x.dim() == 2, "int_requant_split: contiguous int32 x [N, C]");
+  TORCH_CHECK(lo <= hi, "int_requant_split: lo = ", lo, " > hi = ", hi);
+  const int64_t N = x.size(0), C = x.size(1), k = int64_t(outs.size());
+  TORCH_CHECK(k >= 1 && C % k == 0, "int_requant_split: ", C, " columns do not split into ", k, " blocks");
+  std::vector<int8_t*> ptrs;
+  for (const at::Tensor& o : outs) {
+    TORCH_CHECK(o.is_contiguous() && o.scalar_type() == at::kChar && o.dim() == 2 && o.size(0) == N && o.size(1) == C / k,
+                "int_requant_split: each out must be a contiguous int8 tensor of shape [", N, ", ", C / k, "]");
+    ptrs.push_back(o.data_ptr<int8_t>());
+  }
+  const int64_t* bp = bias.has_value() && bias->defined() ? bias->data_ptr<int64_t>() : nullptr;
+  requant_rows_int8(x.data_ptr<int32_t>(), bp, Dyadic(m, e, C), ptrs, N, C, lo, hi);
 }
 
 #if defined(__x86_64__)
@@ -1080,10 +1132,12 @@ TORCH_LIBRARY_FRAGMENT(kdlsq, m) {
   m.def("int_embedding(Tensor ids, Tensor tt, Tensor? word_codes, Tensor? word_lut, Tensor? word, Tensor position, "
         "Tensor token_type, int clamp, Tensor(a!)? out=None) -> Tensor");
   m.def("int_requant(Tensor x, Tensor? bias, Tensor m, Tensor e, int lo, int hi, bool int8_out, Tensor(a!)? out=None) -> Tensor");
+  m.def("int_requant_split(Tensor x, Tensor? bias, Tensor m, Tensor e, int lo, int hi, Tensor(a!)[] outs) -> ()");
   m.def("int_softmax_requant(Tensor scores, Tensor mask, int x0, int b_int, int c_int, int widen, int out_bits, int n_clamp, "
         "int sum_bits, int num_bits, int m, int e, int lo, int hi, Tensor(a!)? out=None) -> Tensor");
   m.def("int_attention(Tensor q8, Tensor k8, Tensor v8, Tensor mask, int B, int heads, int[] sm, int om, int oe, int olo, "
         "int ohi, Tensor(a!)? out=None) -> Tensor");
+  m.def("int_tanh(Tensor x, int x0, int b_int, int c_int, int widen, int out_bits, int n_clamp, int sum_bits, int num_bits) -> Tensor");
   m.def("int_gelu_requant(Tensor acc, Tensor bias, Tensor gm, Tensor ge, int g_clamp, int b_int, int c_int, int shift, int one, "
         "int nm, int ne, int lo, int hi, Tensor(a!)? out=None) -> Tensor");
   m.def("int_residual_layernorm(Tensor a, Tensor bias, Tensor am, Tensor ae, Tensor h, int hm, int he, int res_clamp, "
@@ -1092,9 +1146,11 @@ TORCH_LIBRARY_FRAGMENT(kdlsq, m) {
 
 TORCH_LIBRARY_IMPL(kdlsq, CPU, m) {
   m.impl("int_requant", &requant);
+  m.impl("int_requant_split", &requant_split);
   m.impl("int_softmax_requant", &softmax_requant);
   m.impl("int_attention", &attention);
   m.impl("int_embedding", &embedding);
   m.impl("int_gelu_requant", &gelu_requant);
+  m.impl("int_tanh", &tanh_pair);
   m.impl("int_residual_layernorm", &residual_layernorm);
 }

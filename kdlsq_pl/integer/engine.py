@@ -76,6 +76,17 @@ class IntLinear:
         bias = _f64(linear.bias) if linear.bias is not None else torch.zeros(codes.shape[0], dtype=torch.float64)
         self.bias = torch.round(bias / self.scale_out).to(INT)
 
+    @classmethod
+    def side_by_side(cls, linears: list["IntLinear"]) -> "IntLinear":
+        """One Linear whose output is the outputs of ``linears`` side by side (weights ``[in, sum(out)]``, biases and
+        output scales concatenated), for Linears that read the same codes (equal input requantizations)."""
+        self = object.__new__(cls)
+        self.w_t = torch.cat([lin.w_t for lin in linears], dim=1).contiguous()
+        self.in_rq = linears[0].in_rq
+        self.scale_out = torch.cat([lin.scale_out for lin in linears])
+        self.bias = torch.cat([lin.bias for lin in linears])
+        return self
+
     #: The weights packed for oneDNN's matmul primitive (``torch.classes.kdlsq.PackedS8`` of
     #: :func:`kdlsq_pl.kernels.integer_kernels`), set by an engine on the fused path; None: ``torch._int_mm`` on ``w_t``.
     packed = None
@@ -155,6 +166,7 @@ class _Layer:
     clamp1: int
     clamp2: int
     fused: dict | None = None  # the fused kernels' constant arguments (:func:`_fused_args`), set at build time
+    qkv: IntLinear | None = None  # the query, key and value Linears side by side where they share an input grid
 
 
 @torch.no_grad()
@@ -184,11 +196,25 @@ def _calibrate_ranges(student: nn.Module, batches: Iterable[Mapping[str, torch.T
     return ranges
 
 
+def _one_product(L: _Layer) -> bool:
+    """Whether the query, key and value Linears can run as one product: they read the same int8 codes (equal input
+    requantizations) and clamp their outputs alike, as in a calibrated student, where the three input quantizers
+    start from the same tensor; training moves their step sizes apart."""
+    same = all(torch.equal(a, b) for a, b in ((L.q.in_rq.m, L.k.in_rq.m), (L.q.in_rq.m, L.v.in_rq.m),
+                                              (L.q.in_rq.e, L.k.in_rq.e), (L.q.in_rq.e, L.v.in_rq.e)))
+    return (same and L.q.in_rq.m.numel() == 1 and len({(lin.in_rq.lo, lin.in_rq.hi) for lin in (L.q, L.k, L.v)}) == 1
+            and len({(r.lo, r.hi) for r in (L.q_rq, L.k_rq, L.v_rq)}) == 1)
+
+
+def _rq_args(r: Requantize) -> tuple:
+    """A requantization as the fused kernels take it: ``m``, ``e`` (flat int64), ``lo``, ``hi``."""
+    return r.m.reshape(-1).contiguous(), r.e.reshape(-1).contiguous(), r.lo, r.hi
+
+
 def _fused_args(L: _Layer) -> dict[str, tuple]:
     """Every constant argument of one layer's fused kernel calls, as tuples: built once with the engine instead of
     converting and reshaping the same tensors at every call."""
-    def rq(r: Requantize) -> tuple:
-        return r.m.reshape(-1).contiguous(), r.e.reshape(-1).contiguous(), r.lo, r.hi
+    rq = _rq_args
 
     def residual(lin: IntLinear, a_rq: Requantize, h_rq: Requantize, clamp: int, ln: IntLayerNorm) -> tuple:
         return (lin.bias, *rq(a_rq)[:2]), (int(h_rq.m), int(h_rq.e), clamp, ln.gamma_int, ln.beta_int, ln.NORM_BITS,
@@ -202,14 +228,19 @@ def _fused_args(L: _Layer) -> dict[str, tuple]:
 
     sm, p, g, n = L.softmax, L.p_rq, L.gelu, L.o2.in_rq
     o_m, o_e, o_lo, o_hi = code(L.o)
-    return {
+    qkv = {"q": (L.q, L.q_rq), "k": (L.k, L.k_rq), "v": (L.v, L.v_rq)}
+    fused = {}
+    if L.qkv is not None:  # one product for the three: its [N, 3D] output onto the three grids, channel by channel
+        m, e = ([rq(r)[j].expand(lin.bias.numel()) for lin, r in qkv.values()] for j in (0, 1))
+        fused["qkv_out"] = (L.qkv.bias, torch.cat(m), torch.cat(e), L.q_rq.lo, L.q_rq.hi)
+    return fused | {
         # the query, key and value outputs onto their codes: (bias, m, e, lo, hi)
-        **{f"{name}_out": (lin.bias, *rq(r)) for name, lin, r in (("q", L.q, L.q_rq), ("k", L.k, L.k_rq), ("v", L.v, L.v_rq))},
+        **{f"{name}_out": (lin.bias, *rq(r)) for name, (lin, r) in qkv.items()},
         # int_attention: the softmax constants and the probability grid; the output Linear's input grid
         "attention": ([sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS, int(p.m),
                        int(p.e), p.lo, p.hi], int(o_m), int(o_e), o_lo, o_hi),
         # the int8 codes a LayerNorm writes beside its output: (m, e, lo, hi) of each Linear that reads it
-        "qkv_code": [int(v) for lin in (L.q, L.k, L.v) for v in code(lin)],
+        "qkv_code": [int(v) for lin in ((L.q,) if L.qkv is not None else (L.q, L.k, L.v)) for v in code(lin)],
         "i_code": [int(v) for v in code(L.i)],
         "gelu": (L.i.bias, *rq(L.g_rq)[:2], L.g_rq.hi, g.b_int, g.c_int, g.shift, g.one, int(n.m), int(n.e), n.lo, n.hi),
         "res1": residual(L.o, L.o_rq, L.h_rq1, L.clamp1, L.ln1),
@@ -324,9 +355,12 @@ class IntegerEngine:
                 ln2=IntLayerNorm(layer.output.LayerNorm.weight, layer.output.LayerNorm.bias, s_h2),
                 heads=att.self.num_attention_heads, clamp1=2 ** (RESIDUAL_BITS + 1), clamp2=2 ** (RESIDUAL_BITS + 1)))
             if self.kernels is not None:
-                self.layers[-1].fused = _fused_args(self.layers[-1])
-                for lin in (q, k, v, o, i, o2):  # packed once for oneDNN's matmul primitive
+                L = self.layers[-1]
+                if _one_product(L):
+                    L.qkv = IntLinear.side_by_side([q, k, v])
+                for lin in ((L.qkv,) if L.qkv is not None else (q, k, v)) + (o, i, o2):  # packed once for oneDNN's matmul
                     lin.packed = torch.classes.kdlsq.PackedS8(lin.w_t)
+                L.fused = _fused_args(L)
             s_h = s_h2
         pooler = bert.pooler
         self.pooling = getattr(pooler, "mode", "cls")
@@ -339,6 +373,9 @@ class IntegerEngine:
             self.t_rq = Requantize(self.pool_dense.scale_out, s_t, -2 ** (ACT_BITS + 1), 2 ** (ACT_BITS + 1))
             self.sigmoid = IntSoftmax(2.0 * s_t, out_bits=15, max_len=2)  # sigmoid(2x) = softmax([2x, 0])[0]
             s_x = 2.0 ** -15
+            if self.kernels is not None:
+                self.pool_dense.packed = torch.classes.kdlsq.PackedS8(self.pool_dense.w_t)
+                self._pool_args = (_rq_args(self.pool_dense.in_rq), _rq_args(self.t_rq))
         w = _f64(student.classifier.weight)
         s_w = float(w.abs().max()) / 2 ** (HEAD_BITS - 1)
         self.head_w_t = torch.round(w / s_w).to(INT).t().contiguous()  # [D, C]
@@ -377,10 +414,13 @@ class IntegerEngine:
         K, ws, c = self.kernels, self.workspace, L.fused
         N, D = h.shape
         i8, i32 = torch.int8, torch.int32
-        # each product onto its codes at once, so the int32 buffer is written again while it is still in cache
-        q8, k8, v8 = (K.int_requant(lin.mm(x8, ws("acc", (N, D), i32)), *c[f"{n}_out"], True,
-                                    ws(f"{n}_codes", (N, D), i8))
-                      for n, x8, lin in zip("qkv", codes, (L.q, L.k, L.v)))
+        if L.qkv is not None:  # one product for the three, its column blocks onto their codes
+            q8, k8, v8 = (ws(f"{n}_codes", (N, D), i8) for n in "qkv")
+            K.int_requant_split(L.qkv.mm(codes[0], ws("acc_qkv", (N, 3 * D), i32)), *c["qkv_out"], [q8, k8, v8])
+        else:  # each product onto its codes at once, so the int32 buffer is written again while it is still in cache
+            q8, k8, v8 = (K.int_requant(lin.mm(x8, ws("acc", (N, D), i32)), *c[f"{n}_out"], True,
+                                        ws(f"{n}_codes", (N, D), i8))
+                          for n, x8, lin in zip("qkv", codes, (L.q, L.k, L.v)))
         sm, om, oe, olo, ohi = c["attention"]
         o8 = K.int_attention(q8, k8, v8, mask, mask.shape[0], L.heads, sm, om, oe, olo, ohi, ws("o8", (N, D), i8))
         (a1, r1), (a2, r2) = c["res1"], c["res2"]
@@ -390,7 +430,7 @@ class IntegerEngine:
         acc_i = L.i.mm(i_in, ws("acc_ffn", (N, L.i.w_t.shape[1]), i32))
         g8 = K.int_gelu_requant(acc_i, *c["gelu"], ws("g8", tuple(acc_i.shape), i8))
         acc_o2 = L.o2.mm(g8, ws("acc", (N, D), i32))
-        nxt_codes = [ws(f"{n}8", (N, D), i8) for n in "qkv"] if nxt is not None else []
+        nxt_codes = [ws(f"{n}8", (N, D), i8) for n in "qkv"[:len(nxt.fused["qkv_code"]) // 4]] if nxt is not None else []
         out = K.int_residual_layernorm(acc_o2, *a2, h1, *r2, None if fresh else ws("h", (N, D), i32),
                                        nxt.fused["qkv_code"] if nxt is not None else [], nxt_codes)
         return out, nxt_codes
@@ -424,7 +464,8 @@ class IntegerEngine:
                                            self.position, self.token_type, self.clamp_e, self.workspace("e", (B * T, D), torch.int32))
             zeros, no_bias, one, zero = self._zeros(B * T, D)
             out = None if output_hidden_states else self.workspace("h", (B * T, D), torch.int32)
-            codes = [self.workspace(f"{n}8", (B * T, D), torch.int8) for n in "qkv"] if self.layers else []
+            n_codes = len(self.layers[0].fused["qkv_code"]) // 4 if self.layers else 0
+            codes = [self.workspace(f"{n}8", (B * T, D), torch.int8) for n in "qkv"[:n_codes]]
             h = self.kernels.int_residual_layernorm(zeros, no_bias, one, zero, e, 1, 0, self.clamp_e, self.ln_e.gamma_int,
                                                     self.ln_e.beta_int, self.ln_e.NORM_BITS, int(self.ln_e.requant.m),
                                                     int(self.ln_e.requant.e), out,
@@ -450,7 +491,12 @@ class IntegerEngine:
             m = mask.to(INT).unsqueeze(-1)
             count = m.sum(1).clamp(min=1)
             pooled = (2 * (h * m).sum(1) + count) // (2 * count)
-        if self.pool_dense is not None:
+        if self.pool_dense is not None and self.kernels is not None:  # the same integers in three C++ calls
+            K, P, sm = self.kernels, self.pool_dense, self.sigmoid
+            acc = P.mm(K.int_requant(pooled.contiguous(), None, *self._pool_args[0], True), None)
+            x = K.int_requant(acc, P.bias, *self._pool_args[1], False)
+            pooled = K.int_tanh(x, sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS)
+        elif self.pool_dense is not None:
             x = self.t_rq(self.pool_dense(pooled))
             pair = torch.stack([x, torch.zeros_like(x)], dim=-1)
             pooled = 2 * self.sigmoid(pair)[..., 0] - 2 ** 15  # tanh(x) = 2 sigmoid(2x) - 1, scale 2^-15
