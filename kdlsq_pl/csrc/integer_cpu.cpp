@@ -132,6 +132,7 @@ struct Dyadic {
   Dyadic(const int64_t* mp, const int64_t* ep, int64_t n, int64_t channels) {
     per_c = n > 1;
     const int64_t count = n == 1 && channels > 0 ? channels : n;
+    for (auto* v : {&m, &half, &rs, &ls}) v->reserve(size_t(count));
     for (int64_t j = 0; j < count; ++j) {
       const int64_t i = n == 1 ? 0 : j;
       m.push_back(mp[i]);
@@ -249,14 +250,16 @@ at::Tensor output(const std::optional<at::Tensor>& out, at::IntArrayRef sizes, c
 
 #if defined(__x86_64__)
 // requant_row_c for int32 in and int8 out in AVX-512: (x + bias) m + half as x m (vpmuldq: x int32, 0 <= m < 2^31)
-// plus bias m + half folded per channel (bmh), the same int64 sum; then the shifts and the clamp.
+// plus bias m + half folded per channel (bmh), the same int64 sum; then the shifts and the clamp, whose end at 127 is
+// the saturating int8 conversion (-128 <= lo, hi <= 127: checked by the callers).
 KDLSQ_AVX512 void requant_row_avx512(const int32_t* x, const int64_t* bmh, const int64_t* m, const int64_t* rs, const int64_t* ls,
                                      int8_t* out, int64_t C, int64_t lo, int64_t hi) {
   const __m512i vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
   for (int64_t j = 0; j < C; j += 8) {
     const __mmask8 tail = tail8(C, j);
-    const __m512i v = _mm512_min_epi64(_mm512_max_epi64(requant8(x, bmh, m, rs, ls, j, tail), vlo), vhi);
-    _mm_mask_storeu_epi8(out + j, tail, _mm512_cvtepi64_epi8(v));
+    __m512i v = _mm512_max_epi64(requant8(x, bmh, m, rs, ls, j, tail), vlo);
+    if (hi < 127) v = _mm512_min_epi64(v, vhi);
+    _mm_mask_storeu_epi8(out + j, tail, _mm512_cvtsepi64_epi8(v));
   }
 }
 #endif
@@ -268,7 +271,7 @@ void requant_rows_int8(const int32_t* x, const int64_t* bias, const Dyadic& dy, 
                        int64_t C, int64_t lo, int64_t hi) {
   const int64_t k = int64_t(outs.size()), Cb = C / k, grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
 #if defined(__x86_64__)
-  if (simd_allowed() && has_avx512() && dy.m_fits_31()) {
+  if (simd_allowed() && has_avx512() && dy.m_fits_31() && lo >= -128 && hi <= 127) {
     const std::vector<int64_t> bmh = dy.folded_half(bias);
     const int64_t* ls = dy.ls_or_null();
     at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
@@ -368,7 +371,7 @@ void requant_split(const at::Tensor& x, const std::optional<at::Tensor>& bias, c
 // p = x + z d0 is minus the division's remainder n - z d0, which the quotient's correction computes anyway.
 KDLSQ_AVX512 int64_t exp_row_avx512(const int32_t* row, const bool* vis, int64_t* ex, int64_t T, int64_t mx, int64_t floor_x,
                                     int64_t d0, uint64_t R, int64_t b_int, int64_t c_int, int64_t widen) {
-  const __m512i vmx = _mm512_set1_epi64(mx), vfloor = _mm512_set1_epi64(floor_x), vd0 = _mm512_set1_epi64(d0),
+  const __m512i vmx = _mm512_set1_epi64(mx), vnfloor = _mm512_set1_epi64(-floor_x), vd0 = _mm512_set1_epi64(d0),
                 vR = _mm512_set1_epi64(int64_t(R)), vb = _mm512_set1_epi64(b_int), vc = _mm512_set1_epi64(c_int),
                 one = _mm512_set1_epi64(1), zero = _mm512_setzero_si512();
   const __m128i vwiden = _mm_cvtsi64_si128(widen);
@@ -376,19 +379,17 @@ KDLSQ_AVX512 int64_t exp_row_avx512(const int32_t* row, const bool* vis, int64_t
   for (int64_t j = 0; j < T; j += 8) {
     const __mmask8 tail = tail8(T, j);
     const __m512i sc = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(tail, row + j));
-    const __m512i x = _mm512_max_epi64(_mm512_sub_epi64(sc, vmx), vfloor);
-    const __m512i n = _mm512_sub_epi64(zero, x);
+    const __m512i n = _mm512_min_epi64(_mm512_sub_epi64(vmx, sc), vnfloor);  // -x, x = max(s - mx, floor_x)
     __m512i z = _mm512_srli_epi64(_mm512_mul_epu32(n, vR), 32);
     __m512i r = _mm512_sub_epi64(n, _mm512_mul_epu32(z, vd0));  // n - z d0, in [0, 2 d0)
     const __mmask8 short_by_one = _mm512_cmpge_epu64_mask(r, vd0);
     z = _mm512_mask_add_epi64(z, short_by_one, z, one);
     r = _mm512_mask_sub_epi64(r, short_by_one, r, vd0);
     const __m512i t = _mm512_sub_epi64(vb, r);  // p + b_int, with p = x + z d0 = -r
-    __m512i e = _mm512_add_epi64(_mm512_mul_epu32(t, t), vc);
-    e = _mm512_srav_epi64(_mm512_sll_epi64(e, vwiden), z);
     const __m128i vb8 = _mm_maskz_loadu_epi8(tail, vis + j);
     const __mmask8 keep = __mmask8(_mm_test_epi8_mask(vb8, vb8)) & tail;
-    e = _mm512_maskz_mov_epi64(keep, e);
+    __m512i e = _mm512_maskz_add_epi64(keep, _mm512_mul_epu32(t, t), vc);  // 0 for a masked key (0 << widen >> z is 0)
+    e = _mm512_srav_epi64(_mm512_sll_epi64(e, vwiden), z);
     _mm512_mask_storeu_epi64(ex + j, tail, e);
     acc = _mm512_add_epi64(acc, e);
   }
@@ -396,7 +397,8 @@ KDLSQ_AVX512 int64_t exp_row_avx512(const int32_t* row, const bool* vis, int64_t
 }
 
 // normalise_row in AVX-512: (ex >> down) < 2^32, factor < 2^32 and prob < 2^31 (checked by the caller), so both
-// products are single vpmuludq; the same integers.
+// products are single vpmuludq; the same integers. The code is never negative (prob, m, half >= 0): the clamp to lo
+// only runs for lo > 0, and the one to 127 is the saturating int8 conversion (-128 <= lo, hi <= 127: the caller).
 KDLSQ_AVX512 void normalise_row_avx512(const int64_t* ex, int8_t* o, int64_t T, int64_t down, int64_t factor, int64_t out_shift,
                                        int64_t m, int64_t half, int64_t rs, int64_t ls, int64_t lo, int64_t hi) {
   const __m128i vdown = _mm_cvtsi64_si128(down), vout = _mm_cvtsi64_si128(out_shift), vrs = _mm_cvtsi64_si128(rs);
@@ -407,8 +409,9 @@ KDLSQ_AVX512 void normalise_row_avx512(const int64_t* ex, int8_t* o, int64_t T, 
     const __m512i e = _mm512_sra_epi64(_mm512_maskz_loadu_epi64(tail, ex + j), vdown);
     const __m512i prob = _mm512_sra_epi64(_mm512_mul_epu32(e, vf), vout);
     __m512i v = shl_if(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epu32(prob, vm), vhalf), vrs), ls);
-    v = _mm512_min_epi64(_mm512_max_epi64(v, vlo), vhi);
-    _mm_mask_storeu_epi8(o + j, tail, _mm512_cvtepi64_epi8(v));
+    if (lo > 0) v = _mm512_max_epi64(v, vlo);
+    if (hi < 127) v = _mm512_min_epi64(v, vhi);
+    _mm_mask_storeu_epi8(o + j, tail, _mm512_cvtsepi64_epi8(v));
   }
 }
 #endif
@@ -438,7 +441,7 @@ struct SoftmaxRows {
     for (__int128 v = y_max; v > 0; v >>= 1) ++e_bits;
     e_bits += widen;
     simd = simd_allowed() && has_avx512() && d0 >= 2 && b_int + x0 >= 0 && b_int < (int64_t(1) << 32) && c_int >= 0 &&
-           widen >= 0 && sum_bits <= 32 && m >= 0 && m < (int64_t(1) << 32) && out_bits < 64;
+           widen >= 0 && sum_bits <= 32 && m >= 0 && m < (int64_t(1) << 32) && out_bits < 64 && lo >= -128 && hi <= 127;
 #else
     simd = false;
 #endif
@@ -658,7 +661,8 @@ KDLSQ_AVX512 int64_t residual_row_avx512(const int32_t* a, const int64_t* bmh, c
     const __m512i v = requant8(a, bmh, m, rs, ls, j, tail);
     const __m512i h8 = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(tail, h + j));
     const __m512i w = shl_if(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(h8, vhm), vhh), vhrs), hls);
-    const __m512i r = _mm512_maskz_mov_epi64(tail, _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(v, w), vlo), vhi));
+    __m512i r = _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(v, w), vlo), vhi);
+    if (tail != 0xFF) r = _mm512_maskz_mov_epi64(tail, r);  // lanes past the row: 0, out of the sum
     _mm512_mask_storeu_epi64(res + j, tail, r);
     acc = _mm512_add_epi64(acc, r);
   }
@@ -670,7 +674,8 @@ KDLSQ_AVX512 int64_t center_row_avx512(int64_t* res, int64_t mean, int64_t C) { 
   __m512i acc = _mm512_setzero_si512();
   for (int64_t j = 0; j < C; j += 8) {
     const __mmask8 tail = tail8(C, j);
-    const __m512i y = _mm512_maskz_mov_epi64(tail, _mm512_sub_epi64(_mm512_maskz_loadu_epi64(tail, res + j), vmean));
+    __m512i y = _mm512_sub_epi64(_mm512_maskz_loadu_epi64(tail, res + j), vmean);
+    if (tail != 0xFF) y = _mm512_maskz_mov_epi64(tail, y);
     _mm512_mask_storeu_epi64(res + j, tail, y);
     acc = _mm512_add_epi64(acc, _mm512_mul_epi32(y, y));
   }
@@ -995,7 +1000,7 @@ at::Tensor attention(const at::Tensor& q8, const at::Tensor& k8, const at::Tenso
   const Dyadic o_rows(&om, &oe, 1, D);
 #if defined(__x86_64__)
   const int64_t* o_ls = o_rows.ls_or_null();
-  const bool o_simd = simd_allowed() && has_avx512() && o_rows.m_fits_31();
+  const bool o_simd = simd_allowed() && has_avx512() && o_rows.m_fits_31() && olo >= -128 && ohi <= 127;
 #endif
   const int64_t groups = std::min<int64_t>(heads, (at::get_num_threads() + B - 1) / B), per = (heads + groups - 1) / groups;
   const int64_t n_groups = (heads + per - 1) / per;  // the last group may hold fewer heads
