@@ -711,7 +711,8 @@ KDLSQ_AVX512_IFMA void normalise_ln_ifma(int64_t* y, int64_t d, int64_t norm_bit
 }
 
 // The LayerNorm's output from y_hat: round(y_hat gamma lm / 2^le) + beta into o (int32), and its int8 codes on each
-// code grid. Grids that repeat an earlier one (the query, key and value Linears often share their input's step size)
+// code grid (-128 <= lo, hi <= 127, checked by the caller: the clamp to 127 is the saturating int8 conversion). Grids
+// that repeat an earlier one (the query, key and value Linears of a calibrated student share their input's step size)
 // store the codes computed for the first.
 KDLSQ_AVX512 void layernorm_out_avx512(const int64_t* y_hat, const int64_t* gamma, const int64_t* beta, int64_t lm, int64_t le,
                                        int32_t* o, const CodeGrid* grids, const int64_t* same_as, int64_t n_grids, int64_t off,
@@ -734,8 +735,9 @@ KDLSQ_AVX512 void layernorm_out_avx512(const int64_t* y_hat, const int64_t* gamm
       } else {
         __m512i c = _mm512_add_epi64(_mm512_mul_epi32(o64, _mm512_set1_epi64(cg.m)), _mm512_set1_epi64(cg.half));
         c = shl_if(_mm512_sra_epi64(c, _mm_cvtsi64_si128(cg.rs)), cg.ls);
-        c = _mm512_min_epi64(_mm512_max_epi64(c, _mm512_set1_epi64(cg.lo)), _mm512_set1_epi64(cg.hi));
-        codes[g] = _mm512_cvtepi64_epi8(c);
+        c = _mm512_max_epi64(c, _mm512_set1_epi64(cg.lo));
+        if (cg.hi < 127) c = _mm512_min_epi64(c, _mm512_set1_epi64(cg.hi));
+        codes[g] = _mm512_cvtsepi64_epi8(c);  // saturating: the clamp to 127
       }
       _mm_mask_storeu_epi8(cg.out + off + j, tail, codes[g]);  // the codes' row at element offset off
     }
@@ -803,7 +805,7 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
     for (int64_t c = 0; c < C; ++c) g_max = std::max<int64_t>(g_max, gp[c] < 0 ? -gp[c] : gp[c]);
     simd = simd_allowed() && has_avx512() && !h64 && hm >= 0 && hm < lim && lm >= 0 && lm < lim && g_max < lim &&
            (2 * isqrt_newton(C) + 3) * (int64_t(1) << norm_bits) * std::max<int64_t>(g_max, 1) < lim && d.m_fits_31();
-    for (const CodeGrid& g : grids) simd = simd && g.m >= 0 && g.m < lim;
+    for (const CodeGrid& g : grids) simd = simd && g.m >= 0 && g.m < lim && g.lo >= -128 && g.hi <= 127;
     if (simd) bmh = d.folded_half(bp);
     a_ls = d.ls_or_null();
   }

@@ -4,7 +4,8 @@ The student's learned step sizes become the quantization scales: every quantized
 codes (2- and 4-bit codes widened to int8), every Linear's input is requantized onto its input quantizer's grid
 (int8 codes), Q, K, V and the attention probabilities onto theirs. Matrix products are int8 x int8 -> int32 by
 oneDNN's matmul primitive (the PyPI wheel ``onednn-cpu-gomp``, :func:`kdlsq_pl.kernels.integer_kernels`): for the
-Linears on weights packed once when the engine is built, and batched over heads for the two attention products
+Linears on weights packed once when the engine is built (the query, key and value Linears as one product where they
+share an input step size, as in a calibrated student), and batched over heads for the two attention products
 inside the fused attention kernel (``int_attention``); the reference path uses ``torch._int_mm`` and int32
 ``torch.matmul``;
 biases are integers on the accumulator's scale; requantization between them is dyadic (``ops.Requantize``: an integer
