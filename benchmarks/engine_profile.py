@@ -115,10 +115,12 @@ def _reuse(engine, on: bool) -> None:
 def _packed(engine, on: bool) -> None:
     """The Linears on their packed weights (oneDNN's matmul primitive) or, off, on ``torch._int_mm``."""
     for L in engine.layers:
-        for lin in (L.q, L.k, L.v, L.o, L.i, L.o2):
+        for lin in (L.qkv, L.q, L.k, L.v, L.o, L.i, L.o2):  # L.qkv: the three as one product, or None
+            if lin is None:
+                continue
             if not on and lin.packed is not None:
                 lin.stashed, lin.packed = lin.packed, None
-            elif on and lin.packed is None:
+            elif on and "stashed" in lin.__dict__:
                 lin.packed = lin.__dict__.pop("stashed")
 
 
@@ -150,7 +152,7 @@ def main() -> None:
             with_ws, without_ws = interleaved_ab(engine, x, args.repeats, _reuse)
             print(f"  workspace (interleaved): {with_ws:.1f} ms with its reused buffers, {without_ws:.1f} ms with a new "
                   f"tensor per output ({without_ws / with_ws:.2f}x)")
-            if engine.layers and engine.layers[0].q.packed is not None:
+            if engine.layers and engine.layers[0].o.packed is not None:
                 packed, int_mm = interleaved_ab(engine, x, args.repeats, _packed)
                 print(f"  Linears (interleaved): {packed:.1f} ms with oneDNN's packed matmul, {int_mm:.1f} ms with "
                       f"torch._int_mm ({int_mm / packed:.2f}x)")
