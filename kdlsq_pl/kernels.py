@@ -64,8 +64,9 @@ def cpu_kernels() -> Any | None:
 
 
 def integer_kernels() -> Any | None:
-    """The ``torch.ops.kdlsq`` namespace with the integer engine's kernels (``int_requant``, ``int_softmax_requant``,
-    ``int_attention``, ``int_gelu_requant``, ``int_residual_layernorm``, ``int_embedding``, ``set_simd``) and the class
+    """The ``torch.ops.kdlsq`` namespace with the integer engine's kernels (``int_requant``, ``int_requant_split``,
+    ``int_softmax_requant``, ``int_attention``, ``int_gelu_requant``, ``int_residual_layernorm``, ``int_embedding``,
+    ``int_tanh``, ``set_simd``) and the class
     ``torch.classes.kdlsq.PackedS8`` (a Linear's int8 weights ``[in, out]`` packed once for oneDNN's matmul primitive;
     ``.mm(x8 [M, in] int8, out [M, out] int32 or None)`` returns ``x8 @ w`` exactly, ``.impl()`` oneDNN's kernel
     name, ``.nbytes()`` the packed bytes), building them on first call against ``libdnnl.so.3`` of the PyPI wheel

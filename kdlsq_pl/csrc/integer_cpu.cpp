@@ -4,6 +4,7 @@
 // Source: Kim et al., I-BERT (ICML 2021), Algorithms 1-4; METHODS.md section 3.
 //
 //   requant            out = clamp(shift_round((x + bias[c]) * m[c], e[c]), lo, hi), int8 or int64 out
+//   requant_split      requant of int32 rows to int8, their column blocks into separate tensors (one q/k/v product)
 //   softmax_requant    I-BERT's i-softmax of one row of int32 scores (keys masked by a [B, T] mask), then the
 //                      probability quantizer's requantization, int8 out
 //   attention          per (example, group of heads) q k^T and p v on int8 codes by oneDNN's matmul primitive with
@@ -13,6 +14,7 @@
 //   residual_layernorm clamp(requant(a + bias) + requant(h)) then the integer LayerNorm, int32 out (|out| < 2^20),
 //                      and optionally the int8 codes of that output on the grids of the Linears that read it
 //   embedding          the integer embedding sum (word + position + token type rows, clamped), int32 out
+//   tanh               the pooler's tanh as 2 sigmoid(2x) - 1, the sigmoid a two-way i-softmax, int64 out
 //   PackedS8           a Linear's int8 weights packed once for oneDNN's matmul primitive; mm(x8) -> int32 x8 @ w
 // oneDNN is the libdnnl.so.3 of the PyPI wheel onednn-cpu-gomp (oneDNN 3.2, GNU OpenMP: torch's libgomp, found by
 // soname), compiled against the oneDNN 3.x C++ header torch ships (oneDNN keeps its C ABI within a major version);
@@ -21,7 +23,8 @@
 // else into a new tensor. The hot rows have two forms giving the same integers: loops the compiler vectorizes (the
 // target_clones copies), and hand-written AVX-512 rows where the CPU has AVX-512 and the operands of a product
 // provably fit 32 bits, so that each 64-bit product is one vpmuldq / vpmuludq instead of vpmullq (three micro-ops
-// on Intel); set_simd(false) keeps the first form only (the tests run both).
+// on Intel), and as few micro-ops as the integers allow (512-bit integer work issues on two ports); set_simd(false)
+// keeps the first form only (the tests run both).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_int_mm.h>
