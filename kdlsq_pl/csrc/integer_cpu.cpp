@@ -117,6 +117,15 @@ KDLSQ_AVX512 inline __m512i requant8(const int32_t* x, const int64_t* bmh, const
 KDLSQ_AVX512 inline __m512i shl_if(__m512i v, int64_t s) {
   return s == 0 ? v : _mm512_sll_epi64(v, _mm_cvtsi64_si128(s));
 }
+
+// v clamped to [lo, hi] as 8 int8 codes, for -128 <= lo and hi <= 127 (every caller checks it): a bound at -128 or 127
+// is the saturating conversion's own, so its compare is skipped (512-bit integer work issues on two ports only).
+// vlo, vhi: lo and hi broadcast (hoisted out of the caller's loop); the branches are per-call constants.
+KDLSQ_AVX512 inline __m128i to_codes(__m512i v, __m512i vlo, __m512i vhi, int64_t lo, int64_t hi) {
+  if (lo > -128) v = _mm512_max_epi64(v, vlo);
+  if (hi < 127) v = _mm512_min_epi64(v, vhi);
+  return _mm512_cvtsepi64_epi8(v);
+}
 #endif
 
 inline int64_t bit_length(int64_t v) {  // v >= 0; Python's int.bit_length
@@ -253,16 +262,13 @@ at::Tensor output(const std::optional<at::Tensor>& out, at::IntArrayRef sizes, c
 
 #if defined(__x86_64__)
 // requant_row_c for int32 in and int8 out in AVX-512: (x + bias) m + half as x m (vpmuldq: x int32, 0 <= m < 2^31)
-// plus bias m + half folded per channel (bmh), the same int64 sum; then the shifts and the clamp, whose end at 127 is
-// the saturating int8 conversion (-128 <= lo, hi <= 127: checked by the callers).
+// plus bias m + half folded per channel (bmh), the same int64 sum; then the shifts and the clamp (to_codes).
 KDLSQ_AVX512 void requant_row_avx512(const int32_t* x, const int64_t* bmh, const int64_t* m, const int64_t* rs, const int64_t* ls,
                                      int8_t* out, int64_t C, int64_t lo, int64_t hi) {
   const __m512i vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
   for (int64_t j = 0; j < C; j += 8) {
     const __mmask8 tail = tail8(C, j);
-    __m512i v = _mm512_max_epi64(requant8(x, bmh, m, rs, ls, j, tail), vlo);
-    if (hi < 127) v = _mm512_min_epi64(v, vhi);
-    _mm_mask_storeu_epi8(out + j, tail, _mm512_cvtsepi64_epi8(v));
+    _mm_mask_storeu_epi8(out + j, tail, to_codes(requant8(x, bmh, m, rs, ls, j, tail), vlo, vhi, lo, hi));
   }
 }
 #endif
@@ -329,8 +335,8 @@ at::Tensor tanh_pair(const at::Tensor& x, int64_t x0, int64_t b_int, int64_t c_i
                      int64_t n_clamp, int64_t sum_bits, int64_t num_bits) {
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kLong, "int_tanh: contiguous int64 x");
   TORCH_CHECK(x0 < 0 && widen >= 0 && widen < 63 && out_bits >= 0 && out_bits <= num_bits && num_bits < 63 && sum_bits >= 0,
-              "int_tanh: x0 = ", x0, ", widen = ", widen, ", out_bits = ", out_bits, ", num_bits = ", num_bits,
-              "; allowed: x0 < 0, 0 <= widen < 63, 0 <= out_bits <= num_bits < 63");
+              "int_tanh: x0 = ", x0, ", widen = ", widen, ", out_bits = ", out_bits, ", num_bits = ", num_bits, ", sum_bits = ",
+              sum_bits, "; allowed: x0 < 0, 0 <= widen < 63, 0 <= out_bits <= num_bits < 63, sum_bits >= 0");
   at::Tensor out = at::empty(x.sizes(), x.options());
   const int64_t* xp = x.data_ptr<int64_t>();
   int64_t* o = out.data_ptr<int64_t>();
@@ -400,8 +406,8 @@ KDLSQ_AVX512 int64_t exp_row_avx512(const int32_t* row, const bool* vis, int64_t
 }
 
 // normalise_row in AVX-512: (ex >> down) < 2^32, factor < 2^32 and prob < 2^31 (checked by the caller), so both
-// products are single vpmuludq; the same integers. The code is never negative (prob, m, half >= 0): the clamp to lo
-// only runs for lo > 0, and the one to 127 is the saturating int8 conversion (-128 <= lo, hi <= 127: the caller).
+// products are single vpmuludq; the same integers. The code is never negative (prob, m, half >= 0), so a lo <= 0
+// cannot bind and to_codes skips it.
 KDLSQ_AVX512 void normalise_row_avx512(const int64_t* ex, int8_t* o, int64_t T, int64_t down, int64_t factor, int64_t out_shift,
                                        int64_t m, int64_t half, int64_t rs, int64_t ls, int64_t lo, int64_t hi) {
   const __m128i vdown = _mm_cvtsi64_si128(down), vout = _mm_cvtsi64_si128(out_shift), vrs = _mm_cvtsi64_si128(rs);
@@ -411,10 +417,8 @@ KDLSQ_AVX512 void normalise_row_avx512(const int64_t* ex, int8_t* o, int64_t T, 
     const __mmask8 tail = tail8(T, j);
     const __m512i e = _mm512_sra_epi64(_mm512_maskz_loadu_epi64(tail, ex + j), vdown);
     const __m512i prob = _mm512_sra_epi64(_mm512_mul_epu32(e, vf), vout);
-    __m512i v = shl_if(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epu32(prob, vm), vhalf), vrs), ls);
-    if (lo > 0) v = _mm512_max_epi64(v, vlo);
-    if (hi < 127) v = _mm512_min_epi64(v, vhi);
-    _mm_mask_storeu_epi8(o + j, tail, _mm512_cvtsepi64_epi8(v));
+    const __m512i v = shl_if(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epu32(prob, vm), vhalf), vrs), ls);
+    _mm_mask_storeu_epi8(o + j, tail, to_codes(v, vlo, vhi, lo > 0 ? lo : -128, hi));
   }
 }
 #endif
@@ -517,8 +521,7 @@ KDLSQ_CLONES void gelu_row(const int32_t* __restrict a, const int64_t* __restric
 // plus bias m + half folded per channel (bmh; the same int64 sum, wrapping alike); |q| <= g_clamp < 2^31 and |t| <=
 // |b_int| < 2^31, so t^2 and q (y + one) (|y + one| < 2^31, checked by the caller) are single vpmuldq; g (up to 62 bits)
 // times nm by vpmullq (the low 64 bits: the scalar int64 product, wrapping alike). Fewest micro-ops, since 512-bit
-// integer work runs on two ports only: the sign of q only where it matters (g = 0 at q = 0), and a saturating int8
-// conversion in place of the clamp to 127 (lo >= -128, hi <= 127, checked by the caller).
+// integer work runs on two ports only: the sign of q only where it matters (g = 0 at q = 0), the clamp by to_codes.
 KDLSQ_AVX512 void gelu_row_avx512(const int32_t* a, const int64_t* bmh, const int64_t* m, const int64_t* rs, const int64_t* ls,
                                   int64_t g_clamp, int64_t b_int, int64_t c_int, int64_t shift, int64_t one, int64_t nm,
                                   int64_t nhalf, int64_t nrs, int64_t nls, int64_t lo, int64_t hi, int8_t* o, int64_t C) {
@@ -527,7 +530,6 @@ KDLSQ_AVX512 void gelu_row_avx512(const int32_t* a, const int64_t* bmh, const in
                 vnm = _mm512_set1_epi64(nm), vnh = _mm512_set1_epi64(nhalf), vlo = _mm512_set1_epi64(lo),
                 vhi = _mm512_set1_epi64(hi), zero = _mm512_setzero_si512();
   const __m128i vshift = _mm_cvtsi64_si128(shift), vnrs = _mm_cvtsi64_si128(nrs);
-  const bool clamp_hi = hi < 127;
   for (int64_t j = 0; j < C; j += 8) {
     const __mmask8 tail = tail8(C, j);
     const __m512i q = _mm512_min_epi64(_mm512_max_epi64(requant8(a, bmh, m, rs, ls, j, tail), vgl), vgh);
@@ -536,10 +538,8 @@ KDLSQ_AVX512 void gelu_row_avx512(const int32_t* a, const int64_t* bmh, const in
     // sgn(q) (t^2 + c_int) as u negated where q < 0: at q = 0 the product g below is 0 whatever y is
     const __m512i su = _mm512_mask_sub_epi64(u, _mm512_cmplt_epi64_mask(q, zero), zero, u);
     const __m512i g = _mm512_mul_epi32(q, _mm512_sub_epi64(vnone, _mm512_sra_epi64(su, vshift)));  // -q (y + one)
-    __m512i v = shl_if(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mullo_epi64(g, vnm), vnh), vnrs), nls);
-    v = _mm512_max_epi64(v, vlo);
-    if (clamp_hi) v = _mm512_min_epi64(v, vhi);  // else hi = 127: the saturating conversion clamps
-    _mm_mask_storeu_epi8(o + j, tail, _mm512_cvtsepi64_epi8(v));
+    const __m512i v = shl_if(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mullo_epi64(g, vnm), vnh), vnrs), nls);
+    _mm_mask_storeu_epi8(o + j, tail, to_codes(v, vlo, vhi, lo, hi));
   }
 }
 #endif
@@ -714,16 +714,12 @@ KDLSQ_AVX512_IFMA void normalise_ln_ifma(int64_t* y, int64_t d, int64_t norm_bit
 }
 
 // The LayerNorm's output from y_hat: round(y_hat gamma lm / 2^le) + beta into o (int32), and its int8 codes on each
-// code grid (-128 <= lo, hi <= 127, checked by the caller: the clamp to 127 is the saturating int8 conversion). Grids
-// that repeat an earlier one (the query, key and value Linears of a calibrated student share their input's step size)
-// store the codes computed for the first.
+// code grid (-128 <= lo, hi <= 127, checked by the caller).
 KDLSQ_AVX512 void layernorm_out_avx512(const int64_t* y_hat, const int64_t* gamma, const int64_t* beta, int64_t lm, int64_t le,
-                                       int32_t* o, const CodeGrid* grids, const int64_t* same_as, int64_t n_grids, int64_t off,
-                                       int64_t C) {
+                                       int32_t* o, const CodeGrid* grids, int64_t n_grids, int64_t off, int64_t C) {
   const __m512i vlm = _mm512_set1_epi64(lm), vhalf = _mm512_set1_epi64(le > 0 ? (int64_t(1) << (le - 1)) : 0);
   const __m128i vrs = _mm_cvtsi64_si128(std::max<int64_t>(le, 0));
   const int64_t ls = std::max<int64_t>(-le, 0);
-  __m128i codes[8];
   for (int64_t j = 0; j < C; j += 8) {
     const __mmask8 tail = tail8(C, j);
     const __m512i yg = _mm512_mul_epi32(_mm512_maskz_loadu_epi64(tail, y_hat + j), _mm512_maskz_loadu_epi64(tail, gamma + j));
@@ -733,16 +729,10 @@ KDLSQ_AVX512 void layernorm_out_avx512(const int64_t* y_hat, const int64_t* gamm
     const __m512i o64 = _mm512_cvtepi32_epi64(o32);
     for (int64_t g = 0; g < n_grids; ++g) {
       const CodeGrid& cg = grids[g];
-      if (same_as[g] >= 0) {
-        codes[g] = codes[same_as[g]];
-      } else {
-        __m512i c = _mm512_add_epi64(_mm512_mul_epi32(o64, _mm512_set1_epi64(cg.m)), _mm512_set1_epi64(cg.half));
-        c = shl_if(_mm512_sra_epi64(c, _mm_cvtsi64_si128(cg.rs)), cg.ls);
-        c = _mm512_max_epi64(c, _mm512_set1_epi64(cg.lo));
-        if (cg.hi < 127) c = _mm512_min_epi64(c, _mm512_set1_epi64(cg.hi));
-        codes[g] = _mm512_cvtsepi64_epi8(c);  // saturating: the clamp to 127
-      }
-      _mm_mask_storeu_epi8(cg.out + off + j, tail, codes[g]);  // the codes' row at element offset off
+      __m512i c = _mm512_add_epi64(_mm512_mul_epi32(o64, _mm512_set1_epi64(cg.m)), _mm512_set1_epi64(cg.half));
+      c = shl_if(_mm512_sra_epi64(c, _mm_cvtsi64_si128(cg.rs)), cg.ls);
+      const __m128i codes = to_codes(c, _mm512_set1_epi64(cg.lo), _mm512_set1_epi64(cg.hi), cg.lo, cg.hi);
+      _mm_mask_storeu_epi8(cg.out + off + j, tail, codes);  // the codes' row at element offset off
     }
   }
 }
@@ -783,14 +773,6 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
     grids.push_back({code_rq[4 * j], e > 0 ? (int64_t(1) << (e - 1)) : 0, std::max<int64_t>(e, 0), std::max<int64_t>(-e, 0),
                      code_rq[4 * j + 2], code_rq[4 * j + 3], codes[j].data_ptr<int8_t>()});
   }
-  // each grid's first earlier copy (equal m, e, lo and hi), or -1: the AVX-512 rows compute its codes once
-  TORCH_CHECK(n_codes <= 8, "residual_layernorm: at most 8 code tensors, got ", n_codes);
-  std::vector<int64_t> same_as(n_codes, -1);
-  for (int64_t j = 0; j < n_codes; ++j)
-    for (int64_t i = 0; i < j && same_as[j] < 0; ++i)
-      if (code_rq[4 * i] == code_rq[4 * j] && code_rq[4 * i + 1] == code_rq[4 * j + 1] && code_rq[4 * i + 2] == code_rq[4 * j + 2] &&
-          code_rq[4 * i + 3] == code_rq[4 * j + 3])
-        same_as[j] = i;
   // the codes of output row r, by the compiler-vectorized rows
   auto code_rows = [&](int64_t r) {
     for (const CodeGrid& g : grids)
@@ -826,7 +808,7 @@ at::Tensor residual_layernorm(const at::Tensor& a, const at::Tensor& bias, const
           normalise_ln_ifma(res.data(), sd, norm_bits, C);
         else
           normalise_ln_row(res.data(), sd, norm_bits, C);
-        layernorm_out_avx512(res.data(), gp, btp, lm, le, o + r * C, grids.data(), same_as.data(), n_codes, r * C, C);
+        layernorm_out_avx512(res.data(), gp, btp, lm, le, o + r * C, grids.data(), n_codes, r * C, C);
         continue;
       }
 #endif

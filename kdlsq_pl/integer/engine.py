@@ -201,9 +201,9 @@ def _one_product(L: _Layer) -> bool:
     """Whether the query, key and value Linears can run as one product: they read the same int8 codes (equal input
     requantizations) and clamp their outputs alike, as in a calibrated student, where the three input quantizers
     start from the same tensor; training moves their step sizes apart."""
-    same = all(torch.equal(a, b) for a, b in ((L.q.in_rq.m, L.k.in_rq.m), (L.q.in_rq.m, L.v.in_rq.m),
-                                              (L.q.in_rq.e, L.k.in_rq.e), (L.q.in_rq.e, L.v.in_rq.e)))
-    return (same and L.q.in_rq.m.numel() == 1 and len({(lin.in_rq.lo, lin.in_rq.hi) for lin in (L.q, L.k, L.v)}) == 1
+    lins = (L.q, L.k, L.v)
+    return (all(lin.in_rq.m.numel() == 1 for lin in lins)
+            and len({(int(lin.in_rq.m), int(lin.in_rq.e), lin.in_rq.lo, lin.in_rq.hi) for lin in lins}) == 1
             and len({(r.lo, r.hi) for r in (L.q_rq, L.k_rq, L.v_rq)}) == 1)
 
 
@@ -230,13 +230,12 @@ def _fused_args(L: _Layer) -> dict[str, tuple]:
     sm, p, g, n = L.softmax, L.p_rq, L.gelu, L.o2.in_rq
     o_m, o_e, o_lo, o_hi = code(L.o)
     qkv = {"q": (L.q, L.q_rq), "k": (L.k, L.k_rq), "v": (L.v, L.v_rq)}
-    fused = {}
     if L.qkv is not None:  # one product for the three: its [N, 3D] output onto the three grids, channel by channel
         m, e = ([rq(r)[j].expand(lin.bias.numel()) for lin, r in qkv.values()] for j in (0, 1))
-        fused["qkv_out"] = (L.qkv.bias, torch.cat(m), torch.cat(e), L.q_rq.lo, L.q_rq.hi)
-    return fused | {
-        # the query, key and value outputs onto their codes: (bias, m, e, lo, hi)
-        **{f"{name}_out": (lin.bias, *rq(r)) for name, (lin, r) in qkv.items()},
+        outs = {"qkv_out": (L.qkv.bias, torch.cat(m), torch.cat(e), L.q_rq.lo, L.q_rq.hi)}
+    else:  # each product onto its codes: (bias, m, e, lo, hi)
+        outs = {f"{name}_out": (lin.bias, *rq(r)) for name, (lin, r) in qkv.items()}
+    return outs | {
         # int_attention: the softmax constants and the probability grid; the output Linear's input grid
         "attention": ([sm.x0, sm.b_int, sm.c_int, sm.widen, sm.out_bits, sm.N_CLAMP, sm.SUM_BITS, sm.NUM_BITS, int(p.m),
                        int(p.e), p.lo, p.hi], int(o_m), int(o_e), o_lo, o_hi),
